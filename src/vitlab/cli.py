@@ -1,0 +1,95 @@
+"""`vitlab <command>`: one entry point, one meaning per flag.
+
+Each command lives in its own module and exposes `add_arguments(parser)` and
+`run(args) -> int`; this file only dispatches. Exit status: 0 success,
+2 bad input or usage (one line on stderr), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+# command -> (module, one-line help). Modules are imported only when used, so
+# `vitlab models` does not pay for matplotlib or the data code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("vitlab.cli", "list the model presets with their parameter counts"),
+    "demo": ("vitlab.demo", "train a small ViT briefly to check the install"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:  # for `vitlab models`
+    p.add_argument("--family", choices=["vit", "resnet"], help="only this family")
+
+
+def run(args) -> int:  # `vitlab models`
+    import torch
+
+    from .models import PRESETS, count_params, create_model
+
+    print(f"{'name':34s} {'params':>14s}  {'input':>9s}  notes")
+    for name, preset in PRESETS.items():
+        if args.family and preset.family != args.family:
+            continue
+        with torch.device("meta"):  # count without allocating the 300M-parameter ones
+            model = create_model(name)
+        size = "x".join(map(str, model.img_size))
+        chans = model.in_chans
+        print(f"{name:34s} {count_params(model):>14,d}  {size:>7s}x{chans}  {preset.note}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = Parser(prog="vitlab", description="Vision Transformers: train, evaluate, visualise, fine-tune.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"vitlab {__version__}")
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; commands: {', '.join(COMMANDS)}"
+        sys.stderr.write(f"vitlab: error: unknown command {command!r}{hint}\n")
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = Parser(prog=f"vitlab {command}", description=COMMANDS[command][1])
+    module.add_arguments(parser)
+    try:
+        if getattr(module, "ACCEPTS_OVERRIDES", False):
+            # Config-driven commands take any config field as --section.key VALUE.
+            args, extra = parser.parse_known_args(argv[1:])
+            args.overrides = extra
+        else:
+            args = parser.parse_args(argv[1:])
+        return int(module.run(args) or 0)
+    except UserError as e:
+        sys.stderr.write(f"vitlab {command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"vitlab {command}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Typed configuration: nested dataclasses, YAML presets, dotted overrides.
+
+A run is fully described by one `TrainConfig`. Presets in `configs/*.yaml`
+set some fields; the command line overrides any field by its dotted name
+(`--optim.lr 3e-4`) or by one of the short aliases the seed project used
+(`--mixup-alpha 0.2`). A misspelt key is an error that names the closest
+valid key. The resolved config is written beside every run and inside every
+checkpoint, so a result can always be traced to its settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A bad key or value in a config file or on the command line."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch4_32"
+    num_classes: int | None = None  # default: the dataset's class count
+    img_size: int | None = None  # default: the dataset's image size if the patch size divides it
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    pretrained: str | None = None  # HF dir / hub id, timm/npz/torchvision file, or a vitlab run
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"  # shapes, cifar10, cifar100, mnist, fashion-mnist, flowers102, imagefolder:PATH
+    dir: str | None = None  # data root; default $VITLAB_DATA, then ~/.cache/vitlab
+    img_size: int | None = None  # decode/resize size for the large-image path
+    val_fraction: float = 0.0  # hold out this share of train for validation (0: use the val/test split)
+    subset: int | None = None  # use only this many training images (quick experiments)
+    num_workers: int = 2  # decoding processes for the large-image path
+    on_corrupt: str = "skip"  # skip | fail: what an unreadable image does
+    download: bool = True
+
+
+@dataclass
+class AugConfig:
+    crop_padding: int = 4  # random crop after padding by this many pixels (0: off)
+    pad_mode: str = "reflect"  # reflect | zeros
+    random_resized_crop: bool = False
+    rrc_scale_min: float = 0.08
+    hflip: float = 0.5  # probability
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength
+    randaugment_n: int = 0  # RandAugment ops per image (0: off)
+    randaugment_m: int = 9  # RandAugment magnitude, 0..30
+    autoaugment: bool = False  # the seed's --autoaugment: RandAugment n=2, m=9
+    trivialaugment: bool = False
+    erasing: float = 0.0  # random-erasing probability
+    mixup_alpha: float = 0.2
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # probability a batch is mixed at all
+    switch_prob: float = 0.5  # when both are on: chance of CutMix instead of Mixup
+    repeated_aug: int = 1  # DeiT's repeated augmentation: copies of each image per epoch
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 3e-4  # at batch 128; scaled linearly with the batch size (see scale_lr)
+    scale_lr: bool = True
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    beta1: float = 0.9
+    beta2: float = 0.999
+    clip_grad: float | None = 1.0
+    accum_steps: int = 1
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None  # a vitlab run dir / checkpoint, or a Hugging Face classifier dir
+    kind: str = "none"  # none | soft | hard
+    alpha: float = 0.5  # weight of the distillation term
+    tau: float = 1.0  # temperature for soft distillation
+
+
+@dataclass
+class RunConfig:
+    epochs: int = 100
+    batch_size: int = 128
+    seed: int = 0
+    out: str = "runs"  # runs are written to OUT/NAME
+    name: str | None = None  # default: model-data-timestamp
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp16 | fp32
+    compile: bool = False
+    threads: int | None = None  # CPU threads; default: all cores
+    ema: bool = False
+    ema_decay: float = 0.999
+    eval_every: int = 1
+    log_every: int = 20  # steps between progress-bar refreshes (each costs a sync)
+    time_limit: float | None = None  # minutes; the schedule is fitted to the budget
+    debug: bool = False  # tiny, fast run: few images, small eval
+    tensorboard: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Short flags shared by every command, and the seed project's spellings.
+ALIASES: dict[str, str] = {
+    "model": "model.name",
+    "data": "data.name",
+    "data-dir": "data.dir",
+    "epochs": "run.epochs",
+    "batch-size": "run.batch_size",
+    "seed": "run.seed",
+    "out": "run.out",
+    "debug": "run.debug",
+    "lr": "optim.lr",
+    "mixup-alpha": "aug.mixup_alpha",
+    "cutmix-alpha": "aug.cutmix_alpha",
+    "label-smoothing": "optim.label_smoothing",
+    "drop-path": "model.drop_path_rate",
+    "dropout": "model.drop_rate",
+    "autoaugment": "aug.autoaugment",
+    "randaugment": "aug.randaugment_n",
+    "weight-decay": "optim.weight_decay",
+    "warmup-epochs": "sched.warmup_epochs",
+    "precision": "run.precision",
+    "compile": "run.compile",
+    "ema": "run.ema",
+    "pretrained": "model.pretrained",
+    "time-limit": "run.time_limit",
+}
+
+
+# -- dict <-> dataclass -------------------------------------------------------
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _strip_optional(tp):
+    """`int | None` -> (int, True); `int` -> (int, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value, tp, key: str):
+    """Check/convert one value to the field's type; strings come from the CLI."""
+    base, optional = _strip_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be empty (expected {base.__name__})")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} expects {base.__name__}, got {value!r}") from None
+    return value
+
+
+def _closest(key: str, valid: typing.Iterable[str]) -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # try matching the last part alone: "lr" -> "optim.lr"
+        tail = key.split(".")[-1]
+        close = [v for v in valid if v.split(".")[-1] == tail] or difflib.get_close_matches(
+            tail, [v.split(".")[-1] for v in valid], n=1, cutoff=0.6)
+        if close and "." not in close[0]:
+            close = [v for v in valid if v.endswith("." + close[0])]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def all_keys(cfg_or_cls=TrainConfig) -> list[str]:
+    cls = cfg_or_cls if isinstance(cfg_or_cls, type) else type(cfg_or_cls)
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += [f"{name}.{k}" for k in all_keys(tp)]
+        else:
+            keys.append(name)
+    return keys
+
+
+def set_key(cfg, key: str, value) -> None:
+    """Set a dotted key on a nested config, converting the value to the field's type."""
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        types_ = _field_types(type(obj))
+        if part not in types_:
+            raise ConfigError(f"unknown config key {key!r}{_closest(key, all_keys(cfg))}")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(types_[part]):
+                raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.{all_keys(types_[part])[0]}")
+            setattr(obj, part, _coerce(value, types_[part], key))
+        else:
+            if not dataclasses.is_dataclass(types_[part]):
+                raise ConfigError(f"unknown config key {key!r}{_closest(key, all_keys(cfg))}")
+            obj = getattr(obj, part)
+
+
+def update_from_dict(cfg, data: dict, prefix: str = "") -> None:
+    """Apply a (nested) dict, e.g. a YAML preset, onto a config."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at {prefix or 'top level'}, got {type(data).__name__}")
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            update_from_dict(cfg, v, key + ".")
+        else:
+            set_key(cfg, key, v)
+
+
+def from_dict(data: dict) -> TrainConfig:
+    cfg = TrainConfig()
+    update_from_dict(cfg, data)
+    return cfg
+
+
+# -- files --------------------------------------------------------------------
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def find_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for d in (CONFIG_DIR, Path.cwd() / "configs"):
+        cand = d / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
+    names = sorted({q.stem for d in (CONFIG_DIR, Path.cwd() / "configs") if d.is_dir() for q in d.glob("*.yaml")})
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else (f"; presets: {', '.join(names)}" if names else "")
+    raise ConfigError(f"no config preset or file {name_or_path!r}{hint}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections")
+    return data
+
+
+def save_yaml(cfg, path: str | Path) -> None:
+    from .utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# -- command line ---------------------------------------------------------------
+
+def parse_overrides(args: list[str], cfg=None, aliases: dict[str, str] = ALIASES) -> dict[str, object]:
+    """Turn `--optim.lr 3e-4 --debug --mixup-alpha=0.2` into {dotted_key: value}.
+
+    A flag with no value (or followed by another flag) means True for a
+    boolean field. Keys are checked against the config so typos fail early.
+    """
+    cfg = cfg if cfg is not None else TrainConfig()
+    valid = set(all_keys(cfg))
+    out: dict[str, object] = {}
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected argument {tok!r}; options look like --section.key VALUE")
+        body = tok[2:]
+        value: object
+        if "=" in body:
+            body, value = body.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not (args[i + 1].startswith("--") and not _is_number(args[i + 1])):
+            value = args[i + 1]
+            i += 2
+        else:
+            value = True
+            i += 1
+        key = aliases.get(body, body.replace("-", "_") if "." not in body else body)
+        if "." in body:
+            section, _, leaf = body.partition(".")
+            key = f"{section}.{leaf.replace('-', '_')}"
+        if key not in valid:
+            raise ConfigError(f"unknown option --{body}{_closest(key, sorted(valid) + ['--' + a for a in aliases])}")
+        out[key] = value
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def build_config(preset: str | None, overrides: dict[str, object]) -> TrainConfig:
+    cfg = TrainConfig()
+    if preset:
+        update_from_dict(cfg, load_yaml(find_preset(preset)))
+    for k, v in overrides.items():
+        set_key(cfg, k, v)
+    return cfg

@@ -1,0 +1,114 @@
+"""Named model presets and `create_model`.
+
+Every preset is one row: a family (vit / resnet) and its constructor arguments.
+`create_model(name, **overrides)` builds it with any argument replaced and
+records the full architecture on the model (`model.arch`) so a checkpoint can
+rebuild exactly the same network later without pickling code.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from .resnet import ResNet
+from .vit import VisionTransformer
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Preset:
+    family: str  # "vit" or "resnet"
+    kwargs: dict = field(default_factory=dict)
+    note: str = ""
+
+
+def _vit(dim, depth, heads, mlp, patch, img, classes, note="", **extra):
+    kw = dict(embed_dim=dim, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=patch, img_size=img,
+              num_classes=classes, **extra)
+    return Preset("vit", kw, note)
+
+
+# The variant table: width, depth, heads, MLP width (ViT / DeiT papers).
+_TI, _S, _B, _L = (192, 12, 3, 768), (384, 12, 6, 1536), (768, 12, 12, 3072), (1024, 24, 16, 4096)
+
+PRESETS: dict[str, Preset] = {
+    # -- CIFAR-size family (32x32, 10 classes) ---------------------------------
+    "vit_tiny_patch4_32": _vit(192, 6, 3, 768, 4, 32, 10, "the seed project's ViT-Tiny for CIFAR"),
+    "vit_small_patch4_32": _vit(*_S, 4, 32, 10, "ViT-S width/depth at 32 px, patch 4"),
+    "vit_base_patch4_32": _vit(*_B, 4, 32, 10, "ViT-B width/depth at 32 px, patch 4"),
+    "vit_base_patch3_32": _vit(*_B, 3, 30, 10, "ViT-B, patch 3: takes 30x30 crops of 32-px images (32 is not a multiple of 3)"),
+    "vit_base_patch2_32": _vit(*_B, 2, 32, 10, "ViT-B, patch 2: 256 tokens per 32-px image"),
+    "deit_tiny_distilled_patch4_32": _vit(192, 6, 3, 768, 4, 32, 10, "ViT-Tiny CIFAR with DeiT's distillation token", distilled=True),
+    # -- the seed notebook's two models -----------------------------------------
+    "vit_b16": _vit(768, 12, 12, 3072, 16, 224, 1000, "the seed notebook's ViT-B/16", drop_rate=0.1),
+    "vit_tiny": _vit(512, 4, 6, 1024, 4, 32, 10, "the seed notebook's 32-px model (6 heads of 85 dims on 512)"),
+    # -- ImageNet-size standard names (224 px, 1000 classes) --------------------
+    "vit_tiny_patch16_224": _vit(*_TI, 16, 224, 1000),
+    "vit_small_patch16_224": _vit(*_S, 16, 224, 1000),
+    "vit_base_patch16_224": _vit(*_B, 16, 224, 1000),
+    "vit_base_patch32_224": _vit(*_B, 32, 224, 1000),
+    "vit_large_patch16_224": _vit(*_L, 16, 224, 1000),
+    "vit_large_patch32_224": _vit(*_L, 32, 224, 1000),
+    "deit_tiny_distilled_patch16_224": _vit(*_TI, 16, 224, 1000, distilled=True),
+    "deit_small_distilled_patch16_224": _vit(*_S, 16, 224, 1000, distilled=True),
+    "deit_base_distilled_patch16_224": _vit(*_B, 16, 224, 1000, distilled=True),
+    # -- CNN baseline / teacher -------------------------------------------------
+    "resnet18_cifar": Preset("resnet", dict(layers=(2, 2, 2, 2), num_classes=10, cifar_stem=True, img_size=32),
+                             "ResNet-18 with a 3x3 stem and no max-pool, for 32-px images"),
+    "resnet18": Preset("resnet", dict(layers=(2, 2, 2, 2), num_classes=1000, cifar_stem=False, img_size=224),
+                       "ResNet-18, ImageNet stem"),
+}
+
+_FAMILIES = {"vit": VisionTransformer, "resnet": ResNet}
+
+
+class UnknownModelError(UserError):
+    pass
+
+
+def list_models() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "; `vitlab models` lists them"
+        raise UnknownModelError(f"unknown model {name!r}{hint}")
+    return PRESETS[name]
+
+
+def build_from_arch(arch: dict) -> nn.Module:
+    """Rebuild a model from the `arch` dict that `create_model` records."""
+    family = arch.get("family")
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown model family {family!r} in architecture record")
+    kwargs = dict(arch.get("kwargs", {}))
+    if "layers" in kwargs:
+        kwargs["layers"] = tuple(kwargs["layers"])
+    for key in ("img_size", "patch_size"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    try:
+        model = _FAMILIES[family](**kwargs)
+    except TypeError as e:  # an override the constructor does not take
+        raise ValueError(f"bad model argument for {arch.get('name', family)}: {e}") from None
+    model.arch = {"name": arch.get("name", family), "family": family, "kwargs": dict(arch.get("kwargs", {}))}
+    return model
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a preset by name, with any constructor argument overridden.
+
+    >>> m = create_model("vit_tiny_patch4_32", num_classes=100, drop_path_rate=0.1)
+    """
+    preset = get_preset(name)
+    kwargs = {**preset.kwargs, **overrides}
+    return build_from_arch({"name": name, "family": preset.family, "kwargs": kwargs})
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,388 @@
+"""The Vision Transformer, whole, in one file.
+
+Read top to bottom: patch embedding -> attention -> MLP -> block -> model.
+Shapes use B batch, C channels, H x W image, P patch size, N tokens
+(prefix tokens + patches), D embedding width, h heads, d head width.
+
+Parameter names follow timm (`patch_embed.proj`, `cls_token`, `pos_embed`,
+`blocks.{i}.attn.qkv`, ...), so timm checkpoints load by a plain copy and the
+Hugging Face / Google / torchvision layouts need only a renaming
+(`vitlab.models.pretrained`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _pair(x: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    h, w = x
+    return (int(h), int(w))
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into P x P patches and project each to D dims.
+
+    A conv with kernel = stride = P is exactly "flatten each patch, apply one
+    shared Linear", and it is the layout every pretrained checkpoint uses.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, strict_img_size=True):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.in_chans = in_chans
+        self.strict_img_size = strict_img_size
+        for side, size, p in zip(("height", "width"), self.img_size, self.patch_size):
+            if size % p:
+                raise ValueError(f"image {side} {size} is not divisible by the patch size {p}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(f"expected {self.in_chans}-channel images, got {c} channels")
+        if self.strict_img_size and (h, w) != self.img_size:
+            raise ValueError(
+                f"expected {self.img_size[0]}x{self.img_size[1]} images, got {h}x{w}; "
+                f"resize the input or build the model with img_size=({h}, {w})"
+            )
+        ph, pw = self.patch_size
+        if h % ph or w % pw:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.proj(x)  # (B, D, H/P, W/P)
+        return x.flatten(2).transpose(1, 2)  # (B, N_patches, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection.
+
+    The qkv output rows are ordered (q|k|v), each head-major, as in timm.
+    When D is not divisible by h the heads use d = D // h and the inner width
+    is h * d (the seed notebook's choice), so qkv is D -> 3*h*d and proj h*d -> D.
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        if self.head_dim == 0:
+            raise ValueError(f"embed_dim {dim} is smaller than num_heads {num_heads}")
+        self.inner_dim = num_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * self.inner_dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(self.inner_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
+        drop = self.attn_drop if self.training else 0.0
+        if return_attn:
+            # Explicit path: the weights are materialised and handed back.
+            # Softmax in fp32 so the maps are exact even under bf16 autocast.
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+            attn = logits.float().softmax(dim=-1)
+            out = F.dropout(attn, drop, self.training).to(v.dtype) @ v  # (B, h, N, d)
+        else:
+            # Fused path: never builds the (N, N) matrix in memory on the
+            # flash/efficient kernels; this is what training uses.
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)  # (B, h, N, d)
+        out = out.transpose(1, 2).reshape(B, N, self.inner_dim)  # (B, N, h*d)
+        out = self.proj_drop(self.proj(out))  # (B, N, D)
+        return (out, attn) if return_attn else out
+
+
+class Mlp(nn.Module):
+    """Linear -> exact GELU -> dropout -> Linear -> dropout, applied per token."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()  # erf GELU, as in the original ViT and every checkpoint
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):  # (B, N, D) -> (B, N, D)
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample.
+
+    Kept samples are scaled by 1/keep so the expected output is unchanged and
+    nothing needs rescaling at evaluation time.
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):  # (B, N, D)
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale on a residual branch (CaiT / DeiT-III)."""
+
+    def __init__(self, dim, init_value=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim, num_heads, mlp_dim, qkv_bias=True, drop=0.0, attn_drop=0.0,
+                 drop_path=0.0, layer_scale=None, norm_eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, mlp_dim, drop=drop)
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):  # (B, N, D) -> (B, N, D)
+        if return_attn:
+            y, attn = self.attn(self.norm1(x), return_attn=True)
+        else:
+            y, attn = self.attn(self.norm1(x)), None
+        x = x + self.drop_path1(self.ls1(y))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return (x, attn) if return_attn else x
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resize learned position embeddings to a new patch grid.
+
+    pos_embed: (1, prefix + gh*gw, D). The prefix ([CLS], [DIST]) rows are kept
+    as they are; the patch rows are viewed as a (D, gh, gw) image and resized
+    bicubically, which is what lets a 224-px checkpoint run at 384 px.
+    """
+    new_grid = _pair(new_grid)
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    n, dim = patches.shape[1], patches.shape[2]
+    if old_grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"cannot infer the grid of {n} position embeddings; pass old_grid")
+        old_grid = (side, side)
+    old_grid = _pair(old_grid)
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(f"{n} position embeddings do not fit a {old_grid[0]}x{old_grid[1]} grid")
+    dtype = patches.dtype
+    grid = patches.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(dtype)  # (1, gh'*gw', D)
+    return torch.cat([prefix, patches], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al. 2020), with DeiT's optional distillation token.
+
+    Args (the ones that are not obvious):
+        mlp_dim: hidden width of the MLP (the papers' "MLP size"); default 4*D.
+        drop_rate: dropout after position embedding, attention projection and MLP layers.
+        drop_path_rate: stochastic depth of the last block; block i gets rate * i / (depth - 1).
+        layer_scale: initial LayerScale value, or None for no LayerScale.
+        global_pool: "token" (the [CLS] output) or "avg" (mean of the patch tokens).
+        distilled: add DeiT's [DIST] token and a second head; in eval mode the two
+            heads' logits are averaged, in train mode both are returned.
+        dynamic_img_size: accept any input size divisible by the patch size,
+            resampling the position embeddings on the fly (slower; off by default
+            so a wrong size is an error, not a silent resample).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
+                 depth=12, num_heads=12, mlp_dim=None, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
+                 drop_path_rate=0.0, layer_scale=None, norm_eps=1e-6, global_pool="token",
+                 distilled=False, dynamic_img_size=False):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.global_pool = global_pool
+        self.distilled = distilled
+        self.num_prefix_tokens = 2 if distilled else 1
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        mlp_dim = mlp_dim or 4 * embed_dim
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        # Linear stochastic-depth rule: 0 for the first block, drop_path_rate for the last.
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_dim, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                  drop_path=rates[i], layer_scale=layer_scale, norm_eps=norm_eps)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = None
+        if distilled:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # -- initialisation ---------------------------------------------------
+    def init_weights(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # The patch projection is a Linear in disguise: init it like one (fan-in).
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that weight decay should leave alone (besides biases and norms)."""
+        names = {"pos_embed", "cls_token"}
+        if self.dist_token is not None:
+            names.add("dist_token")
+        return names
+
+    # -- switches -----------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self.patch_embed.img_size
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self.patch_embed.patch_size
+
+    @property
+    def in_chans(self) -> int:
+        return self.patch_embed.in_chans
+
+    def set_img_size(self, img_size):
+        """Change the input resolution in place, resampling the position embeddings."""
+        img_size = _pair(img_size)
+        old_grid = self.patch_embed.grid_size
+        pe = self.patch_embed
+        for side, size, p in zip(("height", "width"), img_size, pe.patch_size):
+            if size % p:
+                raise ValueError(f"image {side} {size} is not divisible by the patch size {p}")
+        pe.img_size = img_size
+        pe.grid_size = (img_size[0] // pe.patch_size[0], img_size[1] // pe.patch_size[1])
+        pe.num_patches = pe.grid_size[0] * pe.grid_size[1]
+        with torch.no_grad():
+            new = resample_pos_embed(self.pos_embed.data, pe.grid_size, old_grid, self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(new)
+
+    def reset_classifier(self, num_classes: int):
+        """Replace the head(s) for a new number of classes (fine-tuning)."""
+        self.num_classes = num_classes
+        dev = self.cls_token.device
+        make = lambda: nn.Linear(self.embed_dim, num_classes).to(dev) if num_classes > 0 else nn.Identity()  # noqa: E731
+        self.head = make()
+        if self.distilled:
+            self.head_dist = make()
+        for m in (self.head, self.head_dist):
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    # -- forward --------------------------------------------------------------
+    def _pos_embed(self, x: torch.Tensor, grid) -> torch.Tensor:
+        pos = self.pos_embed
+        if tuple(grid) != self.patch_embed.grid_size:  # only with dynamic_img_size
+            pos = resample_pos_embed(pos, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+        B = x.shape[0]
+        prefix = [self.cls_token.expand(B, -1, -1)]  # (B, 1, D)
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(B, -1, -1))
+        x = torch.cat(prefix + [x], dim=1)  # (B, N, D), N = prefix + patches
+        return self.pos_drop(x + pos)
+
+    def forward_features(self, x: torch.Tensor, return_attn: bool = False):
+        """(B, C, H, W) -> normalised tokens (B, N, D); with return_attn also
+        the list of per-layer attention weights, each (B, h, N, N)."""
+        grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
+        x = self.patch_embed(x)  # (B, N_patches, D)
+        x = self._pos_embed(x, grid)  # (B, N, D)
+        attns = []
+        for blk in self.blocks:
+            if return_attn:
+                x, a = blk(x, return_attn=True)
+                attns.append(a)
+            elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        x = self.norm(x)
+        return (x, attns) if return_attn else x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, separate: bool = False):
+        """Tokens (B, N, D) -> logits (B, K).
+
+        A distilled model returns (cls_logits, dist_logits) in training mode or
+        when separate=True, and their average otherwise (DeiT's inference rule).
+        """
+        if self.global_pool == "avg":
+            feat = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
+        else:
+            feat = x[:, 0]  # (B, D): the [CLS] token
+        if pre_logits:
+            return feat
+        logits = self.head(feat)  # (B, K)
+        if not self.distilled:
+            return logits
+        dist_logits = self.head_dist(x[:, 1])  # (B, K): the [DIST] token
+        if self.training or separate:
+            return logits, dist_logits
+        return (logits + dist_logits) / 2
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        if return_attn:
+            feats, attns = self.forward_features(x, return_attn=True)
+            return self.forward_head(feats), attns
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,63 @@
+"""The command line and the typed config: presets, dotted overrides, exit codes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from vitlab import cli
+from vitlab.config import ConfigError, TrainConfig, build_config, parse_overrides, set_key
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "vitlab.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_models_lists_every_preset_with_parameter_count():
+    r = run_cli("models")
+    assert r.returncode == 0, r.stderr
+    assert "vit_b16" in r.stdout and "86,567,656" in r.stdout
+    assert "vit_tiny " in r.stdout and "8,459,762" in r.stdout
+    for name in ["vit_tiny_patch4_32", "vit_large_patch32_224", "deit_tiny_distilled_patch16_224", "resnet18_cifar"]:
+        assert name in r.stdout
+
+
+def test_unknown_command_and_option_exit_2_with_one_line():
+    r = run_cli("trian")
+    assert r.returncode == 2 and "unknown command 'trian'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("models", "--nope")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_dotted_overrides_and_aliases_are_typed():
+    ov = parse_overrides(["--optim.lr", "1e-3", "--epochs=7", "--mixup-alpha", "0.4", "--debug",
+                          "--autoaugment", "--data-dir", "/tmp/x", "--model", "vit_tiny"])
+    cfg = build_config(None, ov)
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.run.epochs == 7 and isinstance(cfg.run.epochs, int)
+    assert cfg.aug.mixup_alpha == 0.4
+    assert cfg.run.debug is True and cfg.aug.autoaugment is True
+    assert cfg.data.dir == "/tmp/x" and cfg.model.name == "vit_tiny"
+
+
+def test_negative_numbers_are_values_not_flags():
+    cfg = build_config(None, parse_overrides(["--optim.beta1", "-0.5"]))
+    assert cfg.optim.beta1 == -0.5
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
+        parse_overrides(["--optim.lrr", "1"])
+    with pytest.raises(ConfigError, match="did you mean 'optim.weight_decay'"):
+        parse_overrides(["--optim.weight-decy", "1"])
+    with pytest.raises(ConfigError, match="run.epochs expects int"):
+        build_config(None, {"run.epochs": "ten"})
+    with pytest.raises(ConfigError, match="optim.lr expects float"):
+        set_key(TrainConfig(), "optim.lr", "fast")
+
+
+def test_none_for_optional_fields():
+    cfg = build_config(None, parse_overrides(["--optim.clip_grad", "none"]))
+    assert cfg.optim.clip_grad is None

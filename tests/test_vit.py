@@ -1,0 +1,269 @@
+"""The ViT model: every preset trains, both attention paths agree, shapes and errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitlab
+from vitlab.models import PRESETS, VisionTransformer, count_params, create_model, resample_pos_embed
+from vitlab.models.vit import Attention
+
+
+def small_input(model, batch=2):
+    torch.manual_seed(0)
+    h, w = model.img_size
+    return torch.randn(batch, model.in_chans, h, w)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_trains_and_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    preset = PRESETS[name]
+    # Keep the preset's architecture but shrink the image to two patches a side,
+    # so even ViT-L runs in seconds.
+    if preset.family == "vit":
+        p = preset.kwargs["patch_size"]
+        model = create_model(name, img_size=2 * p)
+    else:
+        model = create_model(name, img_size=32)
+    x = small_input(model)
+    out = model(x)
+    if isinstance(out, tuple):  # distilled models return both heads in train mode
+        assert len(out) == 2
+        loss = sum(o.float().logsumexp(-1).mean() for o in out)
+        assert out[0].shape == (2, model.num_classes)
+    else:
+        assert out.shape == (2, model.num_classes)
+        loss = out.float().logsumexp(-1).mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no/invalid gradient for {missing[:5]}"
+    # Something actually flows into the first layer, not just zeros.
+    first = next(p for n, p in model.named_parameters() if "conv" in n or "patch_embed" in n)
+    assert first.grad.abs().sum() > 0
+
+
+def test_exact_parameter_counts_of_the_seed_notebook_models():
+    assert count_params(create_model("vit_b16")) == 86_567_656
+    assert count_params(create_model("vit_tiny")) == 8_459_762
+
+
+def test_known_parameter_counts_match_timm_and_torchvision():
+    # Published counts: timm vit_tiny_patch16_224 5.72M, deit_tiny_distilled 5.91M,
+    # torchvision resnet18 11,689,512.
+    assert count_params(create_model("vit_tiny_patch16_224")) == 5_717_416
+    assert count_params(create_model("deit_tiny_distilled_patch16_224")) == 5_910_800
+    assert count_params(create_model("resnet18")) == 11_689_512
+
+
+def test_timm_parameter_names():
+    names = dict(create_model("deit_tiny_distilled_patch4_32").named_parameters())
+    for key in ["patch_embed.proj.weight", "cls_token", "dist_token", "pos_embed", "blocks.0.norm1.weight",
+                "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.weight",
+                "blocks.0.norm2.bias", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias", "norm.weight",
+                "head.weight", "head_dist.bias"]:
+        assert key in names, key
+    assert names["pos_embed"].shape == (1, 64 + 2, 192)
+    assert names["blocks.0.attn.qkv.weight"].shape == (3 * 192, 192)
+
+
+def test_indivisible_heads_use_reduced_inner_width():
+    attn = create_model("vit_tiny").blocks[0].attn  # 512 dims, 6 heads -> 85 per head
+    assert attn.head_dim == 85 and attn.inner_dim == 510
+    assert attn.qkv.weight.shape == (3 * 510, 512)
+    assert attn.proj.weight.shape == (512, 510)
+    assert math.isclose(attn.scale, 85**-0.5)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch4_32", "vit_tiny", "deit_tiny_distilled_patch4_32"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_attention_equals_explicit_path(name, dropout):
+    torch.manual_seed(0)
+    model = create_model(name, drop_rate=dropout, attn_drop_rate=dropout, drop_path_rate=dropout).eval()
+    x = small_input(model, batch=3)
+    with torch.no_grad():
+        fused = model(x)
+        explicit, attns = model(x, return_attn=True)
+    assert len(attns) == len(model.blocks)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_equals_explicit_in_train_mode_without_dropout():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4_32", drop_path_rate=0.0).train()
+    x = small_input(model)
+    torch.testing.assert_close(model(x), model(x, return_attn=True)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_against_hand_computation():
+    torch.manual_seed(0)
+    attn = Attention(dim=8, num_heads=2).eval()
+    x = torch.randn(1, 5, 8)
+    out, w = attn(x, return_attn=True)
+    q, k, v = attn.qkv(x).split(8, dim=-1)  # rows ordered q | k | v, each head-major
+    heads = []
+    for h in range(2):
+        s = slice(4 * h, 4 * h + 4)
+        a = torch.softmax(q[0, :, s] @ k[0, :, s].T / math.sqrt(4), dim=-1)
+        torch.testing.assert_close(w[0, h], a)
+        heads.append(a @ v[0, :, s])
+    torch.testing.assert_close(out[0], attn.proj(torch.cat(heads, dim=-1)), atol=1e-6, rtol=1e-5)
+
+
+def test_attention_rows_sum_to_one():
+    model = create_model("vit_tiny_patch4_32").eval()
+    with torch.no_grad():
+        _, attns = model(small_input(model), return_attn=True)
+    for a in attns:
+        assert a.shape == (2, 3, 65, 65)
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, 3, 65))
+        assert (a >= 0).all()
+
+
+def test_return_attn_is_per_call_not_a_mode():
+    model = create_model("vit_tiny_patch4_32").eval()
+    x = small_input(model)
+    assert isinstance(model(x, return_attn=True), tuple)
+    assert isinstance(model(x), torch.Tensor)  # the next plain call is the fused path again
+
+
+def test_grayscale_and_non_square_inputs():
+    model = VisionTransformer(img_size=(24, 40), patch_size=8, in_chans=1, num_classes=3, embed_dim=32,
+                              depth=2, num_heads=2)
+    assert model.patch_embed.grid_size == (3, 5)
+    x = torch.randn(2, 1, 24, 40)
+    assert model(x).shape == (2, 3)
+    _, attns = model(x, return_attn=True)
+    assert attns[0].shape == (2, 2, 1 + 15, 1 + 15)
+
+
+def test_wrong_input_size_is_a_clear_error():
+    model = create_model("vit_tiny_patch4_32")
+    with pytest.raises(ValueError, match=r"expected 32x32 images, got 28x28"):
+        model(torch.randn(1, 3, 28, 28))
+    with pytest.raises(ValueError, match="expected 3-channel images, got 1"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="not divisible by the patch size 4"):
+        create_model("vit_tiny_patch4_32", img_size=30)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        model(torch.randn(3, 32, 32))
+
+
+def test_unknown_model_names_the_closest():
+    with pytest.raises(ValueError, match="did you mean 'vit_tiny_patch4_32'"):
+        vitlab.create_model("vit_tiny_patch4_23")
+
+
+def test_position_resampling_to_the_same_grid_is_identity():
+    torch.manual_seed(0)
+    pe = torch.randn(1, 1 + 8 * 8, 16)
+    torch.testing.assert_close(resample_pos_embed(pe, (8, 8), (8, 8), 1), pe, atol=1e-5, rtol=1e-5)
+
+
+def test_position_resampling_keeps_prefix_and_smooth_fields():
+    # A linear ramp over the grid stays (nearly) a ramp after bicubic resizing.
+    gy, gx = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
+    field = torch.stack([gx, gy], -1).reshape(1, 64, 2)
+    prefix = torch.tensor([[[5.0, -5.0], [7.0, 7.0]]])
+    out = resample_pos_embed(torch.cat([prefix, field], 1), (16, 16), (8, 8), num_prefix_tokens=2)
+    assert out.shape == (1, 2 + 256, 2)
+    torch.testing.assert_close(out[:, :2], prefix)
+    grid = out[0, 2:].reshape(16, 16, 2)
+    assert (grid[:, 1:, 0] - grid[:, :-1, 0] > 0).all()  # x increases along width
+    assert (grid[1:, :, 1] - grid[:-1, :, 1] > 0).all()  # y increases along height
+
+
+def test_set_img_size_runs_at_new_resolution_and_back():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4_32").eval()
+    x = small_input(model)
+    with torch.no_grad():
+        ref = model(x)
+        model.set_img_size(48)
+        assert model.pos_embed.shape == (1, 1 + 144, 192)
+        assert model(torch.randn(2, 3, 48, 48)).shape == (2, 10)
+        model.set_img_size(32)  # 8 -> 12 -> 8 is not exactly invertible, but close
+        assert F.cosine_similarity(model(x).flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_dynamic_img_size_accepts_other_sizes():
+    model = create_model("vit_tiny_patch4_32", dynamic_img_size=True).eval()
+    assert model(torch.randn(1, 3, 48, 40)).shape == (1, 10)
+    with pytest.raises(ValueError, match="not divisible"):
+        model(torch.randn(1, 3, 30, 32))
+
+
+def test_distilled_heads_average_at_eval():
+    torch.manual_seed(0)
+    model = create_model("deit_tiny_distilled_patch4_32").eval()
+    x = small_input(model)
+    cls_logits, dist_logits = model.forward_head(model.forward_features(x), separate=True)
+    torch.testing.assert_close(model(x), (cls_logits + dist_logits) / 2)
+    assert not torch.allclose(cls_logits, dist_logits)
+
+
+def test_avg_pool_uses_patch_tokens_only():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4_32", global_pool="avg").eval()
+    feats = model.forward_features(small_input(model))
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats[:, 1:].mean(1))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4_32", drop_path_rate=0.0)
+    x = small_input(model)
+    model(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-5, rtol=1e-4)
+
+
+def test_drop_path_linear_rule_and_expectation():
+    model = create_model("vit_tiny_patch4_32", drop_path_rate=0.3)
+    rates = [b.drop_path1.p for b in model.blocks]
+    assert rates[0] == 0.0 and math.isclose(rates[-1], 0.3)
+    assert all(b > a for a, b in zip(rates, rates[1:]))
+    dp = model.blocks[-1].drop_path1.train()
+    torch.manual_seed(0)
+    x = torch.ones(20000, 1, 1)
+    y = dp(x)
+    assert set(y.unique().tolist()) <= {0.0, 1 / 0.7} or torch.allclose(y.unique(), torch.tensor([0.0, 1 / 0.7]))
+    assert abs(y.mean().item() - 1.0) < 0.02  # unbiased in expectation
+
+
+def test_layer_scale_option():
+    model = create_model("vit_tiny_patch4_32", layer_scale=1e-5)
+    assert torch.allclose(model.blocks[0].ls1.gamma, torch.full((192,), 1e-5))
+    assert "blocks.0.ls2.gamma" in dict(model.named_parameters())
+
+
+def test_layernorm_eps_and_qkv_bias_options():
+    model = create_model("vit_tiny_patch4_32", norm_eps=1e-12, qkv_bias=False)
+    assert model.blocks[0].norm1.eps == 1e-12 and model.norm.eps == 1e-12
+    assert model.blocks[0].attn.qkv.bias is None
+
+
+def test_reset_classifier_changes_class_count():
+    model = create_model("deit_tiny_distilled_patch4_32")
+    model.reset_classifier(7)
+    model.train()
+    a, b = model(torch.randn(2, 3, 32, 32))
+    assert a.shape == b.shape == (2, 7)
+
+
+def test_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4_32").eval()
+    x = small_input(model, 4)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    assert F.cosine_similarity(ref.flatten(), low.float().flatten(), dim=0) > 0.99
