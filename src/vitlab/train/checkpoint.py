@@ -1,0 +1,113 @@
+"""Checkpoint files: weights in safetensors, everything else as JSON metadata.
+
+`model.safetensors` holds the weights plus string metadata: the architecture
+record (`arch`, enough to rebuild the network), the resolved training config,
+the class names and the normalisation. Loading it executes no code. The full
+resumable state (`last.ckpt`) is a torch file read with `weights_only=True`.
+Every write goes through `atomic_write`, so a crash never leaves a half file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+from ..models import build_from_arch
+from ..utils import atomic_write
+
+WEIGHTS = "model.safetensors"
+LAST = "last.ckpt"
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_model(path: str | Path, model: nn.Module, meta: dict | None = None) -> None:
+    """Save weights + architecture (+ any JSON-able meta) to a .safetensors file, atomically."""
+    model = unwrap(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    info = {"format": "vitlab", "arch": json.dumps(model.arch)}
+    for k, v in (meta or {}).items():
+        info[k] = json.dumps(v)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=info))
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A run directory or a file -> the .safetensors file to read."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / WEIGHTS).is_file():
+            return p / WEIGHTS
+        raise CheckpointError(f"{p} has no {WEIGHTS}; is it a vitlab run directory?")
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    return p
+
+
+def read_meta(path: str | Path) -> dict:
+    """The metadata of a vitlab .safetensors file, JSON-decoded."""
+    from safetensors import safe_open
+
+    path = resolve_weights(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    if raw.get("format") != "vitlab" or "arch" not in raw:
+        raise CheckpointError(f"{path} is a safetensors file but not a vitlab checkpoint (no architecture record)")
+    meta = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return meta
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a run directory or .safetensors file; returns (model in eval mode, meta)."""
+    path = resolve_weights(path)
+    meta = read_meta(path)
+    try:
+        model = build_from_arch(meta["arch"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild the model: {e}") from None
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the architecture "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), meta
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """Save a full training state (resumable) atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: str | Path) -> dict:
+    """Load a training state without executing code (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no resumable state at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means a bad file
+        raise CheckpointError(f"{path} is not a loadable training state ({type(e).__name__}: {str(e)[:120]})") from None
