@@ -1,0 +1,1 @@
+"""File-based dataset sources (filled in below)."""
