@@ -100,14 +100,50 @@ def build_from_arch(arch: dict) -> nn.Module:
     return model
 
 
-def create_model(name: str, **overrides) -> nn.Module:
-    """Build a preset by name, with any constructor argument overridden.
+def create_model(name_or_path: str, pretrained=False, **overrides) -> nn.Module:
+    """Build a preset by name, with any constructor argument overridden; optionally with pretrained weights.
 
     >>> m = create_model("vit_tiny_patch4_32", num_classes=100, drop_path_rate=0.1)
+    >>> m = create_model("vit_base_patch16_224", pretrained="path/to/hf_dir", num_classes=102)
+    >>> m = create_model("path/to/hf_dir", num_classes=102, img_size=384)
+
+    pretrained: False (random init), True (the preset's default hub weights) or
+    a checkpoint path / hub id (see `vitlab.models.pretrained`). A checkpoint
+    path or hub id given as the name loads its weights too. With weights,
+    num_classes puts on a fresh head when the count differs and img_size
+    resamples the position embeddings. `model.pretrained_info` then holds the
+    source's class names, normalisation mean/std and resolution.
     """
-    preset = get_preset(name)
-    kwargs = {**preset.kwargs, **overrides}
-    return build_from_arch({"name": name, "family": preset.family, "kwargs": kwargs})
+    is_preset = name_or_path in PRESETS
+    if is_preset and not pretrained:
+        preset = get_preset(name_or_path)
+        kwargs = {**preset.kwargs, **overrides}
+        return build_from_arch({"name": name_or_path, "family": preset.family, "kwargs": kwargs})
+    from .pretrained import default_source, load_pretrained
+
+    if is_preset:
+        source = default_source(name_or_path) if pretrained is True else pretrained
+        preset_name = name_or_path
+    else:
+        if not _looks_like_checkpoint(name_or_path):
+            get_preset(name_or_path)  # not a preset, not a path: raises with a did-you-mean
+        if pretrained not in (False, True, None) and str(pretrained) != str(name_or_path):
+            raise UnknownModelError(f"{name_or_path!r} is not a preset, so pretrained={pretrained!r} has no "
+                                    f"architecture to go into; pass a preset name, or only the checkpoint")
+        source, preset_name = name_or_path, None
+    num_classes = overrides.pop("num_classes", None)
+    img_size = overrides.pop("img_size", None)
+    model, info = load_pretrained(source, num_classes=num_classes, img_size=img_size, preset=preset_name,
+                                  **overrides)
+    model.pretrained_info = info
+    return model.train()  # like a freshly built model; load_pretrained hands back eval mode
+
+
+def _looks_like_checkpoint(name: str) -> bool:
+    """A path that exists, or a hub id ("owner/repo"): anything but a bare preset-like name."""
+    import os
+
+    return os.path.exists(name) or "/" in str(name) or os.sep in str(name)
 
 
 def count_params(model: nn.Module) -> int:

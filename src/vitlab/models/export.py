@@ -1,0 +1,155 @@
+"""vitlab ViT -> Hugging Face format; also the `vitlab export` command.
+
+Writes what `transformers.ViTForImageClassification.from_pretrained(DIR)`
+reads: config.json (hidden sizes, LayerNorm eps, qkv bias, id2label),
+model.safetensors under HF's key names (the names every transformers version
+writes and reads), and preprocessor_config.json (mean, std, size). A model
+without a head (num_classes=0) is written as a `ViTModel`.
+
+The mapping is the inverse of `pretrained.convert_hf`: the fused qkv is split
+back into query/key/value by rows (q|k|v).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..utils import atomic_write, atomic_write_text
+
+
+class ExportError(UserError):
+    pass
+
+
+def hf_state_dict(model) -> dict:
+    """vitlab ViT state dict -> HF ViTForImageClassification (or ViTModel, headless) keys."""
+    prefix = "vit." if model.num_classes > 0 else ""
+    s = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    out = {
+        "embeddings.cls_token": s["cls_token"],
+        "embeddings.position_embeddings": s["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": s["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": s["patch_embed.proj.bias"],
+        "layernorm.weight": s["norm.weight"],
+        "layernorm.bias": s["norm.bias"],
+    }
+    names = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    for i in range(len(model.blocks)):
+        b, h = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            if b + f"attn.qkv.{kind}" in s:
+                q, k, v = s[b + f"attn.qkv.{kind}"].chunk(3, dim=0)  # rows are q | k | v
+                out[h + f"attention.attention.query.{kind}"] = q.contiguous()
+                out[h + f"attention.attention.key.{kind}"] = k.contiguous()
+                out[h + f"attention.attention.value.{kind}"] = v.contiguous()
+            for ours, theirs in names.items():
+                out[h + f"{theirs}.{kind}"] = s[b + f"{ours}.{kind}"]
+    out = {prefix + k: v for k, v in out.items()}
+    if model.num_classes > 0:
+        out["classifier.weight"] = s["head.weight"]
+        out["classifier.bias"] = s["head.bias"]
+    return out
+
+
+def check_exportable(model) -> None:
+    """What HF's ViT cannot express, as one clear line."""
+    arch = getattr(model, "arch", {})
+    if arch.get("family", "vit") != "vit" or not hasattr(model, "blocks"):
+        raise ExportError(f"only ViT models export to Hugging Face format (this is a {arch.get('family', type(model).__name__)})")
+    if model.distilled:
+        raise ExportError("distilled (DeiT) models are not exported: HF's ViT has no distillation token; "
+                          "export is for plain ViTs")
+    if model.global_pool != "token":
+        raise ExportError(f"global_pool={model.global_pool!r} is not exportable: HF's ViT classifies the [CLS] token")
+    if not isinstance(model.blocks[0].ls1, torch.nn.Identity):
+        raise ExportError("models with LayerScale are not exportable: HF's ViT has no LayerScale")
+    attn = model.blocks[0].attn
+    if attn.inner_dim != model.embed_dim:
+        raise ExportError(f"embed_dim {model.embed_dim} is not divisible by num_heads {attn.num_heads}; "
+                          f"HF's ViT needs hidden_size = heads x head width")
+
+
+def hf_config(model, classes=None) -> dict:
+    blk = model.blocks[0]
+    cfg = {
+        "architectures": ["ViTForImageClassification" if model.num_classes > 0 else "ViTModel"],
+        "model_type": "vit",
+        "hidden_size": model.embed_dim,
+        "num_hidden_layers": len(model.blocks),
+        "num_attention_heads": blk.attn.num_heads,
+        "intermediate_size": blk.mlp.fc1.out_features,
+        "hidden_act": "gelu",  # exact (erf) GELU, as nn.GELU()
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "layer_norm_eps": blk.norm1.eps,  # 1e-6 for vitlab/timm, 1e-12 for HF-born weights: carried through
+        "qkv_bias": blk.attn.qkv.bias is not None,
+        "image_size": model.img_size[0] if model.img_size[0] == model.img_size[1] else list(model.img_size),
+        "patch_size": model.patch_size[0] if model.patch_size[0] == model.patch_size[1] else list(model.patch_size),
+        "num_channels": model.in_chans,
+        "encoder_stride": model.patch_size[0],
+        "initializer_range": 0.02,
+    }
+    if model.num_classes > 0:
+        names = list(classes) if classes and len(classes) == model.num_classes else \
+            [f"LABEL_{i}" for i in range(model.num_classes)]
+        cfg["id2label"] = {str(i): str(n) for i, n in enumerate(names)}
+        cfg["label2id"] = {str(n): i for i, n in enumerate(names)}
+    return cfg
+
+
+def preprocessor_config(model, mean, std) -> dict:
+    h, w = model.img_size
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True, "size": {"height": h, "width": w}, "resample": 2,  # bilinear
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [float(x) for x in mean], "image_std": [float(x) for x in std],
+    }
+
+
+def export_hf(model, out_dir, classes=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), overwrite=False) -> Path:
+    """Write `model` to `out_dir` in Hugging Face ViT format; returns the directory."""
+    from safetensors.torch import save_file
+
+    check_exportable(model)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if not overwrite and any((out / n).exists() for n in ("config.json", "model.safetensors")):
+        raise ExportError(f"{out} already holds a model; pass --force to overwrite")
+    state = hf_state_dict(model)
+    # transformers refuses safetensors files without format metadata.
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(out / "config.json", json.dumps(hf_config(model, classes), indent=2) + "\n")
+    atomic_write_text(out / "preprocessor_config.json", json.dumps(preprocessor_config(model, mean, std), indent=2) + "\n")
+    return out
+
+
+# -- `vitlab export` ----------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
+                   help="a vitlab run dir or .safetensors (or any checkpoint `create_model` loads: timm, "
+                        "torchvision, Google .npz, Hugging Face dir or hub id)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the Hugging Face model to")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads, for timm/torchvision files of a non-standard width")
+    p.add_argument("--force", action="store_true", help="overwrite a model already in DIR")
+
+
+def run(args) -> int:
+    from .pretrained import load_pretrained
+
+    extra = {"num_heads": args.num_heads} if args.num_heads else {}
+    model, info = load_pretrained(args.checkpoint, **extra)
+    out = export_hf(model, args.out, classes=info.get("classes"), mean=info["mean"], std=info["std"],
+                    overwrite=args.force)
+    kind = "ViTForImageClassification" if model.num_classes > 0 else "ViTModel"
+    print(f"wrote {out} ({kind}: {len(model.blocks)} layers, width {model.embed_dim}, "
+          f"{model.img_size[0]}x{model.img_size[1]} px, {model.num_classes} classes, "
+          f"eps {model.blocks[0].norm1.eps:g}); load it with transformers.{kind}.from_pretrained({str(out)!r})")
+    return 0
