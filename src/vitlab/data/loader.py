@@ -13,12 +13,11 @@ same batches and every DDP rank agrees on the permutation without talking.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 from ..errors import UserError
-from .base import DataError, FileSplit, TensorSplit
+from .base import FileSplit, TensorSplit
 
 
 def epoch_indices(n: int, *, train: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1,

@@ -1,0 +1,150 @@
+"""The large-image path: decode files with Pillow in DataLoader worker processes.
+
+Workers only decode: any mode (L, LA, RGBA, P, CMYK, I;16, ...) -> RGB, shorter
+side resized, centre square cropped, returned as uint8 (3, S, S). All random
+augmentation happens later on whole batches (augment.py), so workers need no
+seeds and a batch's pixels depend only on its file list.
+
+For training the square is the resize size, img_size * 256 / 224 (the usual
+ImageNet ratio), so the train transform's random crop has room to move; for
+evaluation the resize is the same and the centre crop is img_size, the
+standard "resize 256, crop 224" protocol.
+
+A file that cannot be decoded is never fatal halfway through a run: with
+on_corrupt="skip" it is dropped from its batch, reported once with its path
+(a warning) and counted in `loader.corrupt`; with "fail" the loader raises a
+UserError naming it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import UserError
+from .base import DataError, FileSplit
+from .loader import epoch_indices
+
+
+def to_rgb(img):
+    """Any Pillow image -> mode RGB. Transparency is composited on white (not left as black);
+    16/32-bit and float greyscale are scaled to 8 bits by their own range."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.round().astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "RGBA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def decode(path: str, resize: int, crop: int) -> torch.Tensor:
+    """Open, convert to RGB, resize the shorter side to `resize`, centre-crop crop x crop. uint8 (3, crop, crop)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for the smallest that is still >= resize.
+        img.draft("RGB", (resize, resize))
+        img = to_rgb(img)
+        w, h = img.size
+        s = resize / min(w, h)
+        nw, nh = max(resize, round(w * s)), max(resize, round(h * s))
+        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None if s > 0.5 else 2.0)
+        left, top = (nw - crop) // 2, (nh - crop) // 2
+        img = img.crop((left, top, left + crop, top + crop))
+        a = np.asarray(img, dtype=np.uint8)  # (crop, crop, 3)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1)  # (3, crop, crop)
+
+
+class _Decode(Dataset):
+    def __init__(self, split: FileSplit, resize: int, crop: int):
+        self.paths, self.labels, self.resize, self.crop = split.paths, split.labels, resize, crop
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return decode(self.paths[i], self.resize, self.crop), int(self.labels[i]), None
+        except Exception as e:  # noqa: BLE001 - any decoder failure means "this file is unreadable"
+            return None, int(self.labels[i]), f"{self.paths[i]} ({type(e).__name__}: {e})"
+
+
+def _collate(items):
+    good = [(x, y) for x, y, err in items if err is None]
+    bad = [err for _, _, err in items if err is not None]
+    if good:
+        x = torch.stack([x for x, _ in good])  # (B, 3, S, S) uint8
+        y = torch.tensor([y for _, y in good], dtype=torch.long)
+    else:
+        x, y = None, None
+    return x, y, bad
+
+
+class FileLoader:
+    """Batches of a FileSplit, decoded by `num_workers` processes, order from `epoch_indices`."""
+
+    def __init__(self, split: FileSplit, batch_size: int, *, train: bool, seed: int, device, img_size=None,
+                 rank: int = 0, world_size: int = 1, repeated_aug: int = 1, num_workers: int = 2,
+                 drop_last: bool | None = None, on_corrupt: str = "skip"):
+        if on_corrupt not in ("skip", "fail"):
+            raise UserError(f"data.on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        if len(split) == 0:
+            raise DataError("the image list is empty")
+        size = img_size or 224
+        size = size if isinstance(size, int) else int(max(size))
+        resize = round(size * 256 / 224)
+        self.crop = resize if train else size  # train: keep the full square for the random crop
+        self.dataset = _Decode(split, resize, self.crop)
+        self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, torch.device(device)
+        self.rank, self.world_size, self.repeated_aug = rank, world_size, repeated_aug
+        self.num_workers, self.on_corrupt = num_workers, on_corrupt
+        self.drop_last = train if drop_last is None else drop_last
+        self.epoch = 0
+        self.corrupt: dict[str, str] = {}  # path -> reason, for every unreadable file met so far
+
+    @property
+    def num_corrupt(self) -> int:
+        return len(self.corrupt)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _num_samples(self) -> int:
+        n = len(self.dataset)
+        return n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
+
+    def __len__(self) -> int:
+        m = self._num_samples()
+        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+
+    def __iter__(self):
+        idx = epoch_indices(len(self.dataset), train=self.train, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                            world_size=self.world_size, repeated_aug=self.repeated_aug).tolist()
+        batches = [idx[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for x, y, bad in loader:
+            for err in bad:
+                path = err.split(" (", 1)[0]
+                if self.on_corrupt == "fail":
+                    raise DataError(f"cannot decode image {err}; fix or remove it, or set data.on_corrupt=skip")
+                if path not in self.corrupt:
+                    self.corrupt[path] = err
+                    warnings.warn(f"skipping unreadable image {err} ({len(self.corrupt)} so far)", stacklevel=2)
+            if x is None:
+                continue
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
