@@ -169,24 +169,43 @@ def random_resized_crop(x: torch.Tensor, size: tuple[int, int], g: torch.Generat
 
 
 # -- RandAugment ops ----------------------------------------------------------------
-# Each op: (x float (B, C, H, W) in [0, 1], mag (B,) in [0, 1] = M / 30, g) -> float (B, C, H, W).
-# Magnitude scales follow torchvision's RandAugment (31 bins, M in 0..30); signed ops
-# draw a random sign per sample.
+# Each op works on float images (B, C, H, W) in [0, 1] with one value per image (B,):
+# an enhance factor, an angle, a shear, a shift... `op_values` maps RandAugment's
+# magnitude (M in 0..30, as a share mag = M / 30) and a random sign to those values,
+# with torchvision's scales. Ops whose value is neutral (factor 1, angle 0, 8 bits,
+# threshold 256) return the image unchanged.
 
 RA_OPS = ("identity", "auto_contrast", "equalize", "rotate", "solarize", "color", "posterize", "contrast",
           "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
 AFFINE_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 MAX_MAGNITUDE = 30
 
-# Maximum strengths: RandAugment's standard ones, and TrivialAugment's wider ones.
+# Strength at M = 30: RandAugment's standard ranges, and TrivialAugment's wider ones. translate
+# is a share of the side (torchvision: 150/331 for RandAugment; TrivialAugmentWide's 32 px is
+# the whole side of a CIFAR image, which we cap at half of it).
 STANDARD = dict(rotate=30.0, shear=0.3, translate=150 / 331, enhance=0.9, posterize_bits=4)
-# translate is a fraction of the side (torchvision: 150/331 of it for RandAugment; TrivialAugmentWide's
-# 32 px is the whole side at CIFAR size, which we cap at half of it).
 WIDE = dict(rotate=135.0, shear=0.99, translate=0.5, enhance=0.99, posterize_bits=6)
-AFFINE_FILL = 0.5  # grey for pixels that geometric ops bring in from outside
+AFFINE_FILL = 0.5  # grey for pixels that geometric ops bring in from outside the image
 
 
-def auto_contrast(x, mag=None, g=None):
+def op_values(op: str, mag: torch.Tensor, sign: torch.Tensor, ranges: dict = STANDARD) -> torch.Tensor:
+    """Per-image op argument from magnitude share mag (B,) in [0, 1] and sign (B,) of +-1."""
+    if op in ("color", "contrast", "brightness", "sharpness"):
+        return 1 + mag * ranges["enhance"] * sign  # enhance factor; 1 = unchanged
+    if op == "rotate":
+        return mag * ranges["rotate"] * sign  # degrees, counter-clockwise
+    if op in ("shear_x", "shear_y"):
+        return mag * ranges["shear"] * sign
+    if op in ("translate_x", "translate_y"):
+        return mag * ranges["translate"] * sign  # share of the side
+    if op == "posterize":
+        return 8 - (mag * ranges["posterize_bits"]).round()  # bits kept; 8 = unchanged
+    if op == "solarize":
+        return 256 * (1 - mag)  # threshold in levels; 256 = unchanged, 0 = all inverted
+    return mag  # identity, auto_contrast, equalize take no argument
+
+
+def auto_contrast(x, v=None):
     """Stretch each channel of each image to the full [0, 1] range (flat channels unchanged)."""
     lo = x.amin((2, 3), keepdim=True)
     hi = x.amax((2, 3), keepdim=True)
@@ -195,149 +214,134 @@ def auto_contrast(x, mag=None, g=None):
     return torch.where(ok, (x - lo) / torch.where(ok, span, torch.ones_like(span)), x)
 
 
-def equalize(x, mag=None, g=None):
-    """Histogram equalisation per image and channel (PIL/torchvision's algorithm), batched.
+def equalize(x, v=None):
+    """Histogram equalisation per image and channel, PIL's algorithm, batched.
 
-    Histograms of all B*C channels are built with one scatter_add into a (B*C, 256)
-    table; each channel's lookup table is then applied with one gather.
+    The histograms of all B*C channels are built by one scatter_add into a (B*C, 256)
+    table; each channel's lookup table is then applied by one gather.
     """
     B, C, H, W = x.shape
     q = (x * 255).round_().long().view(B * C, H * W)  # (BC, HW) integer levels
     hist = torch.zeros(B * C, 256, device=x.device).scatter_add_(1, q, torch.ones_like(q, dtype=torch.float))
-    # PIL's step ignores the count of the brightest level present in the channel.
+    # PIL's step leaves out the count of the brightest level present in the channel.
     top = hist.gather(1, q.amax(1, keepdim=True))  # (BC, 1)
     step = torch.div(H * W - top, 255, rounding_mode="floor")  # (BC, 1)
     safe = step.clamp(min=1)
     lut = torch.div(hist.cumsum(1) + torch.div(safe, 2, rounding_mode="floor"), safe, rounding_mode="floor")
-    lut = F.pad(lut, (1, 0))[:, :-1].clamp_(0, 255)  # (BC, 256): level v -> cumulative count below v
+    lut = F.pad(lut, (1, 0))[:, :-1].clamp_(0, 255)  # (BC, 256): level v -> from the count below v
     out = lut.gather(1, q).view(B, C, H, W) / 255
-    return torch.where((step > 0).view(B, C, 1, 1), out, x)  # a near-constant channel stays as is
+    return torch.where((step > 0).view(B, C, 1, 1), out, x)  # a (near-)constant channel stays as is
 
 
-def solarize(x, mag, g=None):
-    """Invert pixels at or above a threshold that falls from 256 (identity, M=0) to 0 (all inverted)."""
-    thr = (256 * (1 - mag)).view(-1, 1, 1, 1) / 255
-    return torch.where(x >= thr - 1e-6, 1 - x, x)
+def solarize(x, threshold):
+    """Invert the pixels whose 8-bit level is >= threshold (B,) (PIL's rule; 256: none)."""
+    return torch.where(x * 255 >= threshold.view(-1, 1, 1, 1) - 0.5, 1 - x, x)
 
 
-def posterize(x, mag, g=None, max_bits=4):
-    """Keep the top bits of each 8-bit level: 8 bits at M=0 (identity) down to 8 - max_bits."""
-    bits = 8 - (mag * max_bits).round()  # (B,)
+def posterize(x, bits):
+    """Keep the top `bits` (B,) of each 8-bit level."""
     step = (2 ** (8 - bits)).view(-1, 1, 1, 1)  # quantisation step in levels
     q = (x * 255).round()
     return torch.div(q, step, rounding_mode="floor").mul_(step).div_(255)
 
 
-def color(x, mag, g, max_f=0.9):
-    """Saturation: blend with the grey image by factor 1 +- mag * max_f. No-op on 1-channel images."""
+def color(x, factor):
+    """Saturation: blend with the grey image (PIL ImageEnhance.Color). No-op on 1-channel images."""
     if x.shape[1] == 1:
         return x
-    return _blend(x, _gray(x), 1 + mag * max_f * _sign(x.shape[0], g, x.device))
+    return _blend(x, _gray(x), factor)
 
 
-def contrast(x, mag, g, max_f=0.9):
-    """Blend with the image's mean grey level (a per-image scalar), like PIL."""
-    mean = _gray(x).mean((1, 2, 3), keepdim=True)
-    return _blend(x, mean, 1 + mag * max_f * _sign(x.shape[0], g, x.device))
+def contrast(x, factor):
+    """Blend with the image's mean grey level, a per-image scalar (PIL ImageEnhance.Contrast)."""
+    return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), factor)
 
 
-def brightness(x, mag, g, max_f=0.9):
-    """Blend with black: x * factor."""
-    return _blend(x, torch.zeros_like(x[:, :1, :1, :1]), 1 + mag * max_f * _sign(x.shape[0], g, x.device))
+def brightness(x, factor):
+    """Blend with black: x * factor (PIL ImageEnhance.Brightness)."""
+    return _blend(x, torch.zeros_like(x[:, :1, :1, :1]), factor)
 
 
 _SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13
 
 
-def sharpness(x, mag, g, max_f=0.9):
-    """Blend with PIL's SMOOTH-filtered image (border pixels kept), factor 1 +- mag * max_f."""
-    B, C, H, W = x.shape
+def sharpness(x, factor):
+    """Blend with PIL's SMOOTH-filtered image, border pixels kept (PIL ImageEnhance.Sharpness)."""
+    C = x.shape[1]
     k = _SMOOTH.to(x.device, x.dtype).expand(C, 1, 3, 3)
-    smooth = F.conv2d(x, k, groups=C)  # (B, C, H-2, W-2)
     degenerate = x.clone()
-    degenerate[:, :, 1:-1, 1:-1] = smooth
-    return _blend(x, degenerate, 1 + mag * max_f * _sign(B, g, x.device))
+    degenerate[:, :, 1:-1, 1:-1] = F.conv2d(x, k, groups=C)  # (B, C, H-2, W-2)
+    return _blend(x, degenerate, factor)
 
 
-def identity(x, mag=None, g=None):
+def identity(x, v=None):
     return x
 
 
-def _affine_theta(op: str, mag: torch.Tensor, sign: torch.Tensor, H: int, W: int, ranges: dict) -> torch.Tensor:
-    """(B, 2, 3) matrices for F.affine_grid: output normalised coords -> input normalised coords.
+def affine_theta(op: str, v: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(B, 2, 3) matrices for F.affine_grid: output coords -> input coords, normalised to [-1, 1].
 
-    Written in pixel units and converted with the aspect ratio, so a rotation stays
-    a rotation on non-square images. Everything is about the image centre.
+    Written in pixel units about the image centre and converted with the aspect
+    ratio, so a rotation stays a rotation on non-square images. Positive angles turn
+    the image counter-clockwise; positive translations move it right / down.
     """
-    B = mag.shape[0]
-    theta = torch.zeros(B, 2, 3, device=mag.device)
-    theta[:, 0, 0] = 1
-    theta[:, 1, 1] = 1
-    s = mag * sign
+    B = v.shape[0]
+    theta = torch.zeros(B, 2, 3, device=v.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
     if op == "rotate":
-        a = s * ranges["rotate"] * math.pi / 180
-        theta[:, 0, 0], theta[:, 0, 1] = a.cos(), a.sin() * H / W
-        theta[:, 1, 0], theta[:, 1, 1] = -a.sin() * W / H, a.cos()
+        a = v * math.pi / 180
+        theta[:, 0, 0], theta[:, 0, 1] = a.cos(), -a.sin() * H / W
+        theta[:, 1, 0], theta[:, 1, 1] = a.sin() * W / H, a.cos()
     elif op == "shear_x":
-        theta[:, 0, 1] = s * ranges["shear"] * H / W
+        theta[:, 0, 1] = v * H / W
     elif op == "shear_y":
-        theta[:, 1, 0] = s * ranges["shear"] * W / H
-    elif op == "translate_x":  # a shift of frac * W pixels is 2 * frac in normalised units
-        theta[:, 0, 2] = -2 * s * ranges["translate"]
+        theta[:, 1, 0] = v * W / H
+    elif op == "translate_x":  # a shift of v * W pixels is 2 v in normalised units
+        theta[:, 0, 2] = -2 * v
     elif op == "translate_y":
-        theta[:, 1, 2] = -2 * s * ranges["translate"]
+        theta[:, 1, 2] = -2 * v
     return theta
 
 
 def affine(x: torch.Tensor, theta: torch.Tensor, fill: float = AFFINE_FILL) -> torch.Tensor:
-    """Warp float images by per-sample (B, 2, 3) matrices; outside pixels become `fill`."""
+    """Warp float images by per-sample (B, 2, 3) matrices, bilinear; outside pixels become `fill`."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
     # grid_sample pads with zeros; shifting by `fill` first makes the padding `fill`.
     return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False).add_(fill)
 
 
-def apply_op(op: str, x: torch.Tensor, mag: torch.Tensor, g: torch.Generator, ranges: dict = STANDARD):
-    """Apply one named op to every image of a batch. x uint8 or float, mag (B,) in [0, 1] or a float."""
+_OPS = dict(identity=identity, auto_contrast=auto_contrast, equalize=equalize, solarize=solarize,
+            posterize=posterize, color=color, contrast=contrast, brightness=brightness, sharpness=sharpness)
+
+
+def apply_op(op: str, x: torch.Tensor, v) -> torch.Tensor:
+    """Apply op `op` with per-image argument v ((B,) or a number) to a batch; keeps x's dtype."""
+    if op not in RA_OPS:
+        raise UserError(f"unknown augmentation op {op!r} (choose from {', '.join(RA_OPS)})")
     xf = to_float(x)
     B, C, H, W = xf.shape
-    mag = torch.as_tensor(mag, dtype=torch.float32, device=xf.device).expand(B).contiguous()
-    if op in AFFINE_OPS:
-        theta = _affine_theta(op, mag, _sign(B, g, xf.device), H, W, ranges)
-        y = affine(xf, theta)
-    elif op in ("color", "contrast", "brightness", "sharpness"):
-        y = _ENHANCE[op](xf, mag, g, ranges["enhance"])
-    elif op == "posterize":
-        y = posterize(xf, mag, g, ranges["posterize_bits"])
-    elif op in ("identity", "auto_contrast", "equalize", "solarize"):
-        y = _PLAIN[op](xf, mag, g)
-    else:
-        raise UserError(f"unknown augmentation op {op!r} (choose from {', '.join(RA_OPS)})")
+    v = torch.as_tensor(v, dtype=torch.float32, device=xf.device).expand(B).contiguous()
+    y = affine(xf, affine_theta(op, v, H, W)) if op in AFFINE_OPS else _OPS[op](xf, v)
     return _like(y, x)
 
 
-_ENHANCE = dict(color=color, contrast=contrast, brightness=brightness, sharpness=sharpness)
-_PLAIN = dict(identity=identity, auto_contrast=auto_contrast, equalize=equalize, solarize=solarize)
-
-
 def _rand_augment_layer(x: torch.Tensor, mag: torch.Tensor, g: torch.Generator, ranges: dict) -> torch.Tensor:
-    """One op per image, chosen uniformly from RA_OPS. x float (B, C, H, W), mag (B,).
+    """One op per image, chosen uniformly from RA_OPS. x float (B, C, H, W), mag (B,) in [0, 1].
 
-    Every geometric op is folded into one per-sample affine matrix, so a layer costs
-    one grid_sample for all the images that drew a geometric op; the other ops run
-    on the subset of images that drew them.
+    All geometric ops are folded into one per-image affine matrix, so a layer costs a
+    single grid_sample over the images that drew one; every other op runs once on the
+    subset of images that drew it.
     """
     B, C, H, W = x.shape
     dev = x.device
     choice = _randint(len(RA_OPS), (B,), g, dev)  # (B,)
     sign = _sign(B, g, dev)
     out = x.clone()
-    # Geometric ops: one matrix per image, identity for the others.
-    theta = torch.zeros(B, 2, 3, device=dev)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta = affine_theta("identity", mag, H, W)  # (B, 2, 3) identity
     is_affine = torch.zeros(B, dtype=torch.bool, device=dev)
     for op in AFFINE_OPS:
         sel = choice == RA_OPS.index(op)
-        theta = torch.where(sel.view(B, 1, 1), _affine_theta(op, mag, sign, H, W, ranges), theta)
+        theta = torch.where(sel.view(B, 1, 1), affine_theta(op, op_values(op, mag, sign, ranges), H, W), theta)
         is_affine |= sel
     idx = is_affine.nonzero().squeeze(1)
     if idx.numel():
@@ -347,17 +351,12 @@ def _rand_augment_layer(x: torch.Tensor, mag: torch.Tensor, g: torch.Generator, 
             continue
         idx = (choice == RA_OPS.index(op)).nonzero().squeeze(1)
         if idx.numel():
-            if op in _ENHANCE:
-                out[idx] = _ENHANCE[op](x[idx], mag[idx], g, ranges["enhance"])
-            elif op == "posterize":
-                out[idx] = posterize(x[idx], mag[idx], g, ranges["posterize_bits"])
-            else:
-                out[idx] = _PLAIN[op](x[idx], mag[idx], g)
+            out[idx] = _OPS[op](x[idx], op_values(op, mag[idx], sign[idx], ranges))
     return out
 
 
 def rand_augment(x: torch.Tensor, n: int, m: float, g: torch.Generator) -> torch.Tensor:
-    """RandAugment (Cubuk et al. 2020): n layers, each one uniformly chosen op per image, magnitude m/30."""
+    """RandAugment (Cubuk et al. 2020): n layers of one uniformly chosen op per image at magnitude m/30."""
     if not 0 <= m <= MAX_MAGNITUDE:
         raise UserError(f"RandAugment magnitude must be in 0..{MAX_MAGNITUDE}, got {m}")
     xf = to_float(x)
@@ -368,10 +367,9 @@ def rand_augment(x: torch.Tensor, n: int, m: float, g: torch.Generator) -> torch
 
 
 def trivial_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """TrivialAugment (Mueller & Hutter 2021): one op per image, magnitude uniform per image, wide ranges."""
+    """TrivialAugment (Mueller & Hutter 2021): one op per image at a per-image uniform magnitude, wide ranges."""
     xf = to_float(x)
-    # Uniform over the 31 magnitude bins, as TrivialAugmentWide.
-    mag = _randint(MAX_MAGNITUDE + 1, (xf.shape[0],), g, xf.device).float() / MAX_MAGNITUDE
+    mag = _randint(MAX_MAGNITUDE + 1, (xf.shape[0],), g, xf.device).float() / MAX_MAGNITUDE  # 31 bins
     return _like(_rand_augment_layer(xf, mag, g, WIDE), x)
 
 
