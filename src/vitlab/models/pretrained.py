@@ -145,13 +145,17 @@ def _torch_load(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means a file we cannot use
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if glob:  # e.g. a training checkpoint that pickled its argparse.Namespace
             raise PretrainedError(
-                f"{path} holds pickled Python objects besides tensors, which are not loaded (weights_only=True); "
-                f"if you trust it, re-save just its state dict"
+                f"{path} holds pickled Python objects ({glob.group(1)}) that are not loaded (weights_only=True); "
+                f"if you trust the file, re-save just its state dict"
             ) from None
-        raise PretrainedError(f"{path} is not a readable torch weights file ({msg})") from None
+        # torch's message is a paragraph; keep the unpickler's own reason.
+        reason = text.split("WeightsUnpickler error:")[-1].strip()
+        reason = reason.splitlines()[0][:120] if reason else type(e).__name__
+        raise PretrainedError(f"{path} is not a readable torch weights file ({reason})") from None
     return obj
 
 
@@ -367,7 +371,7 @@ def read_timm_state(state: dict, path, hub_cfg: dict | None = None) -> Source:
     img = _grid_from_tokens(state["pos_embed"].shape[1] - prefix, patch, size_hint[1:] if size_hint else None)
     head = state.get("head.weight")
     arch = dict(
-        embed_dim=dim, depth=depth, num_heads=default_num_heads(dim),
+        embed_dim=dim, depth=depth, num_heads=None,  # not in the shapes: caller, preset or width table
         mlp_dim=state["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state else 4 * dim,
         patch_size=patch, img_size=img, in_chans=in_chans, qkv_bias="blocks.0.attn.qkv.bias" in state,
         norm_eps=1e-6, num_classes=head.shape[0] if head is not None else 0, distilled=distilled,
