@@ -453,3 +453,18 @@ def test_export_refuses_what_hf_vit_cannot_express(tmp_path, capsys):
 
     with pytest.raises(UserError, match="not divisible by num_heads"):
         export_hf(VisionTransformer(img_size=32, patch_size=8, embed_dim=50, depth=1, num_heads=3), tmp_path / "o2")
+
+
+def test_timm_hub_directory_takes_heads_from_the_name_and_labels_mean_std_size_from_its_config(tmp_path):
+    # "vit_tiny" is vitlab's 512-wide, 6-head preset: the width table alone would say 8 heads.
+    ref = small_vit(embed_dim=512, num_heads=6, depth=1, mlp_dim=64, patch_size=16, img_size=(32, 48), num_classes=2)
+    d = tmp_path / "timm-repo"
+    d.mkdir()
+    save_file(ref.state_dict(), d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps({
+        "architecture": "vit_tiny.test_tag", "num_classes": 2, "label_names": ["no", "yes"],
+        "pretrained_cfg": {"input_size": [3, 32, 48], "mean": [0.1, 0.1, 0.1], "std": [0.9, 0.9, 0.9]}}))
+    model, info = load_pretrained(d)
+    assert info["format"] == "timm" and model.blocks[0].attn.num_heads == 6 and model.img_size == (32, 48)
+    assert info["classes"] == ["no", "yes"] and info["mean"] == (0.1,) * 3 and info["std"] == (0.9,) * 3
+    assert_same_weights(model, ref)

@@ -282,7 +282,7 @@ def _read_weights_file(path: Path) -> dict:
 
 def read_hf_dir(d: Path, name_hint: str | None = None) -> Source:
     cfg = _read_json(d / "config.json")
-    if "architecture" in cfg and "model_type" not in cfg:  # a timm repo on the hub
+    if "architecture" in cfg and cfg.get("model_type") in (None, "timm_wrapper"):  # a timm repo on the hub
         return read_timm_state(_unwrap(_hf_weights(d), d), d, cfg)
     model_type = cfg.get("model_type")
     if model_type != "vit":
@@ -378,6 +378,12 @@ def read_timm_state(state: dict, path, hub_cfg: dict | None = None) -> Source:
         layer_scale=1e-5 if "blocks.0.ls1.gamma" in state else None,  # the value is overwritten by the load
     )
     name = hub_cfg.get("architecture") or Path(str(path)).stem
+    # A name hint: timm and vitlab share preset names ("vit_small_patch16_224",
+    # "deit_tiny_distilled_patch16_224"), with a ".tag" after timm's. Still a
+    # guess (a num_heads= argument or a preset passed by the caller wins).
+    hint = PRESETS.get(name.split(".")[0])
+    if hint is not None and hint.family == "vit" and hint.kwargs.get("embed_dim") == dim:
+        arch["num_heads"] = hint.kwargs["num_heads"]
     src = Source("timm", dict(state), arch, guessed={"num_heads"}, name=name)
     # Normalisation is not in a bare state dict: DeiT trained with ImageNet's
     # statistics, timm's ViT weights (Google's) with 0.5/0.5.
@@ -385,7 +391,7 @@ def read_timm_state(state: dict, path, hub_cfg: dict | None = None) -> Source:
         src.mean, src.std = tuple(pcfg["mean"]), tuple(pcfg["std"])
     elif distilled or "deit" in name.lower():
         src.mean, src.std = IMAGENET_MEAN, IMAGENET_STD
-    labels = hub_cfg.get("label_names")
+    labels = hub_cfg.get("label_names") or pcfg.get("label_names")
     if labels and len(labels) == arch["num_classes"]:
         src.classes = list(labels)
     return src
