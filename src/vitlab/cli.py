@@ -18,6 +18,7 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("vitlab.cli", "list the model presets with their parameter counts"),
     "demo": ("vitlab.demo", "train a small ViT briefly to check the install"),
+    "visualize": ("vitlab.viz.command", "attention maps, rollout and per-head pictures of a trained ViT"),
     "export": ("vitlab.models.export", "save a ViT checkpoint in Hugging Face format (config + safetensors)"),
 }
 

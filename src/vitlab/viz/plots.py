@@ -1,0 +1,202 @@
+"""Matplotlib figures of attention maps. Each helper returns a Figure; nothing is shown.
+
+Images are given as displayed: (C, H, W) uint8, or float in [0, 1], with C = 1
+(grayscale) or 3. Maps are patch grids (gh, gw); they are upsampled to the
+image's H x W (bilinear by default) and drawn with the image's own extent,
+so a patch's value sits exactly over that patch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never open a window, work on headless machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .attention import fuse_heads, normalize_for_display, upsample  # noqa: E402
+
+CMAP = "jet"  # the conventional rollout colouring: blue = ignored, red = attended
+PANEL = 2.2  # inches per image panel
+
+
+def to_display(image) -> np.ndarray:
+    """(C, H, W) uint8 or [0, 1] float -> (H, W, 3) or (H, W) float numpy in [0, 1]."""
+    x = torch.as_tensor(image).detach().cpu()
+    if x.ndim != 3:
+        raise ValueError(f"expected one image (C, H, W), got shape {tuple(x.shape)}")
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
+    x = x.permute(1, 2, 0).numpy()  # (H, W, C)
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def _heat(map_, size, mode="bilinear", normalize=True) -> np.ndarray:
+    """(gh, gw) grid -> (H, W) numpy heatmap over the image."""
+    m = upsample(torch.as_tensor(map_).float(), size, mode)  # (H, W)
+    return (normalize_for_display(m) if normalize else m).numpy()
+
+
+def draw_image(ax, image, title: str | None = None) -> None:
+    img = to_display(image)
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    _clean(ax, title)
+
+
+def draw_overlay(ax, image, map_, title: str | None = None, alpha: float = 0.5, mode: str = "bilinear",
+                 vmax: float | None = None):
+    """The image in gray/colour with the map on top. vmax=None: map scaled to its own max."""
+    img = to_display(image)
+    size = img.shape[:2]
+    # A desaturated base keeps the colours of the heatmap readable on colour images.
+    base = img if img.ndim == 2 else img.mean(axis=-1)
+    ax.imshow(base, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    if vmax is None:
+        heat, vmax = _heat(map_, size, mode), 1.0
+    else:
+        heat = _heat(map_, size, mode, normalize=False)
+    im = ax.imshow(heat, cmap=CMAP, alpha=alpha, vmin=0, vmax=vmax, interpolation="nearest")
+    _clean(ax, title)
+    return im
+
+
+def draw_grid(ax, image_size, map_, title: str | None = None):
+    """The raw patch grid, blocks of patch size, on the image's pixel extent."""
+    h, w = image_size
+    # extent in pixel-edge coordinates, the same as imshow uses for the image.
+    im = ax.imshow(torch.as_tensor(map_).float().numpy(), cmap=CMAP, interpolation="nearest",
+                   extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=0)
+    _clean(ax, title)
+    return im
+
+
+def draw_box(ax, box) -> None:
+    """An (x0, y0, x1, y1) box, x1/y1 exclusive, in pixel coordinates (pixel centres at integers)."""
+    if box is None:
+        return
+    from matplotlib.patches import Rectangle
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white",
+                           linewidth=1.2, linestyle="--"))
+
+
+def _clean(ax, title):
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _colorbar(fig, im, ax, label=None):
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.ax.tick_params(labelsize=7)
+    if label:
+        cb.set_label(label, fontsize=8)
+    return cb
+
+
+def _class_title(true: str | None, pred: str | None) -> str:
+    if true is None:
+        return f"pred: {pred}"
+    return f"true: {true}\npred: {pred}"
+
+
+def plot_summary(images: Sequence, maps: Sequence, true: Sequence[str | None], pred: Sequence[str],
+                 title: str = "Attention rollout", boxes: Sequence | None = None) -> Figure:
+    """Originals on the top row, their (rollout) maps over them on the bottom row.
+
+    true[i] None: no label known (an image file). boxes: optional object boxes, drawn dashed on the maps.
+    """
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(PANEL * n + 0.6, 2 * PANEL + 0.7), squeeze=False, layout="constrained")
+    im = None
+    for i in range(n):
+        draw_image(axes[0, i], images[i], _class_title(true[i], pred[i]))
+        if true[i] is not None:  # wrong predictions in red, so they are seen at once
+            axes[0, i].title.set_color("tab:green" if true[i] == pred[i] else "tab:red")
+        im = draw_overlay(axes[1, i], images[i], maps[i])
+        draw_box(axes[1, i], boxes[i] if boxes is not None else None)
+    axes[0, 0].set_ylabel("image", fontsize=9)
+    axes[1, 0].set_ylabel("attention", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    _colorbar(fig, im, list(axes[1]), "relative attention")
+    return fig
+
+
+def plot_heads(image, heads, title: str = "", layer: int | None = None, token: str = "cls") -> Figure:
+    """Every head's token-to-patch attention (h, gh, gw) over the image.
+
+    One colour scale for all heads (the raw softmax weights), so a head that
+    looks elsewhere (at [CLS] itself) shows up dim rather than rescaled into
+    false contrast; each title gives the share of the head's mass on patches.
+    """
+    heads = torch.as_tensor(heads).float()
+    h = heads.shape[0]
+    cols = min(h + 1, 5)
+    rows = math.ceil((h + 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL * cols + 0.6, PANEL * rows + 0.6), squeeze=False, layout="constrained")
+    axes = axes.ravel()
+    draw_image(axes[0], image, "image")
+    vmax = float(heads.max())
+    im = None
+    for k in range(h):
+        im = draw_overlay(axes[k + 1], image, heads[k], f"head {k}  (patches {heads[k].sum():.2f})", vmax=vmax)
+    for ax in axes[h + 1:]:
+        ax.axis("off")
+    where = f"layer {layer}" if layer is not None else "last layer"
+    fig.suptitle(f"{title}\n{where}: [{token.upper()}] attention of each head".strip(), fontsize=10)
+    _colorbar(fig, im, list(axes[1:h + 1]), "attention weight")
+    return fig
+
+
+def plot_rollout(image, rollout_map, title: str = "", grad_map=None, grad_label: str | None = None,
+                 box=None) -> Figure:
+    """Original | raw rollout grid | overlay [| class-specific (gradient) rollout overlay]."""
+    n = 4 if grad_map is not None else 3
+    fig, axes = plt.subplots(1, n, figsize=(PANEL * n + 1.2, PANEL + 0.8), squeeze=False, layout="constrained")
+    axes = axes[0]
+    size = to_display(image).shape[:2]
+    draw_image(axes[0], image, "original")
+    im = draw_grid(axes[1], size, rollout_map, "rollout (raw)")
+    _colorbar(fig, im, axes[1])
+    draw_overlay(axes[2], image, rollout_map, "overlay")
+    draw_box(axes[2], box)
+    if grad_map is not None:
+        draw_overlay(axes[3], image, grad_map, grad_label or "gradient rollout")
+        draw_box(axes[3], box)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_layers(image, layers, title: str = "", head_fusion: str = "mean", token: str = "cls") -> Figure:
+    """The token's attention at every layer (L, h, gh, gw), heads fused, each scaled to its own max."""
+    layers = torch.as_tensor(layers).float()
+    L = layers.shape[0]
+    g = layers.flatten(-2)  # (L, h, gh*gw)
+    # fuse_heads works on (B, h, N, N): layers as the batch, the grid as one row.
+    fused = fuse_heads(g[:, :, None, :], head_fusion)[:, 0].reshape(L, *layers.shape[-2:])  # (L, gh, gw)
+    cols = min(L + 1, 7)
+    rows = math.ceil((L + 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL * cols + 0.6, PANEL * rows + 0.6), squeeze=False, layout="constrained")
+    axes = axes.ravel()
+    draw_image(axes[0], image, "image")
+    im = None
+    for l in range(L):
+        im = draw_overlay(axes[l + 1], image, fused[l], f"layer {l}  (max {fused[l].max():.3f})")
+    for ax in axes[L + 1:]:
+        ax.axis("off")
+    fig.suptitle(f"{title}\n[{token.upper()}] attention by layer (heads: {head_fusion}, each layer scaled to its max)".strip(),
+                 fontsize=10)
+    _colorbar(fig, im, list(axes[1:L + 1]), "relative attention")
+    return fig
+
+
+def save(fig: Figure, path, dpi: int = 100) -> None:
+    """Write a figure as PNG and free it (figures are not garbage-collected by pyplot otherwise)."""
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
