@@ -445,14 +445,51 @@ def test_export_of_a_backbone_is_a_vitmodel(tmp_path):
 
 
 def test_export_refuses_what_hf_vit_cannot_express(tmp_path, capsys):
-    save_model(tmp_path / "deit.safetensors", small_vit(distilled=True))
-    assert cli_main(["export", "--checkpoint", str(tmp_path / "deit.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    save_model(tmp_path / "ls.safetensors", small_vit(layer_scale=1e-5))
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "ls.safetensors"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "distilled" in err[0]
+    assert len(err) == 1 and "LayerScale" in err[0]
     from vitlab.models.export import export_hf
 
     with pytest.raises(UserError, match="not divisible by num_heads"):
         export_hf(VisionTransformer(img_size=32, patch_size=8, embed_dim=50, depth=1, num_heads=3), tmp_path / "o2")
+    with pytest.raises(UserError, match="global_pool='avg'"):
+        export_hf(small_vit(global_pool="avg"), tmp_path / "o3")
+
+
+# -- DeiT (distilled) through Hugging Face ------------------------------------------------
+def test_hf_deit_with_teacher_matches_transformers_logits(tmp_path):
+    cfg = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  image_size=32, patch_size=8, num_labels=3)
+    hf = scramble_(transformers.DeiTForImageClassificationWithTeacher(cfg)).eval()
+    hf.save_pretrained(tmp_path / "deit")
+    model, info = load_pretrained(tmp_path / "deit")
+    assert model.distilled and info["mean"] == (0.485, 0.456, 0.406)
+    x = images(model)
+    with torch.no_grad():
+        out, (cls, dist) = hf(pixel_values=x), model.forward_head(model.forward_features(x), separate=True)
+        assert (out.logits - model(x)).abs().max() < 1e-4
+        assert (out.cls_logits - cls).abs().max() < 1e-4 and (out.distillation_logits - dist).abs().max() < 1e-4
+
+
+def test_hf_deit_without_distillation_head_is_refused(tmp_path):
+    cfg = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                  image_size=32, patch_size=8, num_labels=3)
+    transformers.DeiTForImageClassification(cfg).save_pretrained(tmp_path / "deit")
+    with pytest.raises(UserError, match="no distillation head"):
+        load_pretrained(tmp_path / "deit")
+
+
+def test_distilled_model_exports_as_deit_with_the_same_logits(tmp_path):
+    ref = small_vit(distilled=True, num_classes=3)
+    save_model(tmp_path / "deit.safetensors", ref)
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "deit.safetensors"), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.DeiTForImageClassificationWithTeacher.from_pretrained(tmp_path / "hf").eval()
+    x = images(ref)
+    with torch.no_grad():
+        assert (hf(pixel_values=x).logits - ref(x)).abs().max() < 1e-4
+    back, _ = load_pretrained(tmp_path / "hf")
+    assert_same_weights(back, ref)
 
 
 def test_timm_hub_directory_takes_heads_from_the_name_and_labels_mean_std_size_from_its_config(tmp_path):

@@ -4,7 +4,9 @@ Writes what `transformers.ViTForImageClassification.from_pretrained(DIR)`
 reads: config.json (hidden sizes, LayerNorm eps, qkv bias, id2label),
 model.safetensors under HF's key names (the names every transformers version
 writes and reads), and preprocessor_config.json (mean, std, size). A model
-without a head (num_classes=0) is written as a `ViTModel`.
+without a head (num_classes=0) is written as a `ViTModel`; a distilled model
+as DeiT (`DeiTForImageClassificationWithTeacher`, or `DeiTModel` headless),
+whose inference rule, the average of the two heads, is vitlab's too.
 
 The mapping is the inverse of `pretrained.convert_hf`: the fused qkv is split
 back into query/key/value by rows (q|k|v).
@@ -25,9 +27,16 @@ class ExportError(UserError):
     pass
 
 
+def hf_architecture(model) -> str:
+    if model.distilled:
+        return "DeiTForImageClassificationWithTeacher" if model.num_classes > 0 else "DeiTModel"
+    return "ViTForImageClassification" if model.num_classes > 0 else "ViTModel"
+
+
 def hf_state_dict(model) -> dict:
-    """vitlab ViT state dict -> HF ViTForImageClassification (or ViTModel, headless) keys."""
-    prefix = "vit." if model.num_classes > 0 else ""
+    """vitlab ViT state dict -> HF ViTForImageClassification / ViTModel / DeiT keys."""
+    # The classification wrappers keep the backbone under vit. / deit.; the bare models have no prefix.
+    prefix = ("deit." if model.distilled else "vit.") if model.num_classes > 0 else ""
     s = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     out = {
         "embeddings.cls_token": s["cls_token"],
@@ -49,21 +58,22 @@ def hf_state_dict(model) -> dict:
                 out[h + f"attention.attention.value.{kind}"] = v.contiguous()
             for ours, theirs in names.items():
                 out[h + f"{theirs}.{kind}"] = s[b + f"{ours}.{kind}"]
+    if model.distilled:
+        out["embeddings.distillation_token"] = s["dist_token"]
     out = {prefix + k: v for k, v in out.items()}
     if model.num_classes > 0:
-        out["classifier.weight"] = s["head.weight"]
-        out["classifier.bias"] = s["head.bias"]
+        heads = {"head": "cls_classifier", "head_dist": "distillation_classifier"} if model.distilled \
+            else {"head": "classifier"}
+        for ours, theirs in heads.items():
+            out[f"{theirs}.weight"], out[f"{theirs}.bias"] = s[f"{ours}.weight"], s[f"{ours}.bias"]
     return out
 
 
 def check_exportable(model) -> None:
-    """What HF's ViT cannot express, as one clear line."""
+    """What HF's ViT / DeiT cannot express, as one clear line."""
     arch = getattr(model, "arch", {})
     if arch.get("family", "vit") != "vit" or not hasattr(model, "blocks"):
         raise ExportError(f"only ViT models export to Hugging Face format (this is a {arch.get('family', type(model).__name__)})")
-    if model.distilled:
-        raise ExportError("distilled (DeiT) models are not exported: HF's ViT has no distillation token; "
-                          "export is for plain ViTs")
     if model.global_pool != "token":
         raise ExportError(f"global_pool={model.global_pool!r} is not exportable: HF's ViT classifies the [CLS] token")
     if not isinstance(model.blocks[0].ls1, torch.nn.Identity):
@@ -77,8 +87,8 @@ def check_exportable(model) -> None:
 def hf_config(model, classes=None) -> dict:
     blk = model.blocks[0]
     cfg = {
-        "architectures": ["ViTForImageClassification" if model.num_classes > 0 else "ViTModel"],
-        "model_type": "vit",
+        "architectures": [hf_architecture(model)],
+        "model_type": "deit" if model.distilled else "vit",
         "hidden_size": model.embed_dim,
         "num_hidden_layers": len(model.blocks),
         "num_attention_heads": blk.attn.num_heads,
@@ -148,7 +158,7 @@ def run(args) -> int:
     model, info = load_pretrained(args.checkpoint, **extra)
     out = export_hf(model, args.out, classes=info.get("classes"), mean=info["mean"], std=info["std"],
                     overwrite=args.force)
-    kind = "ViTForImageClassification" if model.num_classes > 0 else "ViTModel"
+    kind = hf_architecture(model)
     print(f"wrote {out} ({kind}: {len(model.blocks)} layers, width {model.embed_dim}, "
           f"{model.img_size[0]}x{model.img_size[1]} px, {model.num_classes} classes, "
           f"eps {model.blocks[0].norm1.eps:g}); load it with transformers.{kind}.from_pretrained({str(out)!r})")

@@ -219,18 +219,22 @@ _HF_TOP = {
     "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
     "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
     "classifier.weight": "head.weight", "classifier.bias": "head.bias",
+    # DeiTForImageClassificationWithTeacher / DeiTModel
+    "embeddings.distillation_token": "dist_token",
+    "cls_classifier.weight": "head.weight", "cls_classifier.bias": "head.bias",
+    "distillation_classifier.weight": "head_dist.weight", "distillation_classifier.bias": "head_dist.bias",
 }
 
 
 def convert_hf(state: dict) -> dict:
-    """Hugging Face ViTModel / ViTForImageClassification keys -> vitlab keys.
+    """Hugging Face ViT (and DeiT) keys -> vitlab keys.
 
     q, k and v are separate (D, D) Linears in HF and one fused (3D, D) Linear
     here, rows ordered q|k|v, so they are concatenated along dim 0. The pooler
     (ViTModel's tanh layer, unused for classification) and the MIM mask token
     are dropped. Keys that match nothing are kept so the strict check names them.
     """
-    state = {(k[4:] if k.startswith("vit.") else k): v for k, v in state.items()}
+    state = {re.sub(r"^(vit|deit)\.", "", k): v for k, v in state.items()}
     out, qkv = {}, {}
     for k, v in state.items():
         if k.startswith("pooler.") or k == "embeddings.mask_token":
@@ -285,9 +289,9 @@ def read_hf_dir(d: Path, name_hint: str | None = None) -> Source:
     if "architecture" in cfg and cfg.get("model_type") in (None, "timm_wrapper"):  # a timm repo on the hub
         return read_timm_state(_unwrap(_hf_weights(d), d), d, cfg)
     model_type = cfg.get("model_type")
-    if model_type != "vit":
+    if model_type not in ("vit", "deit"):
         raise PretrainedError(f"{d}: config.json is for model_type {model_type!r}; only 'vit' (ViTModel, "
-                              f"ViTForImageClassification) Hugging Face checkpoints are supported")
+                              f"ViTForImageClassification) and 'deit' Hugging Face checkpoints are supported")
     act = cfg.get("hidden_act", "gelu")
     if act != "gelu":  # "gelu" is the exact erf GELU, as in vitlab; tanh variants would change logits
         raise PretrainedError(f"{d}: hidden_act {act!r} is not supported (vitlab's ViT uses exact GELU, 'gelu')")
@@ -299,20 +303,28 @@ def read_hf_dir(d: Path, name_hint: str | None = None) -> Source:
     patch = _pair(cfg.get("patch_size", 16))
     img = _pair(cfg.get("image_size", 224))
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+    distilled = "dist_token" in state
+    if distilled and num_classes and "head_dist.weight" not in state:
+        # DeiTForImageClassification: a [DIST] token but only the [CLS] head, which
+        # vitlab's distilled ViT (averaging both heads) cannot reproduce.
+        raise PretrainedError(f"{d}: DeiTForImageClassification (no distillation head) is not supported; use "
+                              f"DeiTForImageClassificationWithTeacher weights or DeiTModel (backbone)")
     arch = dict(
         embed_dim=dim, depth=int(cfg["num_hidden_layers"]), num_heads=heads,
         mlp_dim=int(cfg.get("intermediate_size", 4 * dim)), patch_size=patch, img_size=img,
         in_chans=int(cfg.get("num_channels", 3)), qkv_bias=bool(cfg.get("qkv_bias", True)),
-        norm_eps=float(cfg.get("layer_norm_eps", 1e-12)), num_classes=num_classes, distilled=False,
+        norm_eps=float(cfg.get("layer_norm_eps", 1e-12)), num_classes=num_classes, distilled=distilled,
     )
     src = Source("hf", state, arch, classes=_classes_from_id2label(cfg.get("id2label"), num_classes),
                  name=name_hint or d.name)
+    if model_type == "deit":  # HF's DeiT processors default to ImageNet statistics
+        src.mean, src.std = IMAGENET_MEAN, IMAGENET_STD
     pre = d / "preprocessor_config.json"
     if pre.is_file():
         p = _read_json(pre)
         if p.get("image_mean") is not None and p.get("image_std") is not None:
             src.mean, src.std = tuple(p["image_mean"]), tuple(p["image_std"])
-    return src  # else HF ViT's default, mean = std = 0.5
+    return src  # else the model type's default
 
 
 def fetch_hub(repo_id: str) -> Path:
