@@ -68,6 +68,12 @@ def discard_lowest(a: torch.Tensor, discard_ratio: float, num_prefix_tokens: int
     return torch.cat([a[..., :p], patches], dim=-1)  # (B, N, N)
 
 
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """Detached, in fp32 at least: products over many layers need the mantissa (fp64 stays fp64)."""
+    t = t.detach()
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def rollout_matrix(attns: Sequence[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0,
                    num_prefix_tokens: int = 1, head_weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """The full rollout R = Ahat_L @ ... @ Ahat_1, (B, N, N), rows summing to 1.
@@ -80,10 +86,10 @@ def rollout_matrix(attns: Sequence[torch.Tensor], head_fusion: str = "mean", dis
         raise UserError("rollout needs the attention of at least one layer")
     result = None
     for l, attn in enumerate(attns):
-        attn = attn.detach().float()  # (B, h, N, N)
+        attn = _exact(attn)  # (B, h, N, N)
         if head_weights is not None:
             # Gradient-weighted: keep only what increases the class score.
-            a = (head_weights[l].detach().float() * attn).clamp(min=0).mean(dim=1)  # (B, N, N)
+            a = (_exact(head_weights[l]) * attn).clamp(min=0).mean(dim=1)  # (B, N, N)
         else:
             a = fuse_heads(attn, head_fusion)  # (B, N, N)
         a = discard_lowest(a, discard_ratio, num_prefix_tokens)

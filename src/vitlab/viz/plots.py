@@ -48,18 +48,22 @@ def draw_image(ax, image, title: str | None = None) -> None:
 
 
 def draw_overlay(ax, image, map_, title: str | None = None, alpha: float = 0.5, mode: str = "bilinear",
-                 vmax: float | None = None):
-    """The image in gray/colour with the map on top. vmax=None: map scaled to its own max."""
+                 vrange: tuple[float, float] | None = None):
+    """The image (desaturated) with the map on top.
+
+    vrange None: the map is scaled to its own [min, max]; else (lo, hi) in the
+    map's units, so several panels can share one colour scale.
+    """
     img = to_display(image)
     size = img.shape[:2]
-    # A desaturated base keeps the colours of the heatmap readable on colour images.
+    # A gray base keeps the heatmap's colours readable on colour images.
     base = img if img.ndim == 2 else img.mean(axis=-1)
     ax.imshow(base, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    if vmax is None:
-        heat, vmax = _heat(map_, size, mode), 1.0
+    if vrange is None:
+        heat, (lo, hi) = _heat(map_, size, mode), (0.0, 1.0)
     else:
-        heat = _heat(map_, size, mode, normalize=False)
-    im = ax.imshow(heat, cmap=CMAP, alpha=alpha, vmin=0, vmax=vmax, interpolation="nearest")
+        heat, (lo, hi) = _heat(map_, size, mode, normalize=False), vrange
+    im = ax.imshow(heat, cmap=CMAP, alpha=alpha, vmin=lo, vmax=hi, interpolation="nearest")
     _clean(ax, title)
     return im
 
@@ -68,8 +72,10 @@ def draw_grid(ax, image_size, map_, title: str | None = None):
     """The raw patch grid, blocks of patch size, on the image's pixel extent."""
     h, w = image_size
     # extent in pixel-edge coordinates, the same as imshow uses for the image.
+    # Colour range = the map's own min..max (a rollout is rarely far from uniform);
+    # the colorbar gives the actual weights.
     im = ax.imshow(torch.as_tensor(map_).float().numpy(), cmap=CMAP, interpolation="nearest",
-                   extent=(-0.5, w - 0.5, h - 0.5, -0.5), vmin=0)
+                   extent=(-0.5, w - 0.5, h - 0.5, -0.5))
     _clean(ax, title)
     return im
 
@@ -131,9 +137,10 @@ def plot_summary(images: Sequence, maps: Sequence, true: Sequence[str | None], p
 def plot_heads(image, heads, title: str = "", layer: int | None = None, token: str = "cls") -> Figure:
     """Every head's token-to-patch attention (h, gh, gw) over the image.
 
-    One colour scale for all heads (the raw softmax weights), so a head that
-    looks elsewhere (at [CLS] itself) shows up dim rather than rescaled into
-    false contrast; each title gives the share of the head's mass on patches.
+    All heads share one colour scale (the raw softmax weights, min..max over
+    the heads), so a head that looks elsewhere (at [CLS] itself) shows up dim
+    instead of being stretched into false contrast; each title gives the
+    share of that head's mass that lands on patches at all.
     """
     heads = torch.as_tensor(heads).float()
     h = heads.shape[0]
@@ -142,10 +149,10 @@ def plot_heads(image, heads, title: str = "", layer: int | None = None, token: s
     fig, axes = plt.subplots(rows, cols, figsize=(PANEL * cols + 0.6, PANEL * rows + 0.6), squeeze=False, layout="constrained")
     axes = axes.ravel()
     draw_image(axes[0], image, "image")
-    vmax = float(heads.max())
+    vrange = (float(heads.min()), float(heads.max()))
     im = None
     for k in range(h):
-        im = draw_overlay(axes[k + 1], image, heads[k], f"head {k}  (patches {heads[k].sum():.2f})", vmax=vmax)
+        im = draw_overlay(axes[k + 1], image, heads[k], f"head {k}  (patches {heads[k].sum():.2f})", vrange=vrange)
     for ax in axes[h + 1:]:
         ax.axis("off")
     where = f"layer {layer}" if layer is not None else "last layer"
