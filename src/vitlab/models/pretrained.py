@@ -3,15 +3,16 @@
 vitlab's ViT uses timm's parameter names, so every source is converted into a
 timm-named state dict plus the constructor arguments the source states:
 
-    format        what it is                               architecture from
-    hf            Hugging Face dir (config.json + weights)  config.json
-                  or hub id ("google/vit-base-patch16-224")
-    timm          timm state dict (.pth/.bin/.pt/.safetensors,  tensor shapes (heads: see
-                  bare or under model/state_dict/model_ema)     `default_num_heads`)
-                  or a timm hub dir (config.json "architecture")
-    npz           original Google JAX .npz                   tensor shapes (heads too)
-    torchvision   vit_b_16-style state dict                  tensor shapes (heads: as timm)
-    vitlab        vitlab run dir / .safetensors              the recorded `arch`
+    format       what it is                                   architecture from
+    hf           Hugging Face ViT/DeiT dir (config.json +     config.json: sizes, eps,
+                 model.safetensors or pytorch_model.bin),     qkv bias, heads, id2label;
+                 or a hub id (google/vit-base-patch16-224)    mean/std from preprocessor
+    timm         state dict (.pth/.pt/.bin/.safetensors),     tensor shapes; heads from
+                 bare or in model/state_dict/model_ema,       num_heads=, a preset or a
+                 DeiT distilled too; or a timm hub dir        name hint, else WIDTH_HEADS
+    npz          original Google JAX ViT .npz                 tensor shapes (heads too)
+    torchvision  vit_b_16-style state dict                    shapes (heads as for timm)
+    vitlab       vitlab run dir or .safetensors               the recorded `arch`
 
 `load_pretrained(path_or_id, num_classes=..., img_size=...)` is the one entry
 point; `create_model(..., pretrained=...)` calls it. Every key and shape is
@@ -295,7 +296,8 @@ def read_hf_dir(d: Path, name_hint: str | None = None) -> Source:
     act = cfg.get("hidden_act", "gelu")
     if act != "gelu":  # "gelu" is the exact erf GELU, as in vitlab; tanh variants would change logits
         raise PretrainedError(f"{d}: hidden_act {act!r} is not supported (vitlab's ViT uses exact GELU, 'gelu')")
-    dim, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    # Missing fields take ViTConfig's defaults (ViT-B/16 at 224 px), as transformers would.
+    dim, heads = int(cfg.get("hidden_size", 768)), int(cfg.get("num_attention_heads", 12))
     head_dim = cfg.get("head_dim")
     if head_dim is not None and int(head_dim) != dim // heads:
         raise PretrainedError(f"{d}: head_dim {head_dim} != hidden_size / heads ({dim // heads}); not supported")
@@ -310,7 +312,7 @@ def read_hf_dir(d: Path, name_hint: str | None = None) -> Source:
         raise PretrainedError(f"{d}: DeiTForImageClassification (no distillation head) is not supported; use "
                               f"DeiTForImageClassificationWithTeacher weights or DeiTModel (backbone)")
     arch = dict(
-        embed_dim=dim, depth=int(cfg["num_hidden_layers"]), num_heads=heads,
+        embed_dim=dim, depth=int(cfg.get("num_hidden_layers", 12)), num_heads=heads,
         mlp_dim=int(cfg.get("intermediate_size", 4 * dim)), patch_size=patch, img_size=img,
         in_chans=int(cfg.get("num_channels", 3)), qkv_bias=bool(cfg.get("qkv_bias", True)),
         norm_eps=float(cfg.get("layer_norm_eps", 1e-12)), num_classes=num_classes, distilled=distilled,
@@ -328,37 +330,27 @@ def read_hf_dir(d: Path, name_hint: str | None = None) -> Source:
 
 
 def fetch_hub(repo_id: str) -> Path:
-    """Download config + weights of a hub repo (or find them in the local cache)."""
+    """Download a hub repo's configs and weights (or find them in the local cache); returns its directory."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import snapshot_download
     except ImportError:
         raise PretrainedError(f"{repo_id!r} looks like a Hugging Face hub id, but huggingface_hub is not installed "
                               f"(pip install 'vitlab[hub]'); or pass a local directory") from None
     try:
-        cfg = Path(hf_hub_download(repo_id, "config.json"))
-        for name in HF_WEIGHTS:
-            try:
-                hf_hub_download(repo_id, name)
-                break
-            except Exception as e:  # noqa: BLE001 - try the next weights file name
-                if type(e).__name__ not in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
-                    raise
-        else:
-            raise PretrainedError(f"hub repo {repo_id!r} has neither {' nor '.join(HF_WEIGHTS)}")
-        try:
-            hf_hub_download(repo_id, "preprocessor_config.json")
-        except Exception:  # noqa: BLE001 - optional file
-            pass
-    except PretrainedError:
-        raise
+        # Only what loading needs: the JSON configs and one weights format
+        # (safetensors if the repo has it, else the pickle), shards included.
+        d = Path(snapshot_download(repo_id, allow_patterns=["*.json", "model.safetensors*"]))
+        if not any((d / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+            d = Path(snapshot_download(repo_id, allow_patterns=["*.json", "pytorch_model.bin*"]))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, network...
-        reason = type(e).__name__
         raise PretrainedError(
-            f"{repo_id!r} is not a local path and cannot be fetched from the Hugging Face hub ({reason}: offline "
-            f"or unknown id); download it where there is network (huggingface-cli download {repo_id} "
-            f"--local-dir DIR) and pass DIR instead"
+            f"{repo_id!r} is not a local path and cannot be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: offline or unknown id); download it where there is network "
+            f"(`hf download {repo_id} --local-dir DIR`) and pass DIR instead"
         ) from None
-    return cfg.parent
+    if not (d / "config.json").is_file():
+        raise PretrainedError(f"hub repo {repo_id!r} has no config.json; not a Hugging Face or timm model repo")
+    return d
 
 
 # ----------------------------------------------------------------------------
@@ -587,13 +579,15 @@ def _is_vitlab_safetensors(path: Path) -> bool:
 
 
 def detect_format(path_or_id) -> str:
-    """'hf', 'timm-hub', 'vitlab', 'npz', 'safetensors', 'torch' (the last two decided by their keys) or 'hub'."""
+    """'hf' (HF or timm hub dir), 'vitlab', 'npz', 'safetensors' / 'torch' (layout
+    then read off the keys), or 'hub' for an owner/name that is not a local path."""
     p = Path(path_or_id)
     if p.is_dir():
-        if (p / "config.json").is_file():
-            return "hf"
+        # vitlab first: a run directory may hold its own config files beside the weights.
         if (p / "model.safetensors").is_file() and _is_vitlab_safetensors(p / "model.safetensors"):
             return "vitlab"
+        if (p / "config.json").is_file():
+            return "hf"
         raise PretrainedError(f"{p} is neither a Hugging Face model directory (config.json) nor a vitlab run "
                               f"directory (model.safetensors)")
     if p.is_file():
@@ -690,12 +684,12 @@ def load_pretrained(path_or_id, num_classes: int | None = None, img_size=None, p
     src = read_source(path_or_id)
     source = str(path_or_id)
     if src.family != "vit":  # a vitlab ResNet checkpoint: nothing to convert
-        model = src.model
+        model, head = src.model, "pretrained"
         if num_classes is not None and num_classes != model.num_classes:
             model.reset_classifier(num_classes)
             model.arch["kwargs"]["num_classes"] = num_classes
-            src.classes = None
-        return model.eval(), _info(src, source, model, "new" if src.classes is None else "pretrained")
+            src.classes, head = None, "new"
+        return model.eval(), _info(src, source, model, head)
 
     kwargs = dict(src.arch)
     name = src.name
@@ -782,4 +776,5 @@ def default_source(preset: str) -> str:
 
 
 __all__ = ["DEFAULT_SOURCES", "PretrainedError", "WIDTH_HEADS", "convert_hf", "convert_npz", "convert_torchvision",
-           "default_num_heads", "detect_format", "load_pretrained", "load_state_strict", "read_source", "PRESETS"]
+           "default_num_heads", "default_source", "detect_format", "load_pretrained", "load_state_strict",
+           "read_source"]
