@@ -505,3 +505,22 @@ def test_timm_hub_directory_takes_heads_from_the_name_and_labels_mean_std_size_f
     assert info["format"] == "timm" and model.blocks[0].attn.num_heads == 6 and model.img_size == (32, 48)
     assert info["classes"] == ["no", "yes"] and info["mean"] == (0.1,) * 3 and info["std"] == (0.9,) * 3
     assert_same_weights(model, ref)
+
+
+def test_hf_sharded_safetensors_load(tmp_path):
+    from safetensors.torch import load_file
+
+    hf, d = hf_model(tmp_path)
+    state = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, d / name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    model, _ = load_pretrained(d)
+    x = images(model)
+    with torch.no_grad():
+        assert (hf(pixel_values=x).logits - model(x)).abs().max() < 1e-4
