@@ -97,7 +97,7 @@ def default_num_heads(width: int) -> int:
         return WIDTH_HEADS[width]
     if width % 64 == 0:
         return width // 64
-    raise PretrainedError(f"cannot guess the number of heads for width {width}; pass num_heads=")
+    raise PretrainedError(f"cannot guess the number of heads for width {width}; pass num_heads= (--num-heads)")
 
 
 def _grid_from_tokens(n: int, patch, img_size_hint=None) -> tuple[int, int]:
