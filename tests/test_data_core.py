@@ -21,17 +21,21 @@ def one_thread():
 
 
 def test_shapes_is_deterministic_balanced_and_boxed():
-    x, y, b = make_shapes(400, seed=3)
-    x2, y2, b2 = make_shapes(400, seed=3)
-    assert x.dtype == torch.uint8 and x.shape == (400, 3, 32, 32)
-    assert y.dtype == torch.int64 and b.dtype == torch.int64 and b.shape == (400, 4)
+    K = len(SHAPES_CLASSES)
+    n = 50 * K
+    x, y, b = make_shapes(n, seed=3)
+    x2, y2, b2 = make_shapes(n, seed=3)
+    assert x.dtype == torch.uint8 and x.shape == (n, 3, 32, 32)
+    assert y.dtype == torch.int64 and b.dtype == torch.int64 and b.shape == (n, 4)
     assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(b, b2)
-    assert not torch.equal(x, make_shapes(400, seed=4)[0])
-    assert torch.bincount(y, minlength=len(SHAPES_CLASSES)).tolist() == [50] * len(SHAPES_CLASSES)
+    assert not torch.equal(x, make_shapes(n, seed=4)[0])
+    assert torch.bincount(y, minlength=K).tolist() == [50] * K
     # Boxes are real boxes inside the image, a few pixels across at least.
     x0, y0, x1, y1 = b.unbind(1)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 32).all() and (y1 <= 32).all()
-    assert ((x1 - x0) >= 4).all() and ((y1 - y0) >= 4).all()
+    assert ((x1 - x0) >= 5).all() and ((y1 - y0) >= 5).all()
+    # boxes are tight: the largest objects (r = 38% of the side) still fit well inside the image
+    assert ((x1 - x0) <= 26).all() and ((y1 - y0) <= 26).all()
 
 
 def test_shapes_classes_differ_only_in_form():

@@ -33,6 +33,19 @@ def _randint(high: int, shape, g: torch.Generator, device) -> torch.Tensor:
     return torch.randint(high, shape, generator=g, device=g.device).to(device)
 
 
+def _gen_on(g: torch.Generator, device) -> torch.Generator:
+    """A generator on `device` for drawing big tensors there (e.g. per-pixel noise) instead of
+    drawing on g's device and copying: g itself when it already lives there, else a fresh one
+    seeded from g, so the stream stays a function of g's state."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if g.device == device:
+        return g
+    seed = int(torch.randint(2**62, (1,), generator=g, device=g.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def _sign(n: int, g: torch.Generator, device) -> torch.Tensor:
     return _randint(2, (n,), g, device).float() * 2 - 1  # (n,) of +-1
 
@@ -421,7 +434,7 @@ def random_erasing(x: torch.Tensor, p: float, g: torch.Generator, area=(0.02, 1 
     xs = torch.arange(W, device=dev).view(1, 1, W)
     box = ((ys >= y0.view(B, 1, 1)) & (ys < (y0 + eh).view(B, 1, 1))
            & (xs >= x0.view(B, 1, 1)) & (xs < (x0 + ew).view(B, 1, 1)) & on.view(B, 1, 1))  # (B, H, W)
-    noise = torch.randn(x.shape, generator=g, device=g.device).to(dev, x.dtype)
+    noise = torch.randn(x.shape, generator=_gen_on(g, dev), device=dev, dtype=x.dtype)
     return torch.where(box.unsqueeze(1), noise, x)
 
 

@@ -1,7 +1,7 @@
 """`shapes`: a built-in dataset of geometric objects on cluttered backgrounds.
 
-Each image holds exactly one object (circle, ring, square, frame, triangle,
-cross, diamond or an X) at a random position, size and colour, on a
+Each image holds exactly one object (circle, ring, square, triangle, cross
+or an X) at a random position, size and colour, on a
 background made of a random colour gradient, pixel noise and thin random
 lines. Colours, positions and background are drawn independently of the
 class, so the label can only be read off the object's *form*: a model that
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-SHAPES_CLASSES = ["circle", "ring", "square", "frame", "triangle", "cross", "diamond", "x"]
+SHAPES_CLASSES = ["circle", "ring", "square", "triangle", "cross", "x"]
 
 # Fixed seeds and sizes of the built-in splits (build_data("shapes")).
 TRAIN_SIZE, TEST_SIZE = 10000, 2000
@@ -41,14 +41,10 @@ def _object_mask(k: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (rr <= 1.0) & (rr >= 0.25)
     if name == "square":
         return cheb <= 0.85
-    if name == "frame":  # hollow square
-        return (cheb <= 0.9) & (cheb >= 0.5)
     if name == "triangle":  # pointing up, apex at v = -1, base at v = 0.8
         return (v <= 0.8) & (au <= (v + 1.0) * 0.55)
     if name == "cross":
         return ((au <= arm) | (av <= arm)) & (cheb <= 1.0)
-    if name == "diamond":
-        return (au + av) <= 1.0
     if name == "x":  # distances to the two diagonals
         d1, d2 = (u - v).abs() * 0.7071, (u + v).abs() * 0.7071
         return ((d1 <= arm * 0.85) | (d2 <= arm * 0.85)) & (cheb <= 0.95)
@@ -72,7 +68,7 @@ def make_shapes(n: int, seed: int, img_size: int = 32) -> tuple[torch.Tensor, to
     # All per-image parameters are drawn first, in a fixed order; only the pixel
     # noise is drawn while rendering.
     labels = (torch.arange(n) % K)[torch.randperm(n, generator=g)]  # (N,) balanced, random order
-    r = S * (0.18 + 0.16 * rand(n))  # (N,) object radius: 18%..34% of the side
+    r = S * (0.22 + 0.16 * rand(n))  # (N,) object radius: 22%..38% of the side
     cx = r + (S - 1 - 2 * r) * rand(n)  # centre, so that the object fits
     cy = r + (S - 1 - 2 * r) * rand(n)
     c0, c1 = rand(n, 3), rand(n, 3)  # background gradient end colours
@@ -96,7 +92,7 @@ def make_shapes(n: int, seed: int, img_size: int = 32) -> tuple[torch.Tensor, to
     finally:
         torch.set_num_threads(threads)
 
-    # Tight boxes from the mask (an object always has pixels: r >= 0.18 * S >= 2.8 px).
+    # Tight boxes from the mask (an object always has pixels: r >= 0.22 * S >= 3.5 px).
     rows, cols = mask.any(2), mask.any(1)  # (N, S) each: which rows / columns hold the object
     idx = torch.arange(S)
     y0 = torch.where(rows, idx, S + 1).amin(1)
