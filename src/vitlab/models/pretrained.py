@@ -47,6 +47,7 @@ DEFAULT_SOURCES = {
     "vit_tiny_patch16_224": "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
     "vit_small_patch16_224": "timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
     "vit_base_patch16_224": "google/vit-base-patch16-224",
+    "vit_b16": "google/vit-base-patch16-224",  # the seed notebook's ViT-B/16 (keeps its dropout 0.1)
     "vit_base_patch32_224": "timm/vit_base_patch32_224.augreg_in21k_ft_in1k",
     "vit_large_patch16_224": "google/vit-large-patch16-224",
     "deit_tiny_distilled_patch16_224": "timm/deit_tiny_distilled_patch16_224.fb_in1k",
