@@ -204,7 +204,8 @@ def test_upsampled_maps_line_up_with_their_patches():
 def make_run(tmp_path, **kw):
     from vitlab.data import SHAPES_CLASSES
 
-    model = create_model("vit_tiny_patch4_32", embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=8, **kw)
+    model = create_model("vit_tiny_patch4_32", embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
+                         num_classes=len(SHAPES_CLASSES), **kw)
     run = tmp_path / "run"
     chans = model.in_chans
     save_model(run / "model.safetensors", model, {
@@ -317,12 +318,20 @@ def box_ratio(maps: torch.Tensor, boxes: torch.Tensor, img: int) -> float:
 
 
 def test_trained_model_looks_at_the_object():
-    """A tiny ViT trained ~25 s on `shapes` puts clearly more rollout mass inside the
-    object's box than a uniform map would; the same network untrained does not."""
-    from vitlab.data import make_shapes
+    """A tiny ViT trained ~20 s on `shapes` puts clearly more rollout mass inside the
+    object's box than a uniform map would; the same network untrained does not.
+
+    Scale of the ratio on these 4x4-patch maps: uniform 1.00; a map proportional to
+    each patch's overlap with the box (the best a 4x4 map can do) 2.32. Measured
+    here (seeds 1 and 2, 8 epochs, 83-87% accuracy): rollout 1.56 / 1.61, gradient
+    rollout 1.86 / 1.91; untrained 1.00 and 1.04-1.15. Rollout with discard_ratio
+    0.9 is not used as the check: it scores 1.5-1.9 on the *untrained* model,
+    because random-init attention already prefers the object's distinct tokens.
+    """
+    from vitlab.data import SHAPES_CLASSES, make_shapes
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster than two fighting over a shared CPU
+    torch.set_num_threads(1)  # tiny matrices: one thread beats two fighting over a shared CPU
     try:
         torch.manual_seed(1)
         X, Y, _ = make_shapes(8192, seed=11)
@@ -330,12 +339,12 @@ def test_trained_model_looks_at_the_object():
         mean = X.float().mean((0, 2, 3), keepdim=True) / 255  # (1, 3, 1, 1)
         std = X.float().std((0, 2, 3), keepdim=True) / 255
         norm = lambda u: (u.float() / 255 - mean) / std  # noqa: E731
-        # Patch 8 on 32 px: 16 tokens keeps the training cheap; two layers suffice to find the object.
+        # Patch 8 on 32 px: 16 tokens keep the training cheap; two layers suffice to find the object.
         model = create_model("vit_tiny_patch4_32", patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_dim=128,
-                             num_classes=8, drop_path_rate=0.0)
-        untrained = box_ratio(attention_maps(model, norm(Xt))["rollout"], Bt, 32)
+                             num_classes=len(SHAPES_CLASSES), drop_path_rate=0.0)
+        before = attention_maps(model, norm(Xt), gradient=True)
 
-        epochs, bs, lr = 6, 64, 3e-3
+        epochs, bs, lr = 8, 64, 3e-3
         steps = epochs * (len(X) // bs)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -349,10 +358,12 @@ def test_trained_model_looks_at_the_object():
                 loss.backward()
                 opt.step()
                 sched.step()
-        maps = attention_maps(model.eval(), norm(Xt))
-        trained = box_ratio(maps["rollout"], Bt, 32)
+        after = attention_maps(model.eval(), norm(Xt), gradient=True)
     finally:
         torch.set_num_threads(threads)
-    print(f"rollout mass in box / box area: trained {trained:.2f}, untrained {untrained:.2f}")
-    assert untrained < 1.2, untrained  # without training, no better than uniform
-    assert trained > 1.5, (trained, untrained)
+    r0, r1 = box_ratio(before["rollout"], Bt, 32), box_ratio(after["rollout"], Bt, 32)
+    g0, g1 = box_ratio(before["grad_rollout"], Bt, 32), box_ratio(after["grad_rollout"], Bt, 32)
+    print(f"mass in box / box area: rollout {r0:.2f} -> {r1:.2f}, gradient rollout {g0:.2f} -> {g1:.2f}")
+    assert r0 < 1.1 and g0 < 1.3, (r0, g0)  # untrained: about uniform, so the check can fail
+    assert r1 > 1.4 and r1 > r0 + 0.35, (r1, r0)
+    assert g1 > 1.6 and g1 > g0 + 0.4, (g1, g0)

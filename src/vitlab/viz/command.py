@@ -201,5 +201,6 @@ def run(args) -> int:
     known = [t for t in truth if t is not None]
     right = sum(t == p for t, p in zip(truth, pred) if t is not None)
     score = f", {right}/{len(known)} predicted right" if known else ""
-    print(f"visualize: {len(images)} images{score}; wrote {1 + 3 * len(images)} PNGs to {out}{note}")
+    n = len(images)
+    print(f"visualize: {n} image{'s' if n != 1 else ''}{score}; wrote {1 + 3 * len(images)} PNGs to {out}{note}")
     return 0
