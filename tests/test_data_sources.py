@@ -412,3 +412,21 @@ def test_imagefolder_errors(tmp_path):
         build_data(DataConfig(name=f"imagefolder:{tmp_path / 'empty'}"))
     with pytest.raises(UserError, match="needs a path"):
         build_data(DataConfig(name="imagefolder"))
+
+
+def test_file_loader_order_follows_the_epoch_with_persistent_workers(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (d / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (i * 40, 0 if c == "a" else 255, 0)).save(d / c / f"{i}.png")
+    b = build_data(DataConfig(name=f"imagefolder:{d}", img_size=8))
+    ld = make_loader(b.train, 3, train=True, seed=0, device="cpu", img_size=8, num_workers=1, drop_last=False)
+    epochs = []
+    for e in (0, 1, 0):
+        ld.set_epoch(e)
+        epochs.append(torch.cat([x[:, :, 0, 0].long() for x, _ in ld]))  # (N, 3) pixel colours in order
+    assert torch.equal(epochs[0], epochs[2]) and not torch.equal(epochs[0], epochs[1])
+    assert sorted(map(tuple, epochs[0].tolist())) == sorted(map(tuple, epochs[1].tolist()))

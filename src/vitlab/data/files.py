@@ -115,6 +115,7 @@ class FileLoader:
         self.drop_last = train if drop_last is None else drop_last
         self.epoch = 0
         self.corrupt: dict[str, str] = {}  # path -> reason, for every unreadable file met so far
+        self._loader: DataLoader | None = None
 
     @property
     def num_corrupt(self) -> int:
@@ -131,13 +132,20 @@ class FileLoader:
         m = self._num_samples()
         return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
 
-    def __iter__(self):
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches of dataset indices (for this rank)."""
         idx = epoch_indices(len(self.dataset), train=self.train, seed=self.seed, epoch=self.epoch, rank=self.rank,
                             world_size=self.world_size, repeated_aug=self.repeated_aug).tolist()
-        batches = [idx[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_collate,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for x, y, bad in loader:
+        return [idx[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+
+    def __iter__(self):
+        if self._loader is None:
+            # Built once: the batch sampler reads the current epoch when iterated, so the
+            # worker processes can persist across epochs instead of being forked anew.
+            self._loader = DataLoader(self.dataset, batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
+                                      collate_fn=_collate, pin_memory=self.device.type == "cuda",
+                                      persistent_workers=self.num_workers > 0)
+        for x, y, bad in self._loader:
             for err in bad:
                 path = err.split(" (", 1)[0]
                 if self.on_corrupt == "fail":
@@ -148,3 +156,16 @@ class FileLoader:
             if x is None:
                 continue
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class _EpochBatches:
+    """A batch sampler that asks its loader for the current epoch's batches each time it is iterated."""
+
+    def __init__(self, loader: FileLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader.batches())
+
+    def __len__(self):
+        return len(self.loader)

@@ -36,9 +36,9 @@ def _object_mask(k: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     name = SHAPES_CLASSES[k]
     if name == "circle":
         return u * u + v * v <= 1.0
-    if name == "ring":  # a disc with a hole half its radius
+    if name == "ring":  # a disc with a hole 55% of its radius
         rr = u * u + v * v
-        return (rr <= 1.0) & (rr >= 0.25)
+        return (rr <= 1.0) & (rr >= 0.55**2)
     if name == "square":
         return cheb <= 0.85
     if name == "triangle":  # pointing up, apex at v = -1, base at v = 0.8
@@ -71,7 +71,8 @@ def make_shapes(n: int, seed: int, img_size: int = 32) -> tuple[torch.Tensor, to
     r = S * (0.22 + 0.16 * rand(n))  # (N,) object radius: 22%..38% of the side
     cx = r + (S - 1 - 2 * r) * rand(n)  # centre, so that the object fits
     cy = r + (S - 1 - 2 * r) * rand(n)
-    c0, c1 = rand(n, 3), rand(n, 3)  # background gradient end colours
+    c0 = rand(n, 3)  # background gradient: from c0 to c1, at most 0.4 apart per channel
+    c1 = (c0 + 0.8 * (rand(n, 3) - 0.5)).clamp(0, 1)
     theta = rand(n) * 6.2832  # gradient direction
     line_a, line_px, line_py, line_c = rand(n, 2) * 3.1416, rand(n, 2) * S, rand(n, 2) * S, rand(n, 2, 3)
     fg = rand(n, 3)  # object colour
@@ -131,8 +132,8 @@ def _render(labels, r, cx, cy, c0, c1, theta, line_a, line_px, line_py, line_c, 
 
     # Object colour: random, but pushed away from the background's mean level so it stays visible.
     bg_mean = bg.mean((1, 2, 3)).view(M, 1)
-    too_close = (fg.mean(1, keepdim=True) - bg_mean).abs() < 0.3
-    fg = torch.where(too_close, torch.where(bg_mean > 0.5, fg * 0.35, 0.65 + fg * 0.35), fg)
+    too_close = (fg.mean(1, keepdim=True) - bg_mean).abs() < 0.35
+    fg = torch.where(too_close, torch.where(bg_mean > 0.5, fg * 0.3, 0.7 + fg * 0.3), fg)
     img = torch.where(mask.unsqueeze(1), fg.view(M, 3, 1, 1), bg)
     img = img.add_(torch.randn(M, 3, S, S, generator=g), alpha=0.06)  # sensor-like noise everywhere
     return img.clamp_(0, 1).mul_(255).round_().to(torch.uint8), mask
