@@ -51,9 +51,11 @@ def test_shapes_classes_differ_only_in_form():
 
 
 def test_shapes_colours_do_not_reveal_the_class():
-    x, y, _ = make_shapes(2000, seed=0)
+    # Class means of the colour channels agree to within sampling noise (about 3 levels
+    # of 255 at this size); a colour that depended on the class would show up here.
+    x, y, _ = make_shapes(6000, seed=0)
     mean_colour = torch.stack([x[y == k].float().mean((0, 2, 3)) for k in range(len(SHAPES_CLASSES))])  # (K, 3)
-    assert (mean_colour.max(0).values - mean_colour.min(0).values).max() < 12  # levels out of 255
+    assert (mean_colour.max(0).values - mean_colour.min(0).values).max() < 8
 
 
 def test_build_data_shapes_splits_val_and_subset():
