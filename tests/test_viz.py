@@ -186,6 +186,12 @@ def test_gradient_rollout_is_rollout_of_positive_grad_times_attention():
     # Class-specific: another target gives another map.
     other = gradient_rollout(model, x, target=torch.tensor([0, 2]))
     assert not torch.allclose(got, other)
+    # No side effects on training state, and a frozen model works too.
+    model.zero_grad(set_to_none=True)
+    gradient_rollout(model, x, target=1)
+    assert all(p.grad is None for p in model.parameters())
+    model.requires_grad_(False)
+    assert torch.allclose(gradient_rollout(model, x, target=target), got, atol=1e-6)
 
 
 def test_upsampled_maps_line_up_with_their_patches():
@@ -196,6 +202,20 @@ def test_upsampled_maps_line_up_with_their_patches():
     bil = upsample(grid, (32, 32), "bilinear")
     peak = (bil == bil.max()).nonzero().float().mean(0)
     assert torch.allclose(peak, torch.tensor([11.5, 19.5]))  # the patch's centre
+
+
+def test_summary_wraps_many_images_and_figures_are_closed(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from vitlab.viz import plot_summary, save
+
+    images = torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8)
+    fig = plot_summary(images, torch.rand(10, 4, 4), ["a"] * 10, ["b"] * 10, per_row=4)
+    assert len([ax for ax in fig.axes if ax.get_images()]) == 20  # 10 images + 10 maps, in 3 row pairs
+    w, h = fig.get_size_inches()
+    assert h > 3 * 2 * 2.0 and w < 4 * 2.5 + 1
+    save(fig, tmp_path / "s.png")
+    assert not plt.get_fignums()  # saved figures do not pile up in pyplot
 
 
 # -- the command -------------------------------------------------------------------------------

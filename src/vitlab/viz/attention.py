@@ -182,9 +182,9 @@ def attention_maps(model: nn.Module, images: torch.Tensor, head_fusion: str = "m
     try:
         if gradient:
             with torch.enable_grad():
-                feats, attns = model.forward_features(images, return_attn=True)
-                for a in attns:
-                    a.retain_grad()  # the explicit path keeps the weights in the graph
+                # An input that requires grad keeps the graph alive even for a frozen model.
+                images = images.detach().requires_grad_(True)
+                feats, attns = model.forward_features(images, return_attn=True)  # weights stay in the graph
                 logits = model.forward_head(feats)
                 scores = _class_scores(model, feats, token)  # (B, K)
                 pred = logits.argmax(dim=-1)
@@ -192,10 +192,10 @@ def attention_maps(model: nn.Module, images: torch.Tensor, head_fusion: str = "m
                     tgt = pred
                 else:
                     tgt = torch.as_tensor(target, device=device).long().expand(images.shape[0])
-                # Samples are independent, so one backward of the summed
-                # target scores gives each sample its own gradient.
-                scores.gather(1, tgt[:, None]).sum().backward()
-                grads = [a.grad for a in attns]
+                # Samples are independent, so the gradient of the summed target
+                # scores gives each sample its own. autograd.grad, not backward():
+                # it leaves the parameters' .grad alone (safe mid-training, in a notebook).
+                grads = torch.autograd.grad(scores.gather(1, tgt[:, None]).sum(), attns)
         else:
             with torch.no_grad():
                 feats, attns = model.forward_features(images, return_attn=True)

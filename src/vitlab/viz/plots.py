@@ -113,24 +113,33 @@ def _class_title(true: str | None, pred: str | None) -> str:
 
 
 def plot_summary(images: Sequence, maps: Sequence, true: Sequence[str | None], pred: Sequence[str],
-                 title: str = "Attention rollout", boxes: Sequence | None = None) -> Figure:
+                 title: str = "Attention rollout", boxes: Sequence | None = None, per_row: int = 8) -> Figure:
     """Originals on the top row, their (rollout) maps over them on the bottom row.
 
-    true[i] None: no label known (an image file). boxes: optional object boxes, drawn dashed on the maps.
+    true[i] None: no label known (an image file). boxes: optional object boxes,
+    drawn dashed on the maps. More than `per_row` images wrap into further row pairs.
     """
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(PANEL * n + 0.6, 2 * PANEL + 0.7), squeeze=False, layout="constrained")
+    cols = min(n, per_row)
+    pairs = math.ceil(n / cols)
+    fig, axes = plt.subplots(2 * pairs, cols, figsize=(PANEL * cols + 0.6, (2 * PANEL + 0.35) * pairs + 0.35),
+                             squeeze=False, layout="constrained")
     im = None
     for i in range(n):
-        draw_image(axes[0, i], images[i], _class_title(true[i], pred[i]))
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        draw_image(top, images[i], _class_title(true[i], pred[i]))
         if true[i] is not None:  # wrong predictions in red, so they are seen at once
-            axes[0, i].title.set_color("tab:green" if true[i] == pred[i] else "tab:red")
-        im = draw_overlay(axes[1, i], images[i], maps[i])
-        draw_box(axes[1, i], boxes[i] if boxes is not None else None)
-    axes[0, 0].set_ylabel("image", fontsize=9)
-    axes[1, 0].set_ylabel("attention", fontsize=9)
+            top.title.set_color("tab:green" if true[i] == pred[i] else "tab:red")
+        im = draw_overlay(bottom, images[i], maps[i])
+        draw_box(bottom, boxes[i] if boxes is not None else None)
+    for j in range(n, pairs * cols):  # empty cells of the last row pair
+        axes[2 * (j // cols), j % cols].axis("off")
+        axes[2 * (j // cols) + 1, j % cols].axis("off")
+    for r in range(pairs):
+        axes[2 * r, 0].set_ylabel("image", fontsize=9)
+        axes[2 * r + 1, 0].set_ylabel("attention", fontsize=9)
     fig.suptitle(title, fontsize=11)
-    _colorbar(fig, im, list(axes[1]), "relative attention")
+    _colorbar(fig, im, list(axes[1::2, -1]), "relative attention")  # beside the map rows only
     return fig
 
 
