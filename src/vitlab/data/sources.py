@@ -246,6 +246,25 @@ def fashion_mnist(cfg: DataConfig):
 # -- Flowers102 -------------------------------------------------------------------------
 
 FLOWERS_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
+# The official files number the classes 1..102 without names; these are the names in common
+# use (the order of imagelabels.mat), so plots and predictions can say "sunflower", not "54".
+FLOWERS102_CLASSES = [
+    "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold", "tiger lily",
+    "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon", "colt's foot", "king protea",
+    "spear thistle", "yellow iris", "globe-flower", "purple coneflower", "peruvian lily", "balloon flower",
+    "giant white arum lily", "fire lily", "pincushion flower", "fritillary", "red ginger", "grape hyacinth",
+    "corn poppy", "prince of wales feathers", "stemless gentian", "artichoke", "sweet william", "carnation",
+    "garden phlox", "love in the mist", "mexican aster", "alpine sea holly", "ruby-lipped cattleya", "cape flower",
+    "great masterwort", "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily", "poinsettia",
+    "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion", "petunia",
+    "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura", "geranium", "orange dahlia",
+    "pink-yellow dahlia", "cautleya spicata", "japanese anemone", "black-eyed susan", "silverbush",
+    "californian poppy", "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy", "gazania",
+    "azalea", "water lily", "rose", "thorn apple", "morning glory", "passion flower", "lotus", "toad lily",
+    "anthurium", "frangipani", "clematis", "hibiscus", "columbine", "desert-rose", "tree mallow", "magnolia",
+    "cyclamen", "watercress", "canna lily", "hippeastrum", "bee balm", "ball moss", "foxglove", "bougainvillea",
+    "camellia", "mallow", "mexican petunia", "bromelia", "blanket flower", "trumpet creeper", "blackberry lily",
+]
 FLOWERS_FILES = {"102flowers.tgz": "52808999861908f626f3c1f4e79d11fa",
                  "imagelabels.mat": "e0620be6f572b9609742df49c70aed4d",
                  "setid.mat": "a5357ecc9cb78c4bef273ce3793fc85c"}
@@ -306,8 +325,8 @@ def flowers102(cfg: DataConfig):
         return FileSplit([str(d / "jpg" / f"image_{i:05d}.jpg") for i in ids], torch.from_numpy(labels[ids - 1]))
 
     size = cfg.img_size or 224
-    info = DatasetInfo("flowers102", K, [f"flower {i + 1}" for i in range(K)], 3, (size, size), IMAGENET_MEAN,
-                       IMAGENET_STD)
+    names = FLOWERS102_CLASSES if K == len(FLOWERS102_CLASSES) else [f"flower {i + 1}" for i in range(K)]
+    info = DatasetInfo("flowers102", K, list(names), 3, (size, size), IMAGENET_MEAN, IMAGENET_STD)
     return info, split("trnid"), split("valid"), split("tstid")
 
 
