@@ -1,7 +1,6 @@
 """Dataset sources on small files written in the real on-disk formats, downloads, errors."""
 
 import gzip
-import io
 import os
 import pickle
 import struct

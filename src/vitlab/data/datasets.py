@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig
-from .base import DataBundle, DataError, DatasetInfo, FileSplit, TensorSplit
+from .base import DataBundle, DataError, DatasetInfo, TensorSplit
 from .shapes import SHAPES_CLASSES, TEST_SEED, TEST_SIZE, TRAIN_SEED, TRAIN_SIZE, make_shapes
 
 # Published per-channel statistics, in [0, 1] units.
