@@ -66,8 +66,8 @@ class AugConfig:
     mixup_alpha: float = 0.2
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0  # probability a batch is mixed at all
-    switch_prob: float = 0.5  # when both are on: chance of CutMix instead of Mixup
-    repeated_aug: int = 1  # DeiT's repeated augmentation: copies of each image per epoch
+    switch_prob: float = 0.5  # when both are on: each image's chance of CutMix instead of Mixup
+    repeated_aug: int = 1  # DeiT's repeated augmentation: k copies of each drawn image; epoch length unchanged
 
 
 @dataclass
