@@ -294,3 +294,14 @@ def test_transform_runs_on_the_images_device_with_a_cpu_generator(rgb):
     tf = build_train_transform(CIFAR_RECIPE, RGB_INFO, (32, 32), 10)
     x, t = tf(rgb.to("cpu"), torch.arange(16) % 10, torch.Generator(device="cpu").manual_seed(0))
     assert x.device == rgb.device and math.isfinite(float(x.sum()))
+
+
+@pytest.mark.parametrize("ranges", [A.STANDARD, A.WIDE])
+def test_dense_and_subset_rand_augment_give_the_same_images(rgb, ranges):
+    # The GPU path (every op on the whole batch, picked by torch.where) must equal the CPU path
+    # (each op on the images that drew it); compared here on CPU.
+    x = rgb.float() / 255
+    mag = torch.linspace(0, 1, len(x))
+    sparse = A._rand_augment_layer(x, mag, gen(9), ranges, dense=False)
+    dense = A._rand_augment_layer(x, mag, gen(9), ranges, dense=True)
+    assert torch.allclose(sparse, dense, atol=1e-5)

@@ -338,15 +338,19 @@ def apply_op(op: str, x: torch.Tensor, v) -> torch.Tensor:
     return _like(y, x)
 
 
-def _rand_augment_layer(x: torch.Tensor, mag: torch.Tensor, g: torch.Generator, ranges: dict) -> torch.Tensor:
+def _rand_augment_layer(x: torch.Tensor, mag: torch.Tensor, g: torch.Generator, ranges: dict,
+                        dense: bool | None = None) -> torch.Tensor:
     """One op per image, chosen uniformly from RA_OPS. x float (B, C, H, W), mag (B,) in [0, 1].
 
     All geometric ops are folded into one per-image affine matrix, so a layer costs a
-    single grid_sample over the images that drew one; every other op runs once on the
-    subset of images that drew it.
+    single grid_sample for all of them. The other ops run either on the subset of
+    images that drew them (CPU: least arithmetic) or, `dense`, on the whole batch with
+    the result picked per image by torch.where (GPU: no data-dependent shapes, so no
+    host sync per op). Both give the same images; dense defaults to x.is_cuda.
     """
     B, C, H, W = x.shape
     dev = x.device
+    dense = x.is_cuda if dense is None else dense
     choice = _randint(len(RA_OPS), (B,), g, dev)  # (B,)
     sign = _sign(B, g, dev)
     out = x.clone()
@@ -356,13 +360,20 @@ def _rand_augment_layer(x: torch.Tensor, mag: torch.Tensor, g: torch.Generator, 
         sel = choice == RA_OPS.index(op)
         theta = torch.where(sel.view(B, 1, 1), affine_theta(op, op_values(op, mag, sign, ranges), H, W), theta)
         is_affine |= sel
-    idx = is_affine.nonzero().squeeze(1)
-    if idx.numel():
-        out[idx] = affine(x[idx], theta[idx])
+    if dense:
+        out = torch.where(is_affine.view(B, 1, 1, 1), affine(x, theta), out)
+    else:
+        idx = is_affine.nonzero().squeeze(1)
+        if idx.numel():
+            out[idx] = affine(x[idx], theta[idx])
     for op in RA_OPS:
         if op in AFFINE_OPS or op == "identity":
             continue
-        idx = (choice == RA_OPS.index(op)).nonzero().squeeze(1)
+        sel = choice == RA_OPS.index(op)
+        if dense:
+            out = torch.where(sel.view(B, 1, 1, 1), _OPS[op](x, op_values(op, mag, sign, ranges)), out)
+            continue
+        idx = sel.nonzero().squeeze(1)
         if idx.numel():
             out[idx] = _OPS[op](x[idx], op_values(op, mag[idx], sign[idx], ranges))
     return out
@@ -434,12 +445,16 @@ def random_erasing(x: torch.Tensor, p: float, g: torch.Generator, area=(0.02, 1 
     xs = torch.arange(W, device=dev).view(1, 1, W)
     box = ((ys >= y0.view(B, 1, 1)) & (ys < (y0 + eh).view(B, 1, 1))
            & (xs >= x0.view(B, 1, 1)) & (xs < (x0 + ew).view(B, 1, 1)))  # (B, H, W)
-    # Noise only for the images that are erased (a quarter of them at p = 0.25): drawing
-    # a whole batch of normals would cost more than the rest of the op.
+    gd = _gen_on(g, dev)
+    if x.is_cuda:  # a full batch of noise is cheap on a GPU and avoids nonzero's host sync
+        noise = torch.randn(x.shape, generator=gd, device=dev, dtype=x.dtype)
+        return torch.where((box & on.view(B, 1, 1)).unsqueeze(1), noise, x)
+    # On CPU, noise only for the images that are erased (a quarter of them at p = 0.25):
+    # drawing a whole batch of normals would cost more than the rest of the op.
     idx = on.nonzero().squeeze(1)
     if idx.numel() == 0:
         return x
-    noise = torch.randn((idx.numel(), C, H, W), generator=_gen_on(g, dev), device=dev, dtype=x.dtype)
+    noise = torch.randn((idx.numel(), C, H, W), generator=gd, device=dev, dtype=x.dtype)
     out = x.clone()
     out[idx] = torch.where(box[idx].unsqueeze(1), noise, x[idx])
     return out
