@@ -1,16 +1,20 @@
 """`shapes`: a built-in dataset of geometric objects on cluttered backgrounds.
 
 Each image holds exactly one object (circle, ring, square, triangle, cross
-or an X) at a random position, size and colour, on a
-background made of a random colour gradient, pixel noise and thin random
-lines. Colours, positions and background are drawn independently of the
-class, so the label can only be read off the object's *form*: a model that
-learns has to find the object, which is what makes its attention maps worth
-looking at. The object's bounding box is returned too (for checking them).
+or X; 22-38% of the side in radius) at a random position and in a random
+colour, on a background made of a random colour gradient, pixel noise and two
+thin random lines. Colours, positions and background are drawn independently
+of the class, so the label can only be read off the object's *form*: a model
+that learns has to find the object, which is what makes its attention maps
+worth looking at. The object's tight bounding box is returned too.
 
-Everything is generated at once with tensor ops on a (N, H, W) grid: 12000
-32x32 images take about a second on one CPU core, so tests and the demo need
-no download.
+Everything is generated with tensor ops on (N, H, W) grids, in chunks, with
+no loop over images: the 12000 images of the built-in splits take 1-2 s on one
+CPU core, so tests and the demo need no download.
+
+Learnable: a small ViT (width 128, depth 4, 4 heads, MLP 256, patch 8; AdamW
+lr 1e-3, batch 128, crop + flip) reached 91.7% test accuracy after 600 steps
+(about 2 minutes on 2 busy CPU cores).
 """
 
 from __future__ import annotations
