@@ -32,10 +32,10 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default RUN/plots)")
     p.add_argument("--seed", type=int, default=0, help="which test samples are drawn")
     p.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean", help="how rollout merges the heads")
-    p.add_argument("--discard-ratio", type=float, default=0.0,
+    p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
                    help="rollout drops this share of the lowest attentions per row (never [CLS]); 0 to 0.99")
     p.add_argument("--token", choices=TOKENS, default="cls", help="whose attention: [CLS] or, distilled models, [DIST]")
-    p.add_argument("--data-dir", default=None, help="where the run's dataset lives, if not where training found it")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="where the run's dataset lives, if not where training found it")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 

@@ -203,7 +203,9 @@ def plot_layers(image, layers, title: str = "", head_fusion: str = "mean", token
     draw_image(axes[0], image, "image")
     im = None
     for l in range(L):
-        im = draw_overlay(axes[l + 1], image, fused[l], f"layer {l}  (max {fused[l].max():.3f})")
+        # peak relative to a uniform map (1 / patches): how concentrated this layer is.
+        peak = float(fused[l].max()) * fused[l].numel()
+        im = draw_overlay(axes[l + 1], image, fused[l], f"layer {l}  (peak {peak:.1f}x uniform)")
     for ax in axes[L + 1:]:
         ax.axis("off")
     fig.suptitle(f"{title}\n[{token.upper()}] attention by layer (heads: {head_fusion}, each layer scaled to its max)".strip(),
