@@ -159,6 +159,8 @@ def test_distilled_model_cls_and_dist_maps():
     assert torch.isfinite(dist_maps["grad_rollout"]).all()
     with pytest.raises(UserError, match="distilled"):
         attention_maps(tiny_vit(), x, token="dist")
+    with pytest.raises(UserError, match="Vision Transformer"):
+        attention_maps(create_model("resnet18_cifar", layers=(1, 1, 1, 1)), torch.randn(1, 3, 32, 32))
 
 
 def test_grayscale_model():

@@ -170,6 +170,8 @@ def attention_maps(model: nn.Module, images: torch.Tensor, head_fusion: str = "m
                  rollout for `target` (default: the predicted class)
         target   (B,) only with gradient=True
     """
+    model = getattr(model, "module", model)  # DDP wrapper -> the model
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the model
     _check_vit(model)
     p = model.num_prefix_tokens
     t = _token_index(token, p)
