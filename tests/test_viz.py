@@ -213,9 +213,9 @@ def test_summary_wraps_many_images_and_figures_are_closed(tmp_path):
 
     images = torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8)
     fig = plot_summary(images, torch.rand(10, 4, 4), ["a"] * 10, ["b"] * 10, per_row=4)
-    assert len([ax for ax in fig.axes if ax.get_images()]) == 20  # 10 images + 10 maps, in 3 row pairs
+    assert len([ax for ax in fig.axes if ax.get_images()]) == 20  # 10 images + 10 maps
     w, h = fig.get_size_inches()
-    assert h > 3 * 2 * 2.0 and w < 4 * 2.5 + 1
+    assert h > 3 * 2 * 2.0 and w < 4 * 2.5 + 1  # 3 row pairs of at most 4 (4, 4, 2 -> balanced 4, 4, 2)
     save(fig, tmp_path / "s.png")
     assert not plt.get_fignums()  # saved figures do not pile up in pyplot
 

@@ -179,8 +179,10 @@ def run(args) -> int:
     if m.shape[1] != C:
         raise UserError(f"the checkpoint's normalisation has {m.shape[1]} channels but the model takes {C}")
     x = (images.float() / 255 - m) / s  # (n, C, H, W), as the model was trained on
-    maps = attention_maps(model, x, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
-                          token=args.token, gradient=True)
+    # In chunks: the maps hold every layer's (h, N, N) weights, 22 MB per image for ViT-B/16.
+    chunks = [attention_maps(model, x[i:i + 8], head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
+                             token=args.token, gradient=True) for i in range(0, len(x), 8)]
+    maps = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     pred = [classes[k] if k < len(classes) else str(k) for k in maps["pred"].tolist()]
 
     out = Path(args.out) if args.out else default_out(args.checkpoint)

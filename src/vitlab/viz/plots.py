@@ -120,8 +120,8 @@ def plot_summary(images: Sequence, maps: Sequence, true: Sequence[str | None], p
     drawn dashed on the maps. More than `per_row` images wrap into further row pairs.
     """
     n = len(images)
-    cols = min(n, per_row)
-    pairs = math.ceil(n / cols)
+    pairs = math.ceil(n / per_row)
+    cols = math.ceil(n / pairs)  # balanced rows: 10 images -> 2 x 5, not 8 + 2
     fig, axes = plt.subplots(2 * pairs, cols, figsize=(PANEL * cols + 0.6, (2 * PANEL + 0.35) * pairs + 0.35),
                              squeeze=False, layout="constrained")
     im = None
@@ -139,7 +139,7 @@ def plot_summary(images: Sequence, maps: Sequence, true: Sequence[str | None], p
         axes[2 * r, 0].set_ylabel("image", fontsize=9)
         axes[2 * r + 1, 0].set_ylabel("attention", fontsize=9)
     fig.suptitle(title, fontsize=11)
-    _colorbar(fig, im, list(axes[1::2, -1]), "relative attention")  # beside the map rows only
+    _colorbar(fig, im, list(axes[-1]), "relative attention")  # beside the last row of maps
     return fig
 
 
