@@ -35,7 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--discard-ratio", type=float, default=0.0, metavar="R",
                    help="rollout drops this share of the lowest attentions per row (never [CLS]); 0 to 0.99")
     p.add_argument("--token", choices=TOKENS, default="cls", help="whose attention: [CLS] or, distilled models, [DIST]")
-    p.add_argument("--data-dir", default=None, metavar="DIR", help="where the run's dataset lives, if not where training found it")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where the run's dataset lives, if not where training found it")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
@@ -126,7 +127,10 @@ def _test_samples(meta: dict, args, size: tuple[int, int], in_chans: int):
     if imgs.dtype != torch.uint8:
         imgs = imgs.round().clamp(0, 255).to(torch.uint8)
     if imgs.shape[1] != in_chans:
-        imgs = imgs.float().mean(1, keepdim=True).round().to(torch.uint8) if in_chans == 1 else imgs.expand(-1, in_chans, -1, -1)
+        if in_chans == 1:  # an RGB dataset under a grayscale model: luminance
+            imgs = imgs.float().mean(1, keepdim=True).round().to(torch.uint8)
+        else:
+            imgs = imgs.expand(-1, in_chans, -1, -1)
     return imgs, split.labels[idx], boxes
 
 
@@ -192,7 +196,8 @@ def run(args) -> int:
                out / "attention_map.png")
     for i in range(len(images)):
         name = _safe(truth[i] if truth[i] is not None else pred[i])
-        label = f"sample {i + 1}: " + (f"true {truth[i]}, pred {pred[i]}" if truth[i] is not None else f"pred {pred[i]}")
+        known_as = f"true {truth[i]}, pred {pred[i]}" if truth[i] is not None else f"pred {pred[i]}"
+        label = f"sample {i + 1}: {known_as}"
         plots.save(plots.plot_heads(images[i], maps["heads"][i], label, token=args.token),
                    out / f"attention_heads_sample_{i + 1}_{name}.png")
         plots.save(plots.plot_rollout(images[i], maps["rollout"][i], f"{label}  ({how})", maps["grad_rollout"][i],

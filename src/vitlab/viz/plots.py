@@ -106,6 +106,12 @@ def _colorbar(fig, im, ax, label=None):
     return cb
 
 
+def _grid(rows: int, cols: int, extra=(0.6, 0.6)):
+    """A rows x cols grid of PANEL-inch panels plus room for titles and a colorbar."""
+    size = (PANEL * cols + extra[0], PANEL * rows + extra[1])
+    return plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
+
+
 def _class_title(true: str | None, pred: str | None) -> str:
     if true is None:
         return f"pred: {pred}"
@@ -155,7 +161,7 @@ def plot_heads(image, heads, title: str = "", layer: int | None = None, token: s
     h = heads.shape[0]
     cols = min(h + 1, 5)
     rows = math.ceil((h + 1) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL * cols + 0.6, PANEL * rows + 0.6), squeeze=False, layout="constrained")
+    fig, axes = _grid(rows, cols)
     axes = axes.ravel()
     draw_image(axes[0], image, "image")
     vrange = (float(heads.min()), float(heads.max()))
@@ -174,7 +180,7 @@ def plot_rollout(image, rollout_map, title: str = "", grad_map=None, grad_label:
                  box=None) -> Figure:
     """Original | raw rollout grid | overlay [| class-specific (gradient) rollout overlay]."""
     n = 4 if grad_map is not None else 3
-    fig, axes = plt.subplots(1, n, figsize=(PANEL * n + 1.2, PANEL + 0.8), squeeze=False, layout="constrained")
+    fig, axes = _grid(1, n, extra=(1.2, 0.8))
     axes = axes[0]
     size = to_display(image).shape[:2]
     draw_image(axes[0], image, "original")
@@ -198,7 +204,7 @@ def plot_layers(image, layers, title: str = "", head_fusion: str = "mean", token
     fused = fuse_heads(g[:, :, None, :], head_fusion)[:, 0].reshape(L, *layers.shape[-2:])  # (L, gh, gw)
     cols = min(L + 1, 7)
     rows = math.ceil((L + 1) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL * cols + 0.6, PANEL * rows + 0.6), squeeze=False, layout="constrained")
+    fig, axes = _grid(rows, cols)
     axes = axes.ravel()
     draw_image(axes[0], image, "image")
     im = None
@@ -208,8 +214,8 @@ def plot_layers(image, layers, title: str = "", head_fusion: str = "mean", token
         im = draw_overlay(axes[l + 1], image, fused[l], f"layer {l}  (peak {peak:.1f}x uniform)")
     for ax in axes[L + 1:]:
         ax.axis("off")
-    fig.suptitle(f"{title}\n[{token.upper()}] attention by layer (heads: {head_fusion}, each layer scaled to its max)".strip(),
-                 fontsize=10)
+    what = f"[{token.upper()}] attention by layer (heads: {head_fusion}, each layer scaled to its max)"
+    fig.suptitle(f"{title}\n{what}".strip(), fontsize=10)
     _colorbar(fig, im, list(axes[1:L + 1]), "relative attention")
     return fig
 
