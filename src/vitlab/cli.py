@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from .errors import RunFailed, UserError
 
 # command -> (module, one-line help). Modules are imported only when used, so
 # `vitlab models` does not pay for matplotlib or the data code.
@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vitlab.demo", "train a small ViT briefly to check the install"),
     "visualize": ("vitlab.viz.command", "attention maps, rollout and per-head pictures of a trained ViT"),
     "export": ("vitlab.models.export", "save a ViT checkpoint in Hugging Face format (config + safetensors)"),
+    "train": ("vitlab.train.command", "train a model from a preset and dotted overrides"),
+    "eval": ("vitlab.train.evaluate", "evaluate a run: top-1/top-5, per-class accuracy, confusion matrix"),
+    "predict": ("vitlab.train.predict", "top-k classes for image files"),
+    "ablate": ("vitlab.train.ablate", "run the seed's ablation ladder and write a table and a bar chart"),
 }
 
 
@@ -88,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         sys.stderr.write(f"vitlab {command}: error: {e}\n")
         return 2
+    except RunFailed as e:
+        sys.stderr.write(f"vitlab {command}: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"vitlab {command}: interrupted\n")
         return 130

@@ -116,7 +116,8 @@ class RunConfig:
     ema_decay: float = 0.999
     eval_every: int = 1
     log_every: int = 20  # steps between progress-bar refreshes (each costs a sync)
-    time_limit: float | None = None  # minutes; the schedule is fitted to the budget
+    time_limit: float | None = None  # minutes: stop (after evaluating) once this much time has passed
+    stop_after: int | None = None  # stop after this many epochs without changing the schedule (resume tests, pausing)
     debug: bool = False  # tiny, fast run: few images, small eval
     tensorboard: bool = False
 

@@ -8,3 +8,7 @@ file, a corrupt checkpoint, a wrong shape, an unknown option.
 
 class UserError(ValueError):
     pass
+
+
+class RunFailed(RuntimeError):
+    """A run that cannot go on (e.g. a non-finite loss): one clear line, exit status 1."""

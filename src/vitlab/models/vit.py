@@ -101,9 +101,16 @@ class Attention(nn.Module):
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
             attn = logits.float().softmax(dim=-1)
             out = F.dropout(attn, drop, self.training).to(v.dtype) @ v  # (B, h, N, d)
+        elif x.device.type == "cpu" and torch.is_grad_enabled():
+            # CPU training: for ViT-sized sequences (N ~ 50-200) two batched
+            # matmuls and a softmax beat the CPU flash kernel, whose backward
+            # pass was a third of the whole step (benchmarks/throughput.py).
+            attn = None
+            w = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
+            out = F.dropout(w, drop, self.training) @ v  # (B, h, N, d)
         else:
-            # Fused path: never builds the (N, N) matrix in memory on the
-            # flash/efficient kernels; this is what training uses.
+            # Fused path (GPU, and inference everywhere): never materialises
+            # the (N, N) matrix on the flash/efficient kernels.
             attn = None
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, self.inner_dim)  # (B, N, h*d)

@@ -1,0 +1,64 @@
+"""`vitlab train`: a preset (optional) + dotted overrides -> a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import all_keys, build_config, from_dict, load_yaml, parse_overrides, set_key
+from ..errors import UserError
+
+ACCEPTS_OVERRIDES = True
+
+EPILOG = """\
+Any config field can be set by its dotted name, e.g. --optim.lr 1e-3 --aug.cutmix-alpha 1.0.
+Short flags: --model --data --data-dir --epochs --batch-size --seed --out --debug --lr
+--mixup-alpha --cutmix-alpha --label-smoothing --drop-path --dropout --autoaugment --randaugment
+--weight-decay --warmup-epochs --precision --compile --ema --pretrained --time-limit.
+Examples:
+  vitlab train --debug --epochs 3
+  vitlab train --config fashion_mnist_15min --data-dir ../shared/data/fashion-mnist
+  vitlab train --model vit_small_patch4_32 --data cifar10 --mixup-alpha 0.2 --label-smoothing 0.1 --drop-path 0.1 --autoaugment
+  torchrun --nproc_per_node 2 -m vitlab.cli train --data cifar10 --batch-size 256
+"""
+
+
+def add_arguments(p):
+    p.epilog = EPILOG
+    p.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    p.allow_abbrev = False
+    p.add_argument("--config", metavar="PRESET_OR_FILE", help="a preset name from configs/ or a YAML file")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last epoch ended")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--list-keys", action="store_true", help="list every config key and exit")
+
+
+def resolve(args):
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "last.ckpt").is_file():
+            raise UserError(f"--resume {run}: no last.ckpt there (a run saves it at the end of each epoch)")
+        cfg = from_dict(load_yaml(run / "config.yaml"))
+        cfg.run.stop_after = None  # a pause point applies to the run that set it, not to its continuation
+        for k, v in overrides.items():
+            set_key(cfg, k, v)
+        return cfg
+    return build_config(args.config, overrides)
+
+
+def run(args) -> int:
+    if args.list_keys:
+        print("\n".join(all_keys()))
+        return 0
+    cfg = resolve(args)
+    if args.print_config:
+        import yaml
+
+        from ..config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from .engine import train
+
+    train(cfg, resume=args.resume)
+    return 0

@@ -1,0 +1,504 @@
+"""The training loop. One function, `train(cfg)`, readable top to bottom.
+
+Setup: processes, device, precision, data, model, optimiser, loss, run dir.
+Loop:  for each epoch, for each batch: augment on the device, forward under
+       autocast, backward, (clip, step, EMA) every `accum_steps` batches.
+       Log at an interval, not every step: reading a loss back is a sync.
+End of epoch: evaluate (and the EMA), append metrics, redraw curves,
+       save the best weights and the full resumable state, atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig, save_yaml, to_dict
+from ..errors import RunFailed, UserError
+from ..models import count_params, create_model, get_preset
+from ..utils import atomic_write_text, seed_everything
+from . import checkpoint as ckpt
+from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, shutdown
+from .losses import DistillationLoss
+from .optim import ModelEMA, build_optimizer, effective_lr, lr_at
+
+
+# -- device and precision -----------------------------------------------------
+
+def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--run.device cuda was asked for but no CUDA device is available")
+        return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
+    if pref != "cpu":
+        raise UserError(f"unknown device {pref!r}; choose auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN runs bf16 matmuls natively (AVX512-BF16 / AMX), i.e. faster than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(pref: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """-> (autocast dtype or None for fp32, a note for the log)."""
+    if pref == "auto":
+        if device.type == "cuda":
+            pref = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif cpu_has_fast_bf16():
+            pref = "bf16"
+        else:
+            return None, "fp32 (this CPU has no native bf16 matmul, so bf16 autocast would be slower)"
+    if pref == "fp32":
+        return None, "fp32"
+    if pref == "bf16":
+        return torch.bfloat16, f"bf16 autocast on {device.type}"
+    if pref == "fp16":
+        if device.type != "cuda":
+            raise UserError("fp16 needs a GPU (loss scaling); use --precision bf16 or fp32 on CPU")
+        return torch.float16, "fp16 autocast with loss scaling"
+    raise UserError(f"unknown precision {pref!r}; choose auto, bf16, fp16 or fp32")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# -- model ----------------------------------------------------------------------
+
+def choose_img_size(cfg: TrainConfig, native: tuple[int, int]) -> tuple[int, int]:
+    """The model sees the data's own size when its patch size divides it, else the preset's size."""
+    if cfg.model.img_size:
+        return (cfg.model.img_size, cfg.model.img_size)
+    preset = get_preset(cfg.model.name)
+    if preset.family != "vit":
+        return tuple(native)
+    p = preset.kwargs["patch_size"]
+    if native[0] % p == 0 and native[1] % p == 0:
+        return tuple(native)
+    s = preset.kwargs["img_size"]
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size) -> nn.Module:
+    preset = get_preset(cfg.model.name)
+    kw = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    if preset.family == "vit":
+        kw.update(drop_rate=cfg.model.drop_rate, attn_drop_rate=cfg.model.attn_drop_rate,
+                  drop_path_rate=cfg.model.drop_path_rate)
+    if cfg.model.pretrained:
+        from ..models.pretrained import load_pretrained
+
+        model, _ = load_pretrained(cfg.model.pretrained, **kw)
+        model.arch["name"] = cfg.model.name
+    else:
+        model = create_model(cfg.model.name, **kw)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def load_teacher(path: str, device: torch.device) -> nn.Module:
+    """A frozen teacher: a vitlab run/checkpoint, or a pretrained (e.g. Hugging Face) classifier."""
+    p = Path(path)
+    if (p.is_dir() and (p / ckpt.WEIGHTS).is_file()) or p.suffix == ".safetensors":
+        model, _ = ckpt.load_model(p)
+    else:
+        from ..models.pretrained import load_pretrained
+
+        model, _ = load_pretrained(path)
+    return model.to(device).eval()
+
+
+# -- evaluation -------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes: int,
+             dist: DistInfo = DistInfo(), separate_heads: bool = False) -> dict:
+    """Loss, top-1/top-5 and the confusion matrix over a whole split (summed across processes)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros(3, device=device, dtype=torch.float64)  # top1, top5, and cls-head top1
+    dist_correct = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    distilled = getattr(model, "distilled", False) and separate_heads
+    for images, labels in loader:
+        x = transform(images)
+        with autocast(device, amp_dtype):
+            if distilled:
+                cls_logits, dist_logits = model.forward_head(model.forward_features(x), separate=True)
+                logits = (cls_logits.float() + dist_logits.float()) / 2
+                correct[2] += (cls_logits.argmax(-1) == labels).sum()
+                dist_correct += (dist_logits.argmax(-1) == labels).sum()
+            else:
+                logits = model(x)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        top = logits.topk(min(5, num_classes), dim=-1).indices  # (B, 5)
+        correct[0] += (top[:, 0] == labels).sum()
+        correct[1] += (top == labels[:, None]).any(-1).sum()
+        confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes * num_classes)
+        count += labels.numel()
+    for t in (loss_sum, correct, dist_correct, confusion, count):
+        all_reduce_sum(t, dist)
+    n = max(count.item(), 1.0)
+    out = {"loss": loss_sum.item() / n, "acc": 100 * correct[0].item() / n, "top5": 100 * correct[1].item() / n,
+           "n": int(count.item()), "confusion": confusion.view(num_classes, num_classes).long().cpu()}
+    if distilled:
+        out["acc_cls_head"] = 100 * correct[2].item() / n
+        out["acc_dist_head"] = 100 * dist_correct.item() / n
+    return out
+
+
+# -- state ------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def batch_generator(device: torch.device, seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """Augmentation randomness as a pure function of (seed, epoch, batch, rank): resumes replay it exactly."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + epoch * 10_007 + step * 101 + rank) % (2**63))
+    return g
+
+
+def run_name(cfg: TrainConfig) -> str:
+    data = cfg.data.name.replace(":", "-").replace("/", "_")[:40]
+    return cfg.run.name or f"{cfg.model.name}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+# -- the loop ---------------------------------------------------------------------
+
+def train(cfg: TrainConfig, resume: str | None = None) -> Path:
+    """Train (or resume) a run; returns the run directory."""
+    from ..data import build_data, build_eval_transform, build_train_transform, make_loader
+
+    t_launch = time.time()
+    state = None
+    if resume:
+        run_dir = Path(resume)
+        state = ckpt.load_state(run_dir / ckpt.LAST)
+    device = resolve_device(cfg.run.device)
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device(f"cuda:{dist.local_rank}")
+        torch.cuda.set_device(device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    elif device.type == "cpu" and dist.enabled:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size))
+    main = dist.is_main
+    log = tqdm.write if main else (lambda *a, **k: None)
+
+    if cfg.run.debug:  # the seed's --debug: a tiny, fast run through every code path
+        cfg.data.subset = min(cfg.data.subset or 512, 512)
+    seed_everything(cfg.run.seed)  # same on every rank: identical initial weights
+
+    # -- data ---------------------------------------------------------------------
+    data = build_data(cfg.data)
+    info = data.info
+    num_classes = cfg.model.num_classes or info.num_classes
+    img_size = choose_img_size(cfg, info.img_size)
+    eval_split = data.val if data.val is not None else data.test
+    eval_name = "val" if data.val is not None else "test"
+    if cfg.run.batch_size % dist.world_size:
+        raise UserError(f"--batch-size {cfg.run.batch_size} is the global batch and must divide evenly "
+                        f"over {dist.world_size} processes")
+    local_batch = cfg.run.batch_size // dist.world_size // max(cfg.optim.accum_steps, 1)
+    if local_batch < 1:
+        raise UserError("batch size too small for this many processes and accumulation steps")
+    train_loader = make_loader(data.train, local_batch, train=True, seed=cfg.run.seed, device=device,
+                               img_size=img_size, rank=dist.rank, world_size=dist.world_size,
+                               repeated_aug=cfg.aug.repeated_aug, num_workers=cfg.data.num_workers,
+                               on_corrupt=cfg.data.on_corrupt)
+    eval_loader = make_loader(eval_split, max(local_batch, 256), train=False, seed=cfg.run.seed, device=device,
+                              img_size=img_size, rank=dist.rank, world_size=dist.world_size,
+                              num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt)
+    train_tf = build_train_transform(cfg.aug, info, img_size, num_classes)
+    eval_tf = build_eval_transform(info, img_size)
+
+    # -- model, optimiser, loss ---------------------------------------------------------
+    model = build_model(cfg, num_classes, info.in_chans, img_size).to(device)
+    accum = max(cfg.optim.accum_steps, 1)
+    steps_per_epoch = max(len(train_loader) // accum, 1)
+    total_steps = cfg.run.epochs * steps_per_epoch
+    warmup_epochs = cfg.sched.warmup_epochs
+    if warmup_epochs > cfg.run.epochs / 3:  # a 3-epoch run with 5 warmup epochs would never reach its lr
+        warmup_epochs = cfg.run.epochs / 3
+        log(f"note: warmup shortened to {warmup_epochs:.2g} epochs (a third of this {cfg.run.epochs}-epoch run)")
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    base_lr = effective_lr(cfg.optim, cfg.run.batch_size)
+    optimizer = build_optimizer(model, cfg.optim, base_lr)
+    amp_dtype, precision_note = resolve_precision(cfg.run.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    ema = ModelEMA(model, cfg.run.ema_decay) if cfg.run.ema else None
+    teacher = load_teacher(cfg.distill.teacher, device) if cfg.distill.teacher and cfg.distill.kind != "none" else None
+    if teacher is None and cfg.distill.kind != "none":
+        raise UserError(f"--distill.kind {cfg.distill.kind} needs --distill.teacher RUN_OR_PATH")
+    criterion = DistillationLoss(cfg.distill.kind, cfg.distill.alpha, cfg.distill.tau, cfg.optim.label_smoothing,
+                                 teacher)
+    separate_heads = getattr(model, "distilled", False)
+
+    # -- run directory and resume ----------------------------------------------------------
+    start_epoch, step, best, history = 0, 0, -1.0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step, best, history = state["epoch"], state["step"], state["best"], list(state["history"])
+        set_rng_state(state["rng"])
+    else:
+        run_dir = Path(cfg.run.out) / broadcast_object(run_name(cfg), dist)
+        if main:
+            if (run_dir / ckpt.LAST).exists():
+                raise UserError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick --run.name")
+            run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        save_yaml(cfg, run_dir / "config.yaml")
+        # metrics.jsonl is rewritten from the checkpointed history, so a crash between
+        # writing a line and saving last.ckpt cannot leave a duplicate epoch.
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    train_model = model
+    if cfg.run.compile:
+        train_model = torch.compile(model)
+    if dist.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    tb = _tensorboard(run_dir) if (cfg.run.tensorboard and main) else None
+
+    meta = {"classes": info.classes, "mean": list(info.mean), "std": list(info.std), "data": cfg.data.name,
+            "img_size": list(img_size), "config": to_dict(cfg)}
+    if main:
+        log(f"run {run_dir}: {cfg.model.name} ({count_params(model):,} params) on {cfg.data.name} "
+            f"({eval_split_count(data.train)} train / {eval_split_count(eval_split)} {eval_name}), "
+            f"{info.num_classes} classes, {img_size[0]}x{img_size[1]}, {precision_note}, "
+            f"{dist.world_size} process(es), batch {cfg.run.batch_size}, lr {base_lr:.3g}")
+
+    # -- epochs ----------------------------------------------------------------------
+    log_every = max(cfg.run.log_every, 1)
+    deadline = t_launch + cfg.run.time_limit * 60 if cfg.run.time_limit else None
+    wall_before = history[-1]["wall_time"] if history else 0.0
+    t_run = time.time()
+    for epoch in range(start_epoch, cfg.run.epochs):
+        train_loader.set_epoch(epoch)
+        train_model.train()
+        criterion.train()
+        seen = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        recent = torch.zeros(log_every, device=device)  # losses since the last check, for the NaN guard
+        n_batches = len(train_loader)
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.run.epochs}", disable=None if main else True,
+                   leave=False, dynamic_ncols=True, mininterval=1.0)
+        t0 = time.perf_counter()
+        n_images = 0
+        for i, (images, labels) in enumerate(train_loader):
+            g = batch_generator(device, cfg.run.seed, epoch, i, dist.rank)
+            x, targets = train_tf(images, labels, g)
+            lr = lr_at(step, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps, cfg=cfg.sched)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
+            sync = contextlib.nullcontext() if (last_micro or not dist.enabled) else train_model.no_sync()
+            with sync:
+                with autocast(device, amp_dtype):
+                    out = train_model(x)
+                    loss = criterion(out, targets, x)
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            if last_micro:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.optim.clip_grad:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad, foreach=True)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model)
+                step += 1
+            logits = out[0] if isinstance(out, tuple) else out
+            hard = targets if targets.ndim == 1 else targets.argmax(-1)
+            loss_d = loss.detach()
+            recent[i % log_every] = loss_d
+            loss_sum += loss_d * labels.numel()
+            correct += (logits.detach().argmax(-1) == hard).sum()
+            seen += labels.numel()
+            n_images += labels.numel()
+            if (i + 1) % log_every == 0 or i + 1 == n_batches:
+                k = (i % log_every) + 1
+                window = recent[:k]
+                nonfinite = (~torch.isfinite(window)).any().float()
+                if bool(all_reduce_sum(nonfinite, dist) > 0):  # one sync per interval, not per step
+                    where = (~torch.isfinite(window)).nonzero()
+                    bad = (int(where[0]) if len(where) else 0) + i - k + 1
+                    raise RunFailed(
+                        f"loss became non-finite at epoch {epoch + 1}, batch {bad + 1} (optimizer step "
+                        f"~{step - (i - bad) // accum}); stopped without saving this epoch; the last good state "
+                        f"is in {run_dir / ckpt.LAST if history else 'no checkpoint yet'}; "
+                        f"try a lower --optim.lr, --optim.clip_grad 1.0 or --precision fp32")
+                if main:
+                    dt = time.perf_counter() - t0
+                    bar.set_postfix_str(f"loss {window.mean().item():.3f} acc {100 * correct.item() / max(seen.item(), 1):.1f} "
+                                        f"lr {lr:.2e} {n_images * dist.world_size / max(dt, 1e-9):.0f} img/s")
+                bar.update(k)
+            if deadline and not dist.enabled and time.time() > deadline:
+                break  # (under several processes the budget is checked per epoch, so all stop together)
+        bar.close()
+        train_time = time.perf_counter() - t0
+        stats = torch.stack([loss_sum, correct, seen])
+        all_reduce_sum(stats, dist)
+        record = {"epoch": epoch + 1, "step": step, "lr": lr,
+                  "train_loss": stats[0].item() / max(stats[2].item(), 1),
+                  "train_acc": 100 * stats[1].item() / max(stats[2].item(), 1),
+                  "images_per_s": stats[2].item() / max(train_time, 1e-9), "epoch_time": train_time}
+
+        # -- evaluate, log, checkpoint -----------------------------------------------------
+        last_epoch = epoch + 1 == cfg.run.epochs or (deadline and time.time() > deadline)
+        if (epoch + 1) % cfg.run.eval_every == 0 or last_epoch:
+            res = evaluate(model, eval_loader, eval_tf, device, amp_dtype, num_classes, dist, separate_heads)
+            record.update({f"{eval_name}_loss": res["loss"], f"{eval_name}_acc": res["acc"],
+                           f"{eval_name}_top5": res["top5"]})
+            for key in ("acc_cls_head", "acc_dist_head"):
+                if key in res:
+                    record[f"{eval_name}_{key}"] = res[key]
+            candidates = [(res["acc"], model, "model")]
+            if ema is not None:
+                ema_res = evaluate(ema.module, eval_loader, eval_tf, device, amp_dtype, num_classes, dist)
+                record[f"{eval_name}_acc_ema"] = ema_res["acc"]
+                candidates.append((ema_res["acc"], ema.module, "ema"))
+            acc, best_model, which = max(candidates, key=lambda c: c[0])
+            if acc > best and main:
+                best = acc
+                ckpt.save_model(run_dir / ckpt.WEIGHTS, best_model,
+                                {**meta, "epoch": epoch + 1, f"{eval_name}_acc": acc, "weights": which})
+            best = max(best, acc)
+        record["wall_time"] = wall_before + (time.time() - t_run)
+        history.append(record)
+        if main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            _plot_curves(history, run_dir / "curves.png", eval_name)
+            if tb is not None:
+                for k, v in record.items():
+                    tb.add_scalar(k, v, epoch + 1)
+            ckpt.save_state(run_dir / ckpt.LAST, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema else None, "scaler": scaler.state_dict() if scaler else None,
+                "epoch": epoch + 1, "step": step, "best": best, "history": history, "rng": rng_state(),
+                "config": to_dict(cfg)})
+            msg = (f"epoch {epoch + 1:3d}/{cfg.run.epochs}  loss {record['train_loss']:.4f}  "
+                   f"train {record['train_acc']:5.2f}%")
+            if f"{eval_name}_acc" in record:
+                msg += f"  {eval_name} {record[f'{eval_name}_acc']:5.2f}% (top5 {record[f'{eval_name}_top5']:5.2f})"
+                if f"{eval_name}_acc_ema" in record:
+                    msg += f"  ema {record[f'{eval_name}_acc_ema']:5.2f}%"
+            msg += f"  lr {lr:.2e}  {record['images_per_s']:.0f} img/s  {train_time:.1f}s"
+            log(msg)
+        if deadline and time.time() > deadline:
+            log(f"time limit of {cfg.run.time_limit} min reached after epoch {epoch + 1}")
+            break
+        if cfg.run.stop_after and epoch + 1 >= cfg.run.stop_after and epoch + 1 < cfg.run.epochs:
+            log(f"stopping after epoch {epoch + 1} as asked (--run.stop_after); continue with --resume {run_dir}")
+            break
+
+    # -- summary -------------------------------------------------------------------------
+    if main and history:
+        accs = [h[f"{eval_name}_acc"] for h in history if f"{eval_name}_acc" in h]
+        total = history[-1]["wall_time"]
+        log(f"done: {len(history)} epochs in {total / 60:.1f} min; final {eval_name} acc {accs[-1]:.2f}%, "
+            f"best {max(accs):.2f}% (epoch {1 + int(np.argmax(accs))}); "
+            f"mean {np.mean([h['images_per_s'] for h in history]):.0f} img/s; run dir {run_dir}")
+    if data.val is not None and main:
+        best_model, _ = ckpt.load_model(run_dir / ckpt.WEIGHTS, map_location=device)
+        test_loader = make_loader(data.test, max(local_batch, 256), train=False, seed=cfg.run.seed, device=device,
+                                  img_size=img_size, num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt)
+        res = evaluate(best_model, test_loader, eval_tf, device, amp_dtype, num_classes)
+        log(f"test accuracy of the best-by-val weights: {res['acc']:.2f}% (top5 {res['top5']:.2f}%)")
+        atomic_write_text(run_dir / "test.json", json.dumps({"acc": res["acc"], "top5": res["top5"],
+                                                            "loss": res["loss"], "n": res["n"]}))
+    shutdown(dist)
+    return run_dir
+
+
+def eval_split_count(split) -> int:
+    return len(split.labels)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        tqdm.write("note: tensorboard is not installed; skipping it (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _plot_curves(history: list[dict], path: Path, eval_name: str) -> None:
+    """curves.png: loss, accuracy and learning rate per epoch, redrawn every epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..utils import atomic_write
+
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(ep, [h["train_loss"] for h in history], label="train")
+    ev = [(h["epoch"], h) for h in history if f"{eval_name}_loss" in h]
+    if ev:
+        axes[0].plot([e for e, _ in ev], [h[f"{eval_name}_loss"] for _, h in ev], label=eval_name)
+        axes[1].plot([e for e, _ in ev], [h[f"{eval_name}_acc"] for _, h in ev], label=eval_name)
+        if any(f"{eval_name}_acc_ema" in h for _, h in ev):
+            axes[1].plot([e for e, _ in ev], [h.get(f"{eval_name}_acc_ema", math.nan) for _, h in ev], label="EMA")
+    axes[1].plot(ep, [h["train_acc"] for h in history], label="train", alpha=0.6)
+    axes[2].plot(ep, [h["lr"] for h in history])
+    for ax, title in zip(axes, ["loss", "accuracy (%)", "learning rate (end of epoch)"]):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

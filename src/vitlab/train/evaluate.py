@@ -1,0 +1,102 @@
+"""`vitlab eval`: top-1/top-5, per-class accuracy and a confusion-matrix picture for a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import DataConfig, update_from_dict
+from ..errors import UserError
+from ..utils import atomic_write, atomic_write_text
+from .checkpoint import load_model, resolve_weights
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE")
+    p.add_argument("--data", help="dataset name (default: the one the run trained on)")
+    p.add_argument("--data-dir", help="data root (default: the run's)")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion_matrix.png (default: the run dir)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+
+
+def data_config_for(meta: dict, name: str | None, data_dir: str | None) -> DataConfig:
+    cfg = DataConfig()
+    update_from_dict(cfg, (meta.get("config") or {}).get("data", {}), "")
+    cfg.subset = None
+    if name:
+        cfg.name = name
+    if data_dir:
+        cfg.dir = data_dir
+    return cfg
+
+
+def run(args) -> int:
+    from ..data import build_data, build_eval_transform, make_loader
+    from .engine import evaluate, resolve_device, resolve_precision
+
+    weights = resolve_weights(args.checkpoint)
+    model, meta = load_model(weights)
+    device = resolve_device(args.device)
+    amp_dtype, _ = resolve_precision(args.precision, device)
+    data = build_data(data_config_for(meta, args.data, args.data_dir))
+    split = getattr(data, args.split)
+    if split is None:
+        raise UserError(f"{data.info.name} has no {args.split} split")
+    classes = meta.get("classes") or data.info.classes
+    if len(classes) != model.num_classes:
+        raise UserError(f"the model has {model.num_classes} classes but {data.info.name} has {len(classes)}")
+    img_size = tuple(model.img_size)
+    loader = make_loader(split, args.batch_size, train=False, seed=0, device=device, img_size=img_size)
+    info = data.info
+    if meta.get("mean"):  # normalise exactly as in training
+        info.mean, info.std = tuple(meta["mean"]), tuple(meta["std"])
+    res = evaluate(model.to(device), loader, build_eval_transform(info, img_size), device, amp_dtype,
+                   model.num_classes, separate_heads=getattr(model, "distilled", False))
+    conf = res.pop("confusion").double()
+    per_class = (conf.diag() / conf.sum(1).clamp(min=1) * 100).tolist()
+    print(f"{args.split}: top-1 {res['acc']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  ({res['n']} images)")
+    for k in ("acc_cls_head", "acc_dist_head"):
+        if k in res:
+            print(f"  {k.replace('acc_', '').replace('_', ' ')}: {res[k]:.2f}%")
+    width = max(len(c) for c in classes)
+    for c, a, n in zip(classes, per_class, conf.sum(1).long().tolist()):
+        print(f"  {c:{width}s}  {a:6.2f}%  (n={n})")
+    out = Path(args.out) if args.out else weights.parent
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "eval.json", json.dumps({**res, "split": args.split, "per_class": dict(zip(classes, per_class))}, indent=1))
+    plot_confusion(conf, classes, out / "confusion_matrix.png", f"{info.name} {args.split}: top-1 {res['acc']:.2f}%")
+    print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
+    return 0
+
+
+def plot_confusion(conf: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    norm = (conf / conf.sum(1, keepdim=True).clamp(min=1)).numpy()  # rows: true class, normalised
+    size = min(4 + 0.45 * k, 24)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(k), classes, fontsize=8)
+        for i in range(k):
+            for j in range(k):
+                if conf[i, j] > 0:
+                    ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

@@ -1,0 +1,80 @@
+"""Losses: label-smoothed (soft-target) cross-entropy and DeiT's distillation loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+
+def smooth_targets(targets: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """Hard labels (B,) or soft targets (B, K) -> smoothed soft targets (B, K).
+
+    Smoothing moves `smoothing` of the mass onto the uniform distribution, so
+    each row still sums to 1 (also for Mixup/CutMix targets).
+    """
+    if targets.ndim == 1:
+        targets = F.one_hot(targets, num_classes).float()
+    return targets * (1.0 - smoothing) + smoothing / num_classes
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against hard labels (B,) or soft targets (B, K), with label smoothing."""
+    logits = logits.float()  # the loss in fp32 even under bf16 autocast
+    if targets.ndim == 1:
+        return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+    soft = smooth_targets(targets, logits.shape[-1], smoothing)
+    return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+class DistillationLoss(nn.Module):
+    """DeiT's distillation loss (Touvron et al. 2021), as a loss object.
+
+    kind="none": base loss on the (CLS) logits only.
+    kind="soft": (1-alpha) * CE(cls, y) + alpha * tau^2 * KL(softmax(dist/tau) || softmax(teacher/tau)).
+    kind="hard": (1-alpha) * CE(cls, y) + alpha * CE(dist, argmax teacher).
+    DeiT uses alpha=0.5 for hard distillation. The student's distillation
+    head supplies `dist`; a model without one uses its only head for both.
+    The teacher runs frozen, once per batch, on the same (augmented) images.
+    """
+
+    def __init__(self, kind: str = "none", alpha: float = 0.5, tau: float = 1.0, smoothing: float = 0.0,
+                 teacher: nn.Module | None = None):
+        super().__init__()
+        if kind not in ("none", "soft", "hard"):
+            raise UserError(f"unknown distillation kind {kind!r}; choose none, soft or hard")
+        if kind != "none" and teacher is None:
+            raise UserError(f"distillation kind {kind!r} needs a teacher (--distill.teacher)")
+        self.kind, self.alpha, self.tau, self.smoothing = kind, alpha, tau, smoothing
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):  # the teacher stays in eval mode whatever the student does
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, outputs, targets: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+        base = cross_entropy(cls_logits, targets, self.smoothing)
+        if self.kind == "none":
+            if isinstance(outputs, tuple):  # a distilled model trained without a teacher: both heads learn the labels
+                return 0.5 * (base + cross_entropy(dist_logits, targets, self.smoothing))
+            return base
+        with torch.no_grad():
+            teacher_logits = self.teacher(images).float()
+        dist_logits = dist_logits.float()
+        if self.kind == "soft":
+            t = self.tau
+            kl = F.kl_div(F.log_softmax(dist_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                          reduction="batchmean", log_target=True)
+            distill = kl * t * t
+        else:
+            distill = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
+        return (1 - self.alpha) * base + self.alpha * distill

@@ -1,0 +1,92 @@
+"""Optimiser, learning-rate schedule and weight EMA.
+
+The schedule is a pure function of the step, so resuming needs only the step
+counter, and a test can check its value at any step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+
+from ..config import OptimConfig, ScheduleConfig
+from ..errors import UserError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed matrices/kernels, and everything weight decay should not touch.
+
+    Biases, norm scales (all 1-D tensors) and the position embedding and
+    [CLS]/[DIST] tokens are excluded: decaying them pulls them towards zero,
+    which only hurts (the tokens and positions carry no scale to regularise).
+    """
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name in skip or name.endswith(".gamma"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The configured lr is for batch 128; scale linearly (Goyal et al.) unless told not to."""
+    return cfg.lr * global_batch / 128 if cfg.scale_lr else cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    # foreach kernels: one launch per group instead of one per tensor.
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               foreach=True)
+    raise UserError(f"unknown optimizer {cfg.name!r}; choose adamw or sgd")
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, cfg: ScheduleConfig) -> float:
+    """Linear warmup from cfg.warmup_lr to base_lr, then cosine down to cfg.min_lr."""
+    if step < warmup_steps:
+        return cfg.warmup_lr + (base_lr - cfg.warmup_lr) * step / warmup_steps
+    if cfg.name == "constant":
+        return base_lr
+    if cfg.name != "cosine":
+        raise UserError(f"unknown schedule {cfg.name!r}; choose cosine or constant")
+    span = max(total_steps - warmup_steps, 1)
+    t = min(step - warmup_steps, span) / span  # 0 -> 1 over the decay phase
+    return cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+class ModelEMA:
+    """Exponential moving average of the weights, evaluated alongside the model.
+
+    Buffers (none in a ViT; BatchNorm statistics in a ResNet) are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = [p for p in self.module.parameters()]
+        cur_p = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state)

@@ -1,0 +1,63 @@
+"""`vitlab predict IMAGE...`: top-k classes with names, from a run dir or .safetensors file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .checkpoint import load_model
+
+
+def add_arguments(p):
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE")
+    p.add_argument("--top-k", type=int, default=5)
+
+
+def load_images(paths: list[str], in_chans: int, img_size: tuple[int, int], mean, std) -> torch.Tensor:
+    """Image files -> normalised float batch (B, C, H, W) at the model's size.
+
+    Any Pillow mode is converted to RGB (or L for 1-channel models); images are
+    resized to the model's input size (bilinear, antialiased).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    batch = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if in_chans == 1 else "RGB")
+                im = im.resize((img_size[1], img_size[0]), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except FileNotFoundError:
+            raise UserError(f"image not found: {p}") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"cannot read image {p}: {e}") from None
+        t = torch.from_numpy(arr)
+        t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)  # (C, H, W)
+        batch.append(t)
+    x = torch.stack(batch)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def run(args) -> int:
+    model, meta = load_model(args.checkpoint)
+    classes = meta.get("classes") or [str(i) for i in range(model.num_classes)]
+    mean = meta.get("mean") or [0.5] * model.in_chans
+    std = meta.get("std") or [0.5] * model.in_chans
+    x = load_images(args.images, model.in_chans, tuple(model.img_size), mean, std)
+    with torch.no_grad():
+        probs = F.softmax(model(x).float(), dim=-1)
+    k = max(1, min(args.top_k, probs.shape[-1]))
+    top = probs.topk(k, dim=-1)
+    for path, p, idx in zip(args.images, top.values, top.indices):
+        print(f"{Path(path).name}:")
+        for pi, ii in zip(p.tolist(), idx.tolist()):
+            print(f"  {pi * 100:6.2f}%  {classes[ii]}")
+    return 0

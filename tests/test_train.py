@@ -1,0 +1,201 @@
+"""The training engine: schedule, decay groups, a real run, resume, SIGKILL, NaN guard, DDP, eval/predict."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitlab.config import ScheduleConfig, build_config, parse_overrides
+from vitlab.errors import RunFailed
+from vitlab.models import create_model
+from vitlab.train.optim import lr_at, param_groups
+
+# A small, fast configuration used by most tests: 1,024 shapes images, no augmentation
+# randomness beyond what the recipe needs, fp32 so results are bit-comparable.
+FAST = ["--model", "vit_tiny_patch4_32", "--data", "shapes", "--data.subset", "1024", "--batch-size", "64",
+        "--run.precision", "fp32", "--run.log_every", "4", "--sched.warmup_epochs", "0.5"]
+
+
+def cli(*args, timeout=600, env=None):
+    return subprocess.run([sys.executable, "-m", "vitlab.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(rows):
+    drop = {"images_per_s", "epoch_time", "wall_time"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+# -- pure pieces ------------------------------------------------------------------------
+
+def test_lr_schedule_at_key_steps():
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5)
+    kw = dict(base_lr=1e-3, total_steps=1000, warmup_steps=100, cfg=cfg)
+    assert lr_at(0, **kw) == pytest.approx(1e-6)
+    assert lr_at(50, **kw) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)
+    assert lr_at(100, **kw) == pytest.approx(1e-3)  # peak right after warmup
+    assert lr_at(550, **kw) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # half-way down the cosine
+    assert lr_at(1000, **kw) == pytest.approx(1e-5)  # the floor
+    assert lr_at(5000, **kw) == pytest.approx(1e-5)  # stays there
+    values = [lr_at(s, **kw) for s in range(100, 1001)]
+    assert all(b <= a for a, b in zip(values, values[1:]))  # monotone decay
+
+
+def test_weight_decay_groups_skip_biases_norms_tokens_and_positions():
+    model = create_model("deit_tiny_distilled_patch4_32")
+    decay, no_decay = param_groups(model, 0.05)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    d = {name_of[id(p)] for p in decay["params"]}
+    nd = {name_of[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {"pos_embed", "cls_token", "dist_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= nd
+    assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"} <= d
+    assert not d & nd and len(d) + len(nd) == len(list(model.parameters()))
+
+
+def test_seed_command_lines_parse():
+    cfg = build_config(None, parse_overrides(["--model", "vit_small_patch4_32", "--mixup-alpha", "0.2",
+                                              "--label-smoothing", "0.1", "--drop-path", "0.1", "--autoaugment"]))
+    assert cfg.model.name == "vit_small_patch4_32" and cfg.aug.autoaugment and cfg.model.drop_path_rate == 0.1
+    assert cfg.optim.label_smoothing == 0.1 and cfg.aug.mixup_alpha == 0.2
+    # Seed defaults
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.sched.warmup_epochs) == ("adamw", 3e-4, 0.05, 5)
+
+
+def test_bad_config_key_exits_2_naming_the_closest(tmp_path):
+    r = cli("train", "--optim.lrr", "1e-3", "--out", str(tmp_path))
+    assert r.returncode == 2
+    assert "did you mean 'optim.lr'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("train", "--model", "vit_tiny_patch4_23", "--out", str(tmp_path), *FAST[2:])
+    assert r.returncode == 2 and "did you mean 'vit_tiny_patch4_32'" in r.stderr
+    r = cli("train", "--resume", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "last.ckpt" in r.stderr
+
+
+# -- real runs ------------------------------------------------------------------------------
+
+def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
+    r = cli("train", "--model", "vit_tiny_patch4_32", "--data", "shapes", "--data.subset", "4000",
+            "--epochs", "6", "--batch-size", "128", "--lr", "1e-3", "--sched.warmup_epochs", "1",
+            "--run.name", "shapes", "--out", str(tmp_path), "--run.ema")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "shapes"
+    for f in ["config.yaml", "metrics.jsonl", "model.safetensors", "last.ckpt", "curves.png"]:
+        assert (run / f).is_file(), f
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == list(range(1, 7))
+    for key in ["train_loss", "train_acc", "test_acc", "test_top5", "lr", "images_per_s", "wall_time", "test_acc_ema"]:
+        assert key in rows[-1], key
+    assert rows[-1]["test_acc"] > 80.0, rows[-1]  # chance is ~17%
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # eval and predict from the run directory
+    r = cli("eval", "--checkpoint", str(run))
+    assert r.returncode == 0, r.stderr
+    assert "top-1" in r.stdout and (run / "confusion_matrix.png").is_file()
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["acc"] >= rows[-1]["test_acc"] - 1e-6 or ev["acc"] > 80.0
+    from vitlab.data.shapes import SHAPES_CLASSES, make_shapes
+    from PIL import Image
+
+    imgs, labels, _ = make_shapes(2, seed=123)
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(imgs[i].permute(1, 2, 0).numpy()).save(p)
+        paths.append(str(p))
+    r = cli("predict", *paths, "--checkpoint", str(run / "model.safetensors"), "--top-k", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("%") == 6 and any(c in r.stdout for c in SHAPES_CLASSES)
+    r = cli("predict", str(tmp_path / "missing.png"), "--checkpoint", str(run))
+    assert r.returncode == 2 and "image not found" in r.stderr
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    common = [*FAST, "--epochs", "3", "--out", str(tmp_path), "--model.drop_path_rate", "0.1",
+              "--aug.mixup_alpha", "0.2", "--aug.hflip", "0.5"]
+    r = cli("train", *common, "--run.name", "full")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("train", *common, "--run.name", "part", "--run.stop_after", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(metrics(tmp_path / "part")) == 1
+    r = cli("train", "--resume", str(tmp_path / "part"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    full, part = comparable(metrics(tmp_path / "full")), comparable(metrics(tmp_path / "part"))
+    assert len(part) == 3
+    assert part == full
+
+
+def test_sigkill_mid_epoch_then_resume_matches(tmp_path):
+    common = [*FAST, "--epochs", "3", "--out", str(tmp_path), "--data.subset", "2048"]
+    r = cli("train", *common, "--run.name", "ref")
+    assert r.returncode == 0, r.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab.cli", "train", *common, "--run.name", "killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "last.ckpt"
+    t0 = time.time()
+    while not last.exists() and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    time.sleep(0.5)  # now inside epoch 2
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(metrics(tmp_path / "killed")) in (1, 2)
+    # No temporary half-files are left looking like checkpoints.
+    assert not [p for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
+    r = cli("train", "--resume", str(tmp_path / "killed"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert comparable(metrics(tmp_path / "killed")) == comparable(metrics(tmp_path / "ref"))
+
+
+def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path, monkeypatch):
+    from vitlab.train import engine, losses
+
+    calls = {"n": 0}
+    real = losses.DistillationLoss.forward
+
+    def poisoned(self, outputs, targets, images=None):
+        calls["n"] += 1
+        loss = real(self, outputs, targets, images)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(losses.DistillationLoss, "forward", poisoned)
+    cfg = build_config(None, parse_overrides([*FAST, "--epochs", "2", "--out", str(tmp_path), "--run.name", "nan"]))
+    with pytest.raises(RunFailed, match=r"non-finite at epoch 1, batch 3"):
+        engine.train(cfg)
+    run = tmp_path / "nan"
+    assert not (run / "model.safetensors").exists() and not (run / "last.ckpt").exists()
+    r = cli("train", *FAST, "--epochs", "1", "--out", str(tmp_path), "--optim.lr", "1e38",
+            "--optim.clip_grad", "none", "--run.name", "nan2", "--sched.warmup_epochs", "0")
+    if r.returncode != 0:  # an absurd lr may or may not overflow; when it does it must be one clear line
+        assert r.returncode == 1 and "non-finite" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    # Same global batch (64): one process with 64, or two with 32 each. No randomness
+    # that differs per process (no augmentation, no dropout), fp32.
+    common = [*FAST, "--epochs", "2", "--out", str(tmp_path), "--aug.hflip", "0", "--aug.crop_padding", "0",
+              "--aug.mixup_alpha", "0", "--model.drop_path_rate", "0", "--run.threads", "1"]
+    r = cli("train", *common, "--run.name", "single")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29611", "-m", "vitlab.cli", "train", *common, "--run.name", "ddp"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"]
+        assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-3)
+        assert math.isclose(a["test_loss"], b["test_loss"], rel_tol=1e-3)
+        assert abs(a["test_acc"] - b["test_acc"]) <= 0.5
