@@ -21,8 +21,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# Train a small ViT on the built-in shapes data, then draw its attention maps.
 demo: install
-	$(VENV)/bin/vitlab demo
+	rm -rf runs/demo
+	$(VENV)/bin/vitlab train --config shapes --run.name demo
+	$(VENV)/bin/vitlab visualize --checkpoint runs/demo --samples 6
 
 # pytest's own exit status is kept: 5 ("no tests ran") fails the target.
 test: install-test

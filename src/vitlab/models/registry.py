@@ -36,6 +36,7 @@ _TI, _S, _B, _L = (192, 12, 3, 768), (384, 12, 6, 1536), (768, 12, 12, 3072), (1
 
 PRESETS: dict[str, Preset] = {
     # -- CIFAR-size family (32x32, 10 classes) ---------------------------------
+    "vit_mini_patch4_32": _vit(128, 4, 4, 256, 4, 32, 10, "a small, fast ViT for the demo, tests and CPU budgets"),
     "vit_tiny_patch4_32": _vit(192, 6, 3, 768, 4, 32, 10, "the seed project's ViT-Tiny for CIFAR"),
     "vit_small_patch4_32": _vit(*_S, 4, 32, 10, "ViT-S width/depth at 32 px, patch 4"),
     "vit_base_patch4_32": _vit(*_B, 4, 32, 10, "ViT-B width/depth at 32 px, patch 4"),
