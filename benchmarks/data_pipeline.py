@@ -3,8 +3,9 @@
 Times the CIFAR recipe (padded random crop + flip + RandAugment(2, 9) + Mixup/CutMix
 + random erasing + normalisation) on uint8 batches of 32x32 RGB images, op by op and
 as the whole train transform, then a ViT-Tiny (vit_tiny_patch4_32) training step
-(bf16 autocast forward, soft-target cross-entropy, backward, AdamW) in the same
-process on the same threads, and prints the pipeline's share of the step.
+(forward at `vitlab train`'s default precision, soft-target cross-entropy, backward,
+AdamW) in the same process on the same threads, and prints the pipeline's share of
+the step.
 Target: under 5%.
 
     python benchmarks/data_pipeline.py --out results/data_pipeline.json
@@ -20,7 +21,9 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -99,8 +102,12 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     xb, tb = tf(x, y, g)
 
+    from vitlab.train.engine import autocast, resolve_precision
+
+    amp_dtype, precision = resolve_precision("auto", torch.device("cpu"))
+
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), amp_dtype):
             loss = F.cross_entropy(model(xb), tb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,11 +121,13 @@ def main(argv=None) -> int:
     for name, ms in rows:
         print(f"{name:34s} {ms:9.2f} {B / ms * 1000:10.0f}")
     print(f"{'loader + whole train transform':34s} {pipeline_ms:9.2f} {B / pipeline_ms * 1000:10.0f}")
-    print(f"{args.model + ' bf16 train step':34s} {step_ms:9.2f} {B / step_ms * 1000:10.0f}")
+    print(f"{args.model + ' train step':34s} {step_ms:9.2f} {B / step_ms * 1000:10.0f}   ({precision})")
     print(f"pipeline share of (pipeline + step): {100 * share:.1f}%  (target < 5%)")
 
     if args.out:
-        result = dict(batch_size=B, threads=torch.get_num_threads(), torch=torch.__version__, model=args.model,
+        result = dict(date=str(date.today()), machine=platform.processor() or platform.machine(),
+                      command="python benchmarks/data_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      precision=precision, batch_size=B, threads=torch.get_num_threads(), torch=torch.__version__, model=args.model,
                       iters=args.iters, steps=args.steps, ops_ms={n: round(ms, 3) for n, ms in rows},
                       pipeline_ms=round(pipeline_ms, 3), pipeline_images_per_s=round(B / pipeline_ms * 1000, 1),
                       step_ms=round(step_ms, 3), share=round(share, 4), target_share=0.05,

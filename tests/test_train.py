@@ -195,3 +195,46 @@ def test_two_processes_agree_with_one(tmp_path):
         assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-3)
         assert math.isclose(a["test_loss"], b["test_loss"], rel_tol=1e-3)
         assert abs(a["test_acc"] - b["test_acc"]) <= 0.5
+
+
+def test_auto_precision_follows_the_measured_matmul_rates(monkeypatch):
+    from vitlab.train import engine
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(engine, "cpu_matmul_rates", lambda: (300.0, 160.0))  # bf16 slower (no AMX)
+    dtype, note = engine.resolve_precision("auto", cpu)
+    assert dtype is None and "160" in note and "300" in note
+    monkeypatch.setattr(engine, "cpu_matmul_rates", lambda: (190.0, 850.0))  # AMX / fast bf16
+    assert engine.resolve_precision("auto", cpu)[0] == torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
+    assert engine.resolve_precision("auto", cpu)[0] is None
+    assert engine.resolve_precision("bf16", cpu)[0] == torch.bfloat16  # asked for explicitly: always honoured
+
+
+def test_run_files_get_an_ordinary_mode(tmp_path):
+    import os
+
+    from vitlab.utils import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_time_budgeted_schedule_fits_the_limit(tmp_path):
+    # 50 epochs is only an upper bound: the cosine runs on the clock and ends with the budget.
+    r = cli("train", *FAST, "--data.subset", "256", "--epochs", "50", "--run.time_limit", "0.3",
+            "--sched.by_time", "--lr", "1e-3", "--out", str(tmp_path), "--run.name", "budget")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = metrics(tmp_path / "budget")
+    assert 1 <= len(rows) < 50 and "time limit of 0.3 min reached" in r.stdout
+    assert rows[-1]["wall_time"] < 0.3 * 60 + 5  # the final evaluation fits in the budget too (+ slack)
+    peak = 1e-3 * 64 / 128
+    assert max(row["lr"] for row in rows) > 0.3 * peak  # it went up...
+    assert rows[-1]["lr"] < 0.1 * peak  # ...and came down to (near) the floor by the end
+    r = cli("train", *FAST, "--sched.by_time", "--out", str(tmp_path))
+    assert r.returncode == 2 and "--run.time_limit" in r.stderr

@@ -267,3 +267,20 @@ def test_bf16_autocast_close_to_fp32():
             low = model(x)
     assert low.dtype == torch.bfloat16
     assert F.cosine_similarity(ref.flatten(), low.float().flatten(), dim=0) > 0.99
+
+
+def test_sincos_position_init_is_a_2d_code_and_prefix_slots_stay_small():
+    from vitlab.models.vit import sincos_2d
+
+    codes = sincos_2d((3, 5), 16)  # (15, 16): 4 channels each of sin(row), cos(row), sin(col), cos(col)
+    assert codes.shape == (15, 16)
+    rows, cols = torch.arange(15) // 5, torch.arange(15) % 5
+    assert torch.allclose(codes[:, 0], rows.float().sin(), atol=1e-6)  # the lowest frequency is 1
+    assert torch.allclose(codes[:, 12], cols.float().cos(), atol=1e-6)
+    assert len({tuple(r.tolist()) for r in codes}) == 15  # every patch gets its own code
+    m = VisionTransformer(img_size=(12, 20), patch_size=4, embed_dim=16, depth=1, num_heads=2,
+                          pos_embed_init="sincos", distilled=True)
+    assert torch.equal(m.pos_embed[0, 2:], codes)
+    assert m.pos_embed[0, :2].abs().max() < 0.1
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        VisionTransformer(img_size=32, patch_size=4, embed_dim=16, depth=1, num_heads=2, pos_embed_init="rope")

@@ -21,8 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "visualize": ("vitlab.viz.command", "attention maps, rollout and per-head pictures of a trained ViT"),
     "export": ("vitlab.models.export", "save a ViT checkpoint in Hugging Face format (config + safetensors)"),
     "train": ("vitlab.train.command", "train a model from a preset and dotted overrides"),
+    "finetune": ("vitlab.train.finetune", "fine-tune pretrained weights (ViT-B/16 on Flowers102 by default)"),
     "eval": ("vitlab.train.evaluate", "evaluate a run: top-1/top-5, per-class accuracy, confusion matrix"),
     "predict": ("vitlab.train.predict", "top-k classes for image files"),
+    "bench": ("vitlab.bench", "throughput and MFU against Hugging Face and a textbook ViT (benchmarks/throughput.py)"),
     "ablate": ("vitlab.train.ablate", "run the seed's ablation ladder and write a table and a bar chart"),
 }
 
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = extra
         else:
             args = parser.parse_args(argv[1:])
+        args.argv = argv[1:]  # as typed, for records that cite their command
         return int(module.run(args) or 0)
     except UserError as e:
         sys.stderr.write(f"vitlab {command}: error: {e}\n")

@@ -34,7 +34,9 @@ class ModelConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
+    pos_embed_init: str | None = None  # trunc_normal | sincos (ViTs; default: the preset's, trunc_normal)
     pretrained: str | None = None  # HF dir / hub id, timm/npz/torchvision file, or a vitlab run
+    freeze: str = "none"  # none | backbone (train the head(s) only: a linear probe)
     grad_checkpointing: bool = False
 
 
@@ -83,6 +85,7 @@ class OptimConfig:
     clip_grad: float | None = 1.0
     accum_steps: int = 1
     label_smoothing: float = 0.1
+    layer_decay: float = 1.0  # < 1: layer-wise lr decay for fine-tuning (head full rate, embeddings least)
 
 
 @dataclass
@@ -91,6 +94,7 @@ class ScheduleConfig:
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-6
+    by_time: bool = False  # with run.time_limit: schedule progress = elapsed / limit (fits any machine's speed)
 
 
 @dataclass

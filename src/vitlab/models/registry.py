@@ -37,11 +37,16 @@ _TI, _S, _B, _L = (192, 12, 3, 768), (384, 12, 6, 1536), (768, 12, 12, 3072), (1
 PRESETS: dict[str, Preset] = {
     # -- CIFAR-size family (32x32, 10 classes) ---------------------------------
     "vit_mini_patch4_32": _vit(128, 4, 4, 256, 4, 32, 10, "a small, fast ViT for the demo, tests and CPU budgets"),
+    "vit_mini_patch7_28": _vit(128, 4, 4, 256, 7, 28, 10, "vit_mini for 28-px grey images (MNIST-like): 16 patches of 7x7",
+                               in_chans=1),
     "vit_tiny_patch4_32": _vit(192, 6, 3, 768, 4, 32, 10, "the seed project's ViT-Tiny for CIFAR"),
     "vit_small_patch4_32": _vit(*_S, 4, 32, 10, "ViT-S width/depth at 32 px, patch 4"),
     "vit_base_patch4_32": _vit(*_B, 4, 32, 10, "ViT-B width/depth at 32 px, patch 4"),
     "vit_base_patch3_32": _vit(*_B, 3, 30, 10, "ViT-B, patch 3: takes 30x30 crops of 32-px images (32 is not a multiple of 3)"),
     "vit_base_patch2_32": _vit(*_B, 2, 32, 10, "ViT-B, patch 2: 256 tokens per 32-px image"),
+    "deit_mini_distilled_patch4_32": _vit(128, 4, 4, 256, 4, 32, 10, "vit_mini with DeiT's distillation token", distilled=True),
+    "deit_mini_distilled_patch7_28": _vit(128, 4, 4, 256, 7, 28, 10, "vit_mini_patch7_28 with DeiT's distillation token",
+                                          distilled=True, in_chans=1),
     "deit_tiny_distilled_patch4_32": _vit(192, 6, 3, 768, 4, 32, 10, "ViT-Tiny CIFAR with DeiT's distillation token", distilled=True),
     # -- the seed notebook's two models -----------------------------------------
     "vit_b16": _vit(768, 12, 12, 3072, 16, 224, 1000, "the seed notebook's ViT-B/16", drop_rate=0.1),

@@ -191,6 +191,22 @@ class Block(nn.Module):
         return (x, attn) if return_attn else x
 
 
+def sincos_2d(grid, dim: int) -> torch.Tensor:
+    """(gh*gw, dim) 2D sine-cosine position codes: half the channels encode the row,
+    half the column, each as sin/cos at geometrically spaced frequencies."""
+    gh, gw = grid
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for pos in (rows.flatten(), cols.flatten()):
+        angle = pos[:, None] * freqs[None]  # (gh*gw, dim/4)
+        parts += [angle.sin(), angle.cos()]
+    codes = torch.cat(parts, dim=1)  # (gh*gw, 4 * (dim // 4))
+    return F.pad(codes, (0, dim - codes.shape[1])).float()  # zero-pad when dim is not a multiple of 4
+
+
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None, num_prefix_tokens: int = 1) -> torch.Tensor:
     """Resize learned position embeddings to a new patch grid.
 
@@ -230,15 +246,22 @@ class VisionTransformer(nn.Module):
         dynamic_img_size: accept any input size divisible by the patch size,
             resampling the position embeddings on the fly (slower; off by default
             so a wrong size is an error, not a silent resample).
+        pos_embed_init: "trunc_normal" (std 0.02, as ViT/DeiT/timm) or "sincos":
+            2D sine-cosine values over the patch grid (as MAE / MoCo v3 use, fixed
+            there, learnable here). Small noise carries almost no position signal
+            at first, so a ViT trained briefly from scratch learns faster with sincos.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_dim=None, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.0, layer_scale=None, norm_eps=1e-6, global_pool="token",
-                 distilled=False, dynamic_img_size=False):
+                 distilled=False, dynamic_img_size=False, pos_embed_init="trunc_normal"):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if pos_embed_init not in ("trunc_normal", "sincos"):
+            raise ValueError(f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}")
+        self.pos_embed_init = pos_embed_init
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
         self.global_pool = global_pool
@@ -270,6 +293,9 @@ class VisionTransformer(nn.Module):
     # -- initialisation ---------------------------------------------------
     def init_weights(self):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed_init == "sincos":
+            with torch.no_grad():  # prefix slots keep their small noise
+                self.pos_embed[0, self.num_prefix_tokens:] = sincos_2d(self.patch_embed.grid_size, self.embed_dim)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)

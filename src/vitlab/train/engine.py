@@ -11,6 +11,7 @@ End of epoch: evaluate (and the EMA), append metrics, redraw curves,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -48,12 +49,40 @@ def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN runs bf16 matmuls natively (AVX512-BF16 / AMX), i.e. faster than fp32."""
+def cpu_has_bf16() -> bool:
+    """True when oneDNN can run bf16 matmuls natively (AVX512-BF16 / AMX)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+_BF16_RATE: tuple[float, float] | None = None
+
+
+def cpu_matmul_rates(size: int = 768, reps: int = 3) -> tuple[float, float]:
+    """Measured (fp32, bf16) matmul GFLOP/s on this CPU, best of `reps`; cached per process.
+
+    Native bf16 support is not the same as bf16 being faster: with AVX512-BF16
+    but no AMX, oneDNN's bf16 kernels can run at half the fp32 rate (seen on
+    the 2-core dev machine). So `auto` precision asks the hardware, in ~0.1 s.
+    """
+    global _BF16_RATE
+    if _BF16_RATE is None:
+        rates = []
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.randn(size, size).to(dtype)
+            b = torch.randn(size, size).to(dtype)
+            a @ b  # warm up the kernel choice
+            best = math.inf
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                a @ b
+                a @ b
+                best = min(best, (time.perf_counter() - t0) / 2)
+            rates.append(2 * size**3 / best / 1e9)
+        _BF16_RATE = (rates[0], rates[1])
+    return _BF16_RATE
 
 
 def resolve_precision(pref: str, device: torch.device) -> tuple[torch.dtype | None, str]:
@@ -61,10 +90,14 @@ def resolve_precision(pref: str, device: torch.device) -> tuple[torch.dtype | No
     if pref == "auto":
         if device.type == "cuda":
             pref = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif cpu_has_fast_bf16():
-            pref = "bf16"
-        else:
+        elif not cpu_has_bf16():
             return None, "fp32 (this CPU has no native bf16 matmul, so bf16 autocast would be slower)"
+        else:
+            fp32, bf16 = cpu_matmul_rates()
+            if bf16 < 1.2 * fp32:  # autocast casts cost something: bf16 must win clearly
+                return None, (f"fp32 (bf16 matmul measured at {bf16:.0f} vs {fp32:.0f} GFLOP/s fp32 on this CPU; "
+                              f"--precision bf16 forces it)")
+            pref = "bf16"
     if pref == "fp32":
         return None, "fp32"
     if pref == "bf16":
@@ -99,21 +132,45 @@ def choose_img_size(cfg: TrainConfig, native: tuple[int, int]) -> tuple[int, int
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size) -> nn.Module:
+    """A fresh model from the registry (training from scratch)."""
     preset = get_preset(cfg.model.name)
     kw = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     if preset.family == "vit":
         kw.update(drop_rate=cfg.model.drop_rate, attn_drop_rate=cfg.model.attn_drop_rate,
                   drop_path_rate=cfg.model.drop_path_rate)
-    if cfg.model.pretrained:
-        from ..models.pretrained import load_pretrained
+        if cfg.model.pos_embed_init:
+            kw["pos_embed_init"] = cfg.model.pos_embed_init
+    try:
+        return create_model(cfg.model.name, **kw)
+    except ValueError as e:  # a bad constructor value from the config
+        raise UserError(f"model {cfg.model.name}: {e}") from None
 
-        model, _ = load_pretrained(cfg.model.pretrained, **kw)
-        model.arch["name"] = cfg.model.name
-    else:
-        model = create_model(cfg.model.name, **kw)
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
+
+def build_pretrained(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
+    """Pretrained weights with a head for this dataset, at the checkpoint's resolution unless
+    --model.img_size asks for another (position embeddings resampled). -> (model, source info)."""
+    from ..models.pretrained import load_pretrained
+
+    kw = dict(drop_rate=cfg.model.drop_rate, attn_drop_rate=cfg.model.attn_drop_rate,
+              drop_path_rate=cfg.model.drop_path_rate)
+    model, info = load_pretrained(cfg.model.pretrained, num_classes=num_classes, img_size=cfg.model.img_size,
+                                  **kw)  # (a ResNet checkpoint ignores the ViT drop rates)
+    if getattr(model, "in_chans", in_chans) != in_chans:
+        raise UserError(f"{cfg.model.pretrained} takes {model.in_chans}-channel images but {cfg.data.name} has "
+                        f"{in_chans}; fine-tune on {model.in_chans}-channel data")
+    return model.train(), info
+
+
+def freeze_backbone(model: nn.Module) -> int:
+    """Train the classifier head(s) only (a linear probe); returns the number of trainable parameters."""
+    heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None), getattr(model, "fc", None))
+             if isinstance(m, nn.Module)]
+    if not heads:
+        raise UserError("model.freeze backbone: this model has no classifier head to train")
+    model.requires_grad_(False)
+    for h in heads:
+        h.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def load_teacher(path: str, device: torch.device) -> nn.Module:
@@ -231,7 +288,21 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     data = build_data(cfg.data)
     info = data.info
     num_classes = cfg.model.num_classes or info.num_classes
-    img_size = choose_img_size(cfg, info.img_size)
+    if cfg.model.pretrained:
+        # Fine-tuning: the weights decide resolution and normalisation (what they were trained with).
+        model, source_info = build_pretrained(cfg, num_classes, info.in_chans)
+        img_size = tuple(model.img_size)
+        info = dataclasses.replace(info, mean=tuple(source_info["mean"]), std=tuple(source_info["std"]))
+    else:
+        model = build_model(cfg, num_classes, info.in_chans, choose_img_size(cfg, info.img_size))
+        img_size = tuple(model.img_size)
+    if cfg.model.freeze not in ("none", "backbone"):
+        raise UserError(f"model.freeze must be 'none' or 'backbone', got {cfg.model.freeze!r}")
+    if cfg.model.freeze == "backbone":
+        freeze_backbone(model)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model = model.to(device)
     eval_split = data.val if data.val is not None else data.test
     eval_name = "val" if data.val is not None else "test"
     if cfg.run.batch_size % dist.world_size:
@@ -251,7 +322,6 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     eval_tf = build_eval_transform(info, img_size)
 
     # -- model, optimiser, loss ---------------------------------------------------------
-    model = build_model(cfg, num_classes, info.in_chans, img_size).to(device)
     accum = max(cfg.optim.accum_steps, 1)
     steps_per_epoch = max(len(train_loader) // accum, 1)
     total_steps = cfg.run.epochs * steps_per_epoch
@@ -312,8 +382,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
 
     # -- epochs ----------------------------------------------------------------------
     log_every = max(cfg.run.log_every, 1)
-    deadline = t_launch + cfg.run.time_limit * 60 if cfg.run.time_limit else None
     wall_before = history[-1]["wall_time"] if history else 0.0
+    # The time limit covers the whole run: a resumed run gets what its earlier part left.
+    deadline = t_launch + cfg.run.time_limit * 60 - wall_before if cfg.run.time_limit else None
+    reserve = 0.0  # seconds kept for the final evaluation (the last one's duration), so it ends in time
+    # sched.by_time: the schedule runs on the clock (progress = elapsed / budget), so warmup and the
+    # cosine fit the time limit however fast the machine is; epochs is then an upper bound.
+    if cfg.sched.by_time and deadline is None:
+        raise UserError("sched.by_time needs a budget: --run.time_limit MINUTES")
+    if cfg.sched.by_time and dist.enabled:
+        raise UserError("sched.by_time runs in one process (each process's clock would give its own lr)")
     t_run = time.time()
     for epoch in range(start_epoch, cfg.run.epochs):
         train_loader.set_epoch(epoch)
@@ -331,9 +409,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         for i, (images, labels) in enumerate(train_loader):
             g = batch_generator(device, cfg.run.seed, epoch, i, dist.rank)
             x, targets = train_tf(images, labels, g)
-            lr = lr_at(step, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps, cfg=cfg.sched)
+            where = step
+            if cfg.sched.by_time:
+                where = total_steps * min(1.0, (time.time() - t_launch) / max(deadline - reserve - t_launch, 1e-9))
+            lr = lr_at(where, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps, cfg=cfg.sched)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
             sync = contextlib.nullcontext() if (last_micro or not dist.enabled) else train_model.no_sync()
             with sync:
@@ -381,7 +462,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                     bar.set_postfix_str(f"loss {window.mean().item():.3f} acc {100 * correct.item() / max(seen.item(), 1):.1f} "
                                         f"lr {lr:.2e} {n_images * dist.world_size / max(dt, 1e-9):.0f} img/s")
                 bar.update(k)
-            if deadline and not dist.enabled and time.time() > deadline:
+            if deadline and not dist.enabled and time.time() > deadline - reserve:
                 break  # (under several processes the budget is checked per epoch, so all stop together)
         bar.close()
         train_time = time.perf_counter() - t0
@@ -393,8 +474,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                   "images_per_s": stats[2].item() / max(train_time, 1e-9), "epoch_time": train_time}
 
         # -- evaluate, log, checkpoint -----------------------------------------------------
-        last_epoch = epoch + 1 == cfg.run.epochs or (deadline and time.time() > deadline)
+        last_epoch = epoch + 1 == cfg.run.epochs or (deadline and time.time() > deadline - reserve)
         if (epoch + 1) % cfg.run.eval_every == 0 or last_epoch:
+            t_eval = time.time()
             res = evaluate(model, eval_loader, eval_tf, device, amp_dtype, num_classes, dist, separate_heads)
             record.update({f"{eval_name}_loss": res["loss"], f"{eval_name}_acc": res["acc"],
                            f"{eval_name}_top5": res["top5"]})
@@ -412,6 +494,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                 ckpt.save_model(run_dir / ckpt.WEIGHTS, best_model,
                                 {**meta, "epoch": epoch + 1, f"{eval_name}_acc": acc, "weights": which})
             best = max(best, acc)
+            reserve = time.time() - t_eval + 1.0
         record["wall_time"] = wall_before + (time.time() - t_run)
         history.append(record)
         if main:
@@ -434,7 +517,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                     msg += f"  ema {record[f'{eval_name}_acc_ema']:5.2f}%"
             msg += f"  lr {lr:.2e}  {record['images_per_s']:.0f} img/s  {train_time:.1f}s"
             log(msg)
-        if deadline and time.time() > deadline:
+        if deadline and time.time() > deadline - reserve:
             log(f"time limit of {cfg.run.time_limit} min reached after epoch {epoch + 1}")
             break
         if cfg.run.stop_after and epoch + 1 >= cfg.run.stop_after and epoch + 1 < cfg.run.epochs:

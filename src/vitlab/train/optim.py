@@ -16,24 +16,45 @@ from ..config import OptimConfig, ScheduleConfig
 from ..errors import UserError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed matrices/kernels, and everything weight decay should not touch.
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """Decayed matrices/kernels vs everything weight decay should not touch; optionally per layer.
 
     Biases, norm scales (all 1-D tensors) and the position embedding and
-    [CLS]/[DIST] tokens are excluded: decaying them pulls them towards zero,
-    which only hurts (the tokens and positions carry no scale to regularise).
+    [CLS]/[DIST] tokens are excluded from decay: decaying them pulls them towards
+    zero, which only hurts (the tokens and positions carry no scale to regularise).
+
+    layer_decay < 1 (fine-tuning, BEiT/MAE style) gives each ViT layer its own
+    group with `lr_scale = layer_decay ** (depth + 1 - layer)`: the head keeps
+    the full rate, block i gets less the deeper it sits, the patch embedding and
+    tokens least, so the pretrained early features move least. Frozen
+    parameters (requires_grad False) are left out.
     """
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
+    depth = len(getattr(model, "blocks", ()))
+    per_layer = layer_decay != 1.0 and depth > 0
+    groups: dict[tuple[bool, int], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in skip or name.endswith(".gamma"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        decay = not (p.ndim <= 1 or name in skip or name.endswith(".gamma"))
+        layer = vit_layer_id(name, depth) if per_layer else depth + 1
+        key = (decay, layer)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                           "name": ("decay" if decay else "no_decay") + (f"_layer{layer}" if per_layer else ""),
+                           "lr_scale": layer_decay ** (depth + 1 - layer) if per_layer else 1.0}
+        groups[key]["params"].append(p)
+    # decayed groups first, then by layer: a stable order, so optimizer state resumes into the same groups
+    return [groups[k] for k in sorted(groups, key=lambda k: (not k[0], k[1]))]
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """0 for the embeddings and tokens, i + 1 for blocks.i, depth + 1 for the final norm and heads."""
+    if name.startswith(("patch_embed.", "cls_token", "dist_token", "pos_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
 
 
 def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -42,7 +63,11 @@ def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    if not 0.0 < cfg.layer_decay <= 1.0:
+        raise UserError(f"optim.layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    if not groups:
+        raise UserError("nothing to train: every parameter is frozen")
     # foreach kernels: one launch per group instead of one per tensor.
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), foreach=True)

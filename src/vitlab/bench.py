@@ -1,0 +1,538 @@
+"""`vitlab bench` (= benchmarks/throughput.py): how fast is a vitlab ViT, against its peers?
+
+Three implementations of the same network are timed in one process, on the same
+threads, batch and input:
+
+  vitlab     this package's VisionTransformer
+  hf         Hugging Face `ViTForImageClassification` (sdpa attention), if transformers is installed
+  textbook   the ViT as tutorials write it (below): separate q/k/v Linears, softmax(QK^T/sqrt(d))V
+
+each in fp32 and under bf16 autocast, for a training step (forward, cross-entropy,
+backward, AdamW) and for inference. Throughput is images/s (median of timed
+repeats after warm-up); MFU is the model's matmul FLOPs per second divided by a
+matmul ceiling measured here for each dtype. "vitlab default" is what
+`vitlab train` does with no flags (its precision is chosen by measurement).
+
+    vitlab bench                                  # ViT-Tiny CIFAR config, batch 128, the comparison table
+    vitlab bench --model vit_small_patch4_32 --batch-size 64
+    vitlab bench --scaling                        # + cost against batch, tokens and model size; one plot
+    vitlab bench --memory                         # + peak memory per step, gradient checkpointing on ViT-B/224
+    vitlab bench --loop                           # + the full `vitlab train` loop against the bare step
+
+Results go to --out (JSON and pictures); `--markdown` prints the README table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+
+
+# -- the textbook ViT ---------------------------------------------------------------
+
+class TextbookAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.d = heads, dim // heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, N, D)
+        B, N, D = x.shape
+        split = lambda t: t.view(B, N, self.heads, self.d).transpose(1, 2)  # noqa: E731  (B, h, N, d)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.d), dim=-1)  # (B, h, N, N)
+        return self.out((attn @ v).transpose(1, 2).reshape(B, N, D))
+
+
+class TextbookBlock(nn.Module):
+    def __init__(self, dim, heads, mlp):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = TextbookAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TextbookViT(nn.Module):
+    def __init__(self, img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_dim):
+        super().__init__()
+        n = (img_size // patch_size) ** 2
+        self.patch = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, embed_dim) * 0.02)
+        self.blocks = nn.Sequential(*[TextbookBlock(embed_dim, num_heads, mlp_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class _Logits(nn.Module):
+    """A Hugging Face classifier that returns the logits tensor."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x):
+        return self.hf(pixel_values=x).logits
+
+
+# -- building the three -------------------------------------------------------------------
+
+def arch_of(preset: str) -> dict:
+    from .models import get_preset
+
+    p = get_preset(preset)
+    if p.family != "vit":
+        raise UserError(f"bench compares ViTs; {preset} is a {p.family}")
+    kw = dict(p.kwargs)
+    size = kw["img_size"] if isinstance(kw["img_size"], int) else kw["img_size"][0]
+    return dict(img_size=size, patch_size=kw["patch_size"], in_chans=kw.get("in_chans", 3),
+                num_classes=kw["num_classes"], embed_dim=kw["embed_dim"], depth=kw["depth"],
+                num_heads=kw["num_heads"], mlp_dim=kw.get("mlp_dim") or 4 * kw["embed_dim"])
+
+
+def build(impl: str, a: dict) -> nn.Module:
+    if impl == "vitlab":
+        from .models import VisionTransformer
+
+        return VisionTransformer(**a)
+    if impl == "textbook":
+        return TextbookViT(**a)
+    if impl == "hf":
+        import transformers
+
+        cfg = transformers.ViTConfig(hidden_size=a["embed_dim"], num_hidden_layers=a["depth"],
+                                     num_attention_heads=a["num_heads"], intermediate_size=a["mlp_dim"],
+                                     image_size=a["img_size"], patch_size=a["patch_size"],
+                                     num_channels=a["in_chans"], num_labels=a["num_classes"],
+                                     attn_implementation="sdpa")
+        return _Logits(transformers.ViTForImageClassification(cfg))
+    raise ValueError(impl)
+
+
+def have_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- FLOPs and the ceiling ------------------------------------------------------------------
+
+def vit_flops(a: dict, training: bool) -> float:
+    """Matmul FLOPs per image (multiply-add = 2). Training = 3x forward (backward is ~2x)."""
+    g = a["img_size"] // a["patch_size"]
+    n, d, m = g * g + 1, a["embed_dim"], a["mlp_dim"]
+    inner = a["num_heads"] * (d // a["num_heads"])
+    per_layer = 2 * n * d * 3 * inner + 2 * n * inner * d + 2 * 2 * n * d * m + 2 * 2 * n * n * inner
+    fwd = a["depth"] * per_layer + 2 * g * g * a["in_chans"] * a["patch_size"] ** 2 * d + 2 * d * a["num_classes"]
+    return 3 * fwd if training else fwd
+
+
+def matmul_ceiling(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
+    """Best GFLOP/s of a square matmul in this dtype on this machine."""
+    x = torch.randn(size, size).to(dtype)
+    y = torch.randn(size, size).to(dtype)
+    x @ y
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x @ y
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+def _ctx(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _median_rate(fn, batch: int, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def time_train(model: nn.Module, x, y, dtype, steps: int, warmup: int) -> float:
+    """Images/s of a full training step: forward, loss, backward, AdamW step."""
+    from .train.optim import param_groups
+
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, foreach=True)
+
+    def step():
+        with _ctx(dtype):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _median_rate(step, x.shape[0], steps, warmup)
+
+
+def time_infer(model: nn.Module, x, dtype, steps: int, warmup: int) -> float:
+    model.eval()
+
+    def fwd():
+        with torch.inference_mode(), _ctx(dtype):
+            model(x)
+
+    return _median_rate(fwd, x.shape[0], steps, warmup)
+
+
+def default_precision() -> tuple[torch.dtype | None, str]:
+    from .train.engine import resolve_precision
+
+    return resolve_precision("auto", torch.device("cpu"))
+
+
+# -- the comparison table -----------------------------------------------------------------
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=print) -> dict:
+    a = arch_of(preset)
+    impls = impls or (["vitlab", "hf", "textbook"] if have_transformers() else ["vitlab", "textbook"])
+    ceilings = {name: matmul_ceiling(dt or torch.float32) for name, dt in DTYPES.items()}
+    log(f"matmul ceiling: fp32 {ceilings['fp32']:.0f} GFLOP/s, bf16 {ceilings['bf16']:.0f} GFLOP/s")
+    torch.manual_seed(0)
+    x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
+    y = torch.randint(0, a["num_classes"], (batch,))
+    ftrain, finfer = vit_flops(a, True), vit_flops(a, False)
+    rows = []
+    for impl in impls:
+        for pname, dtype in DTYPES.items():
+            torch.manual_seed(0)
+            model = build(impl, a)
+            tr = time_train(model, x, y, dtype, steps, warmup)
+            inf = time_infer(model, x, dtype, steps, warmup)
+            ceil = ceilings[pname]
+            rows.append(dict(impl=impl, precision=pname, train=tr, infer=inf,
+                             train_mfu=tr * ftrain / 1e9 / ceil, infer_mfu=inf * finfer / 1e9 / ceil))
+            log(f"  {impl:9s} {pname:5s} train {tr:7.0f} img/s ({100 * rows[-1]['train_mfu']:4.1f}% MFU)   "
+                f"infer {inf:7.0f} img/s ({100 * rows[-1]['infer_mfu']:4.1f}% MFU)")
+    dflt_dtype, note = default_precision()
+    dname = "bf16" if dflt_dtype is not None else "fp32"
+    default = next(r for r in rows if r["impl"] == "vitlab" and r["precision"] == dname)
+    ratios = {}
+    get = {(r["impl"], r["precision"]): r for r in rows}
+    for impl, pname in [("hf", "bf16"), ("hf", "fp32"), ("textbook", "bf16"), ("textbook", "fp32")]:
+        if (impl, pname) in get:
+            ratios[f"train_vs_{impl}_{pname}"] = default["train"] / get[(impl, pname)]["train"]
+    peers = [r for r in rows if r["impl"] != "vitlab"]
+    if peers:
+        best_peer = max(peers, key=lambda r: r["infer"])
+        ratios["infer_vs_best_peer"] = default["infer"] / best_peer["infer"]
+        ratios["best_peer_infer"] = f"{best_peer['impl']} {best_peer['precision']}"
+    return dict(preset=preset, arch=a, batch=batch, steps=steps, flops_train=ftrain, flops_infer=finfer,
+                ceilings_gflops=ceilings, rows=rows, default_precision=dname, default_note=note,
+                default_train=default["train"], default_infer=default["infer"],
+                default_train_mfu_vs_bf16_ceiling=default["train"] * ftrain / 1e9 / ceilings["bf16"],
+                default_train_mfu_vs_own_ceiling=default["train_mfu"], ratios=ratios)
+
+
+TARGETS = [("train_vs_hf_bf16", 2.5), ("train_vs_hf_fp32", 4.0), ("train_vs_textbook_bf16", 1.3),
+           ("infer_vs_best_peer", 1.3)]
+
+
+def print_table(res: dict, log=print) -> None:
+    log("")
+    log(markdown_table(res))
+    log("")
+    r = res["ratios"]
+    log(f"vitlab default = {res['default_precision']} ({res['default_note']})")
+    for key, target in TARGETS:
+        if key in r:
+            ok = "meets" if r[key] >= target else "MISSES"
+            log(f"  {key:26s} {r[key]:5.2f}x   (target >= {target}x: {ok})")
+    m = res["default_train_mfu_vs_bf16_ceiling"]
+    log(f"  {'train MFU vs bf16 ceiling':26s} {100 * m:5.1f}%   (target >= 65%: {'meets' if m >= 0.65 else 'MISSES'})")
+    if "loop" in res:
+        lp = res["loop"]
+        log(f"  {'full loop / bare step':26s} {100 * lp['ratio']:5.1f}%   "
+            f"(target >= 90%: {'meets' if lp['ratio'] >= 0.9 else 'MISSES'})")
+
+
+def markdown_table(res: dict) -> str:
+    a = res["arch"]
+    lines = [f"{res['preset']} ({a['img_size']}x{a['img_size']}, patch {a['patch_size']}, {a['embed_dim']} dim, "
+             f"{a['depth']} layers, {a['num_heads']} heads, MLP {a['mlp_dim']}), batch {res['batch']}; "
+             f"matmul ceiling here: fp32 {res['ceilings_gflops']['fp32']:.0f}, bf16 "
+             f"{res['ceilings_gflops']['bf16']:.0f} GFLOP/s",
+             "",
+             "| implementation | precision | train img/s | train MFU | infer img/s | infer MFU |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        star = " (default)" if r["impl"] == "vitlab" and r["precision"] == res["default_precision"] else ""
+        lines.append(f"| {r['impl']}{star} | {r['precision']} | {r['train']:.0f} | {100 * r['train_mfu']:.0f}% | "
+                     f"{r['infer']:.0f} | {100 * r['infer_mfu']:.0f}% |")
+    return "\n".join(lines)
+
+
+# -- scaling ----------------------------------------------------------------------------------
+
+def scaling(steps: int, warmup: int, dtype, log=print) -> dict:
+    """Training-step cost of vitlab ViTs against batch size, token count and model size."""
+    out = {"batch": [], "tokens": [], "model": []}
+    base = arch_of("vit_tiny_patch4_32")
+
+    def one(a, batch):
+        torch.manual_seed(0)
+        from .models import VisionTransformer
+
+        model = VisionTransformer(**a)
+        x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
+        y = torch.randint(0, a["num_classes"], (batch,))
+        rate = time_train(model, x, y, dtype, steps, warmup)
+        tokens = (a["img_size"] // a["patch_size"]) ** 2 + 1
+        return dict(img_size=a["img_size"], patch=a["patch_size"], tokens=tokens, batch=batch,
+                    embed_dim=a["embed_dim"], depth=a["depth"], train=rate,
+                    gflops=rate * vit_flops(a, True) / 1e9)
+
+    for b in (16, 32, 64, 128, 256):
+        out["batch"].append(one(base, b))
+        log(f"  batch {b:4d}: {out['batch'][-1]['train']:.0f} img/s")
+    for size in (32, 64, 96, 128, 160, 224):  # patch 8 keeps the largest affordable on a CPU
+        a = {**base, "img_size": size, "patch_size": 8}
+        r = one(a, max(8, 128 * 64 // ((size // 8) ** 2 + 1)))  # about the same tokens per step
+        out["tokens"].append(r)
+        log(f"  {size:3d} px, {r['tokens']:4d} tokens: {r['train']:.1f} img/s, {r['gflops']:.0f} GFLOP/s")
+    for preset in ("vit_tiny_patch4_32", "vit_small_patch4_32", "vit_base_patch4_32"):
+        a = arch_of(preset)
+        r = one(a, 32)
+        r["preset"] = preset
+        out["model"].append(r)
+        log(f"  {preset}: {r['train']:.1f} img/s, {r['gflops']:.0f} GFLOP/s")
+    return out
+
+
+def plot_scaling(sc: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    b = sc["batch"]
+    axes[0].plot([r["batch"] for r in b], [r["train"] for r in b], marker="o")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set(xlabel="batch size", ylabel="train images/s", title="ViT-Tiny 32 px: batch size")
+    t = sc["tokens"]
+    axes[1].loglog([r["tokens"] for r in t], [r["train"] for r in t], marker="o", label="images/s")
+    ax2 = axes[1].twinx()
+    ax2.plot([r["tokens"] for r in t], [r["gflops"] for r in t], color="C1", marker="s", label="GFLOP/s")
+    ax2.set_ylabel("achieved GFLOP/s", color="C1")
+    for r in t:
+        axes[1].annotate(f"{r['img_size']}px", (r["tokens"], r["train"]), fontsize=7, xytext=(3, 3),
+                         textcoords="offset points")
+    axes[1].set(xlabel="tokens per image (patch 8)", ylabel="train images/s", title="ViT-Tiny: image size")
+    m = sc["model"]
+    names = [r["preset"].split("_")[1] for r in m]
+    axes[2].bar(names, [r["train"] for r in m])
+    for i, r in enumerate(m):
+        axes[2].annotate(f"{r['gflops']:.0f} GFLOP/s", (i, r["train"]), ha="center", fontsize=8,
+                         xytext=(0, 3), textcoords="offset points")
+    axes[2].set_yscale("log")
+    axes[2].set(ylabel="train images/s", title="model size (32 px, patch 4, batch 32)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+_MEM_CHILD = r"""
+import json, resource, sys, torch, torch.nn.functional as F
+from vitlab.models import create_model
+from vitlab.bench import saved_activation_bytes
+preset, batch, ckpt, bf16 = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
+model = create_model(preset, drop_path_rate=0.0)
+model.set_grad_checkpointing(ckpt)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+h, w = model.img_size
+x = torch.randn(batch, model.in_chans, h, w); y = torch.randint(0, model.num_classes, (batch,))
+ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+def step():
+    with ctx:
+        loss = F.cross_entropy(model(x).float(), y)
+    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+step()  # optimizer state now exists
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+act = saved_activation_bytes(model, x, ctx)
+step()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_rss_mib": peak / 1024, "saved_activations_mib": act / 2**20}))
+"""
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor, ctx=None) -> int:
+    """Bytes autograd keeps for the backward pass of one forward (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), (ctx or contextlib.nullcontext()):
+        out = model(x)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    del out
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+def memory(preset: str = "vit_base_patch16_224", batch: int = 8, log=print) -> list[dict]:
+    """Peak process memory and saved activations per training step, with and without checkpointing."""
+    rows = []
+    for ckpt in (False, True):
+        r = subprocess.run([sys.executable, "-c", _MEM_CHILD, preset, str(batch), str(int(ckpt)), "0"],
+                           capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            raise RuntimeError(f"memory child failed: {r.stderr[-500:]}")
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res.update(preset=preset, batch=batch, grad_checkpointing=ckpt)
+        rows.append(res)
+        log(f"  {preset} batch {batch}, checkpointing {'on ' if ckpt else 'off'}: peak RSS "
+            f"{res['peak_rss_mib']:.0f} MiB, saved activations {res['saved_activations_mib']:.0f} MiB")
+    return rows
+
+
+# -- the full loop ---------------------------------------------------------------------------------
+
+def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print) -> dict:
+    """`vitlab train` images/s (augmentation, logging, checkpointing included) against the bare step."""
+    import tempfile
+
+    from .config import build_config, parse_overrides
+    from .train.engine import train
+
+    n = batch * 30
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config(None, parse_overrides([
+            "--model", preset, "--data", "shapes", "--data.subset", str(n), "--epochs", "2",
+            "--batch-size", str(batch), "--out", tmp, "--run.name", "loop", "--aug.mixup_alpha", "0.2",
+            "--aug.cutmix_alpha", "1.0", "--aug.randaugment_n", "2", "--aug.erasing", "0.25"]))
+        run = train(cfg)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    loop_rate = rows[-1]["images_per_s"]  # the second epoch: warm caches, as in a long run
+    a = arch_of(preset)
+    dtype, _ = default_precision()
+    torch.manual_seed(0)
+    from .models import create_model
+
+    model = create_model(preset, num_classes=6)
+    x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
+    y = torch.randint(0, 6, (batch,))
+    step_rate = time_train(model, x, y, dtype, steps, warmup)
+    log(f"  full loop {loop_rate:.0f} img/s vs bare step {step_rate:.0f} img/s = {100 * loop_rate / step_rate:.0f}%")
+    return dict(loop=loop_rate, step=step_rate, ratio=loop_rate / step_rate,
+                recipe="crop+flip+RandAugment(2,9)+Mixup/CutMix+erasing, shapes, 2 epochs")
+
+
+# -- command ---------------------------------------------------------------------------------------
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def add_arguments(p):
+    p.add_argument("--model", default="vit_tiny_patch4_32", help="a ViT preset (default: the seed's CIFAR ViT-Tiny)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="timed repeats per measurement (median)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--impl", action="append", choices=["vitlab", "hf", "textbook"],
+                   help="only these implementations (repeatable)")
+    p.add_argument("--scaling", action="store_true", help="also time batch / image size / model size; one plot")
+    p.add_argument("--memory", action="store_true", help="also peak memory per step, checkpointing on ViT-B/224")
+    p.add_argument("--loop", action="store_true", help="also the full training loop against the bare step")
+    p.add_argument("--all", action="store_true", help="--scaling --memory --loop")
+    p.add_argument("--out", default="benchmarks/results", help="where throughput.json and the plot go")
+    p.add_argument("--markdown", action="store_true", help="print the README table from --out's JSON and exit")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if args.markdown:
+        f = out / "throughput.json"
+        if not f.is_file():
+            raise UserError(f"{f} not found: run `vitlab bench --out {out}` first")
+        res = json.loads(f.read_text())
+        print(markdown_table(res["compare"]))
+        print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`_")
+        return 0
+    if args.batch_size < 1 or args.steps < 1:
+        raise UserError("--batch-size and --steps must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.impl and "hf" in args.impl and not have_transformers():
+        raise UserError("--impl hf needs transformers (pip install transformers)")
+    print(f"vitlab bench on {machine()}")
+    script = Path(sys.argv[0]).name == "throughput.py"
+    cmd = ("python benchmarks/throughput.py " if script else "vitlab bench ") + " ".join(args.argv)
+    res = {"date": str(date.today()), "machine": machine(), "command": cmd.strip()}
+    print(f"training step and inference, {args.model}, batch {args.batch_size}:")
+    res["compare"] = compare(args.model, args.batch_size, args.steps, args.warmup, args.impl)
+    if args.loop or args.all:
+        print("full training loop:")
+        res["compare"]["loop"] = loop_vs_step(args.model, args.batch_size, args.steps, args.warmup)
+    print_table(res["compare"])
+    out.mkdir(parents=True, exist_ok=True)
+    if args.scaling or args.all:
+        dtype, _ = default_precision()
+        print(f"scaling (vitlab, default precision {'bf16' if dtype else 'fp32'}):")
+        res["scaling"] = scaling(max(3, args.steps // 2), 1, dtype)
+        plot_scaling(res["scaling"], out / "scaling.png", f"vitlab training step, {res['machine']}, {res['date']}")
+        print(f"wrote {out / 'scaling.png'}")
+    if args.memory or args.all:
+        print("memory per training step (fp32):")
+        res["memory"] = memory()
+    (out / "throughput.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out / 'throughput.json'}")
+    return 0

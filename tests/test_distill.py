@@ -1,0 +1,119 @@
+"""Knowledge distillation: DeiT's loss on hand-made logits, a frozen teacher, the two heads, a real run."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from vitlab.models import create_model
+from vitlab.train.checkpoint import save_model
+from vitlab.train.losses import DistillationLoss
+
+
+class Fixed(nn.Module):
+    """A 'teacher' that answers with given logits, whatever the images."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits))
+
+    def forward(self, x):
+        return self.logits
+
+
+def log_softmax(row):
+    z = math.log(sum(math.exp(v) for v in row))
+    return [v - z for v in row]
+
+
+CLS = [[2.0, 0.0, -1.0]]
+DIST = [[0.5, 1.5, 0.0]]
+TEACHER = [[0.0, 3.0, 1.0]]  # argmax 1
+LABEL = [0]
+
+
+def test_none_soft_hard_on_hand_made_logits():
+    cls, dist, y = torch.tensor(CLS), torch.tensor(DIST), torch.tensor(LABEL)
+    ce_cls = -log_softmax(CLS[0])[0]
+    ce_dist_label = -log_softmax(DIST[0])[0]
+    # none: a plain model uses its one head; a distilled one trains both heads on the labels
+    assert DistillationLoss("none")(cls, y).item() == pytest.approx(ce_cls, rel=1e-6)
+    assert DistillationLoss("none")((cls, dist), y).item() == pytest.approx(0.5 * (ce_cls + ce_dist_label), rel=1e-6)
+    # hard: the [DIST] head learns the teacher's argmax (class 1)
+    hard = DistillationLoss("hard", alpha=0.5, teacher=Fixed(TEACHER))((cls, dist), y, torch.zeros(1))
+    assert hard.item() == pytest.approx(0.5 * ce_cls + 0.5 * -log_softmax(DIST[0])[1], rel=1e-6)
+    # soft: tau^2 * KL(teacher || student) at temperature tau
+    tau, alpha = 2.0, 0.3
+    pt = [math.exp(v) for v in log_softmax([v / tau for v in TEACHER[0]])]
+    ls = log_softmax([v / tau for v in DIST[0]])
+    kl = sum(p * (math.log(p) - s) for p, s in zip(pt, ls))
+    soft = DistillationLoss("soft", alpha=alpha, tau=tau, teacher=Fixed(TEACHER))((cls, dist), y, torch.zeros(1))
+    assert soft.item() == pytest.approx((1 - alpha) * ce_cls + alpha * tau * tau * kl, rel=1e-6)
+
+
+def test_soft_targets_and_label_smoothing_compose():
+    cls, dist = torch.tensor(CLS), torch.tensor(DIST)
+    mixed = torch.tensor([[0.6, 0.4, 0.0]])  # a Mixup/CutMix target row
+    eps = 0.1
+    smooth = [0.6 * (1 - eps) + eps / 3, 0.4 * (1 - eps) + eps / 3, eps / 3]
+    ce = -sum(t * l for t, l in zip(smooth, log_softmax(CLS[0])))
+    loss = DistillationLoss("hard", alpha=0.5, smoothing=eps, teacher=Fixed(TEACHER))((cls, dist), mixed, torch.zeros(1))
+    # smoothing and mixing apply to the label term; the teacher's term is its own argmax
+    assert loss.item() == pytest.approx(0.5 * ce + 0.5 * -log_softmax(DIST[0])[1], rel=1e-6)
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    crit = DistillationLoss("soft", alpha=0.5, tau=2.0, teacher=teacher)
+    crit.train()  # what the engine does every epoch
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+    running = teacher[3].running_mean.clone()
+    student = nn.Linear(12, 3)
+    x = torch.randn(4, 3, 2, 2)
+    out = student(x.flatten(1))
+    loss = crit((out, out), torch.tensor([0, 1, 2, 0]), x)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert student.weight.grad is not None
+    assert torch.equal(teacher[3].running_mean, running)  # eval mode: BatchNorm statistics untouched
+    # same images, same teacher answer (dropout off)
+    assert torch.equal(teacher(x), teacher(x))
+
+
+def test_distilled_eval_output_is_the_mean_of_the_two_heads():
+    model = create_model("deit_mini_distilled_patch4_32").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        cls, dist = model.forward_head(model.forward_features(x), separate=True)
+        assert torch.allclose(model(x), (cls + dist) / 2, atol=1e-6)
+    model.train()
+    out = model(x)
+    assert isinstance(out, tuple) and len(out) == 2  # training: both heads, for the loss
+
+
+def test_distillation_needs_a_teacher_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vitlab.cli", "train", "--model", "deit_mini_distilled_patch4_32",
+                        "--distill.kind", "hard", "--epochs", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--distill.teacher" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_distilled_run_on_shapes_with_a_cnn_teacher(tmp_path):
+    teacher = create_model("resnet18_cifar", num_classes=6)
+    save_model(tmp_path / "teacher.safetensors", teacher)
+    r = subprocess.run([sys.executable, "-m", "vitlab.cli", "train", "--model", "deit_mini_distilled_patch4_32",
+                        "--data", "shapes", "--data.subset", "256", "--epochs", "1", "--batch-size", "64",
+                        "--distill.teacher", str(tmp_path / "teacher.safetensors"), "--distill.kind", "hard",
+                        "--run.precision", "fp32", "--out", str(tmp_path), "--run.name", "student"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads((tmp_path / "student" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("test_acc", "test_acc_cls_head", "test_acc_dist_head"):
+        assert 0.0 <= row[key] <= 100.0, key
+    cfg = (tmp_path / "student" / "config.yaml").read_text()
+    assert "kind: hard" in cfg and "teacher.safetensors" in cfg
