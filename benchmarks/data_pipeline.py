@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import vitlab
+from vitlab.bench import machine
 from vitlab.config import AugConfig
 from vitlab.data import DatasetInfo, TensorSplit, build_train_transform, make_loader, make_shapes
 from vitlab.data import augment as A
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     step_ms = median_ms(step, args.steps, max(1, wu))
     share = pipeline_ms / (pipeline_ms + step_ms)
 
-    print(f"data pipeline, batch {B}, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}")
+    print(f"data pipeline, batch {B}, on {machine()}")
     print(f"{'part':34s} {'ms/batch':>9s} {'images/s':>10s}")
     for name, ms in rows:
         print(f"{name:34s} {ms:9.2f} {B / ms * 1000:10.0f}")
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     print(f"pipeline share of (pipeline + step): {100 * share:.1f}%  (target < 5%)")
 
     if args.out:
-        result = dict(date=str(date.today()), machine=platform.processor() or platform.machine(),
+        result = dict(date=str(date.today()), machine=machine(),
                       command="python benchmarks/data_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                       precision=precision, batch_size=B, threads=torch.get_num_threads(), torch=torch.__version__, model=args.model,
                       iters=args.iters, steps=args.steps, ops_ms={n: round(ms, 3) for n, ms in rows},

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from datetime import date
 from pathlib import Path
 
-import torch
 
+from vitlab.bench import machine
 from vitlab.config import build_config, parse_overrides
 from vitlab.train.engine import train
 from vitlab.utils import atomic_write_text
@@ -54,7 +53,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     runs = Path(args.runs)
     # Every run starts from the Fashion-MNIST preset (configs/fashion_mnist.yaml) with these changes.
-    common = ["--data-dir", args.data_dir, "--seed", str(args.seed), "--out", str(runs)]
+    # Budgets here are epochs, not the preset's 15-minute clock: every student gets the same number of updates.
+    common = ["--data-dir", args.data_dir, "--seed", str(args.seed), "--out", str(runs),
+              "--sched.by_time", "false", "--run.time_limit", "none", "--sched.warmup_epochs", "0.5"]
     if args.subset:
         common += ["--data.subset", str(args.subset)]
 
@@ -79,8 +80,7 @@ def main(argv=None) -> int:
 
     record = {"benchmark": "distill", "date": str(date.today()), "seed": args.seed,
               "command": "python benchmarks/distill.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}",
+              "machine": machine(),
               "teacher_epochs": args.teacher_epochs, "student_epochs": args.epochs, "subset": args.subset,
               "rows": rows}
     out = Path(args.out)

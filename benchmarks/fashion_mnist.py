@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from datetime import date
 from pathlib import Path
 
-import torch
 
+from vitlab.bench import machine
 from vitlab.config import build_config, parse_overrides
 from vitlab.train.engine import train
 from vitlab.utils import atomic_write_text
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "fashion_mnist", "config": args.config, "seed": args.seed, "date": str(date.today()),
         "command": "python benchmarks/fashion_mnist.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "final_test_acc": curve[-1]["test_acc"], "train_minutes": curve[-1]["train_minutes"],
         "wall_minutes": rows[-1]["wall_time"] / 60, "curve": curve, "run_dir": str(run_dir),
     }
