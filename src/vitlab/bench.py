@@ -343,17 +343,23 @@ def plot_scaling(sc: dict, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     b = sc["batch"]
     axes[0].plot([r["batch"] for r in b], [r["train"] for r in b], marker="o")
     axes[0].set_xscale("log", base=2)
+    axes[0].set_xticks([r["batch"] for r in b], [str(r["batch"]) for r in b])
+    axes[0].set_ylim(0, 1.15 * max(r["train"] for r in b))  # from zero: the wiggles are mostly host noise
     axes[0].set(xlabel="batch size", ylabel="train images/s", title="ViT-Tiny 32 px: batch size")
     t = sc["tokens"]
     axes[1].loglog([r["tokens"] for r in t], [r["train"] for r in t], marker="o", label="images/s")
     ax2 = axes[1].twinx()
     ax2.plot([r["tokens"] for r in t], [r["gflops"] for r in t], color="C1", marker="s", label="GFLOP/s")
     ax2.set_ylabel("achieved GFLOP/s", color="C1")
+    ax2.set_ylim(0, 1.15 * max(r["gflops"] for r in t))
+    axes[1].set_xticks([r["tokens"] for r in t], [str(r["tokens"]) for r in t])
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for r in t:
         axes[1].annotate(f"{r['img_size']}px", (r["tokens"], r["train"]), fontsize=7, xytext=(3, 3),
                          textcoords="offset points")
@@ -377,10 +383,22 @@ def plot_scaling(sc: dict, path: Path, title: str) -> None:
 # -- memory -------------------------------------------------------------------------------------
 
 _MEM_CHILD = r"""
-import json, resource, sys, torch, torch.nn.functional as F
+import json, os, re, resource, sys, torch, torch.nn.functional as F
 from vitlab.models import create_model
 from vitlab.bench import saved_activation_bytes
 preset, batch, ckpt, bf16 = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
+
+def mib(key):  # VmRSS (now) or VmHWM (high-water mark) in MiB, from /proc
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+def reset_peak():  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
 model = create_model(preset, drop_path_rate=0.0)
 model.set_grad_checkpointing(ckpt)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
@@ -391,14 +409,20 @@ def step():
     with ctx:
         loss = F.cross_entropy(model(x).float(), y)
     opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-for p in model.parameters():  # create AdamW's state without running a step
-    p.grad = torch.zeros_like(p)
-opt.step(); opt.zero_grad(set_to_none=True)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # weights + optimizer state + input
-step()  # the one measured step: the process's peak is set here
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+step()  # the first step creates AdamW's state (and its temporaries); not the one measured
+opt.zero_grad(set_to_none=True)
+try:  # hand the freed first-step memory back to the OS, or the measured step would reuse it unseen
+    import ctypes; ctypes.CDLL("libc.so.6").malloc_trim(0)
+except OSError:
+    pass
+base = mib("VmRSS")  # weights + optimizer state + input, gradients freed
+# Without a reset the high-water mark would still hold the first step's one-off peak.
+if not reset_peak():
+    sys.exit("cannot reset the peak-RSS counter (/proc/self/clear_refs)")
+step()  # the measured step
+peak = mib("VmHWM")
 act = saved_activation_bytes(model, x, ctx)
-print(json.dumps({"peak_rss_mib": peak / 1024, "state_rss_mib": base / 1024, "step_mib": (peak - base) / 1024,
+print(json.dumps({"peak_rss_mib": peak, "state_rss_mib": base, "step_mib": peak - base,
                   "saved_activations_mib": act / 2**20}))
 """
 
@@ -435,7 +459,8 @@ def memory(preset: str = "vit_base_patch16_224", batch: int = 8, log=print) -> l
         res.update(preset=preset, batch=batch, grad_checkpointing=ckpt)
         rows.append(res)
         log(f"  {preset} batch {batch}, checkpointing {'on ' if ckpt else 'off'}: peak RSS "
-            f"{res['peak_rss_mib']:.0f} MiB ({res['state_rss_mib']:.0f} before the step: weights and AdamW state), "
+            f"{res['peak_rss_mib']:.0f} MiB ({res['state_rss_mib']:.0f} before it: weights, AdamW state, input; "
+            f"+{res['step_mib']:.0f} in the step), "
             f"saved activations {res['saved_activations_mib']:.0f} MiB")
     return rows
 
@@ -447,8 +472,22 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print) ->
     import tempfile
 
     from .config import build_config, parse_overrides
+    from .models import create_model
     from .train.engine import train
 
+    a = arch_of(preset)
+    dtype, _ = default_precision()
+
+    def bare_step() -> float:
+        torch.manual_seed(0)
+        model = create_model(preset, num_classes=6)
+        x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
+        y = torch.randint(0, 6, (batch,))
+        return time_train(model, x, y, dtype, steps, warmup)
+
+    # This host's speed drifts by 10% or more over a minute, so the bare step is timed
+    # just before and just after the loop and the ratio taken against their mean.
+    before = bare_step()
     n = batch * 30
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config(None, parse_overrides([
@@ -458,17 +497,11 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print) ->
         run = train(cfg)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     loop_rate = rows[-1]["images_per_s"]  # the second epoch: warm caches, as in a long run
-    a = arch_of(preset)
-    dtype, _ = default_precision()
-    torch.manual_seed(0)
-    from .models import create_model
-
-    model = create_model(preset, num_classes=6)
-    x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
-    y = torch.randint(0, 6, (batch,))
-    step_rate = time_train(model, x, y, dtype, steps, warmup)
-    log(f"  full loop {loop_rate:.0f} img/s vs bare step {step_rate:.0f} img/s = {100 * loop_rate / step_rate:.0f}%")
-    return dict(loop=loop_rate, step=step_rate, ratio=loop_rate / step_rate,
+    after = bare_step()
+    step_rate = (before + after) / 2
+    log(f"  full loop {loop_rate:.0f} img/s vs bare step {step_rate:.0f} img/s "
+        f"({before:.0f} before, {after:.0f} after) = {100 * loop_rate / step_rate:.0f}%")
+    return dict(loop=loop_rate, step=step_rate, step_before=before, step_after=after, ratio=loop_rate / step_rate,
                 recipe="crop+flip+RandAugment(2,9)+Mixup/CutMix+erasing, shapes, 2 epochs")
 
 
@@ -506,10 +539,11 @@ def _print_markdown(res: dict) -> None:
     print(markdown_table(res["compare"]))
     if "memory" in res:
         print("\n| ViT-B/16 224 px training step, batch 8, fp32 | peak process memory | before the step "
-              "(weights + AdamW state) | activations kept for backward |\n|---|---:|---:|---:|")
+              "(weights + AdamW state) | added by the step | activations kept for backward |\n|---|---:|---:|---:|---:|")
         for m in res["memory"]:
             print(f"| gradient checkpointing {'on' if m['grad_checkpointing'] else 'off'} | "
-                  f"{m['peak_rss_mib']:.0f} MiB | {m['state_rss_mib']:.0f} MiB | {m['saved_activations_mib']:.0f} MiB |")
+                  f"{m['peak_rss_mib']:.0f} MiB | {m['state_rss_mib']:.0f} MiB | {m['step_mib']:.0f} MiB | "
+                  f"{m['saved_activations_mib']:.0f} MiB |")
     c = res["compare"]
     targets = dict(TARGETS)
     print("\n| vitlab default training step against | ratio | target |\n|---|---:|---:|")
