@@ -20,7 +20,13 @@ from vitlab.data import sources
 from vitlab.data.matfile import loadmat
 from vitlab.errors import UserError
 
-REAL_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
+# The real files, where this project's machines keep them (beside the checkout), where
+# Debian's dataset-fashion-mnist package puts them, or wherever $VITLAB_FASHION_MNIST says.
+_FASHION_CANDIDATES = [Path(p) for p in (os.environ.get("VITLAB_FASHION_MNIST"),) if p] + [
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist",
+    Path("/usr/share/datasets/fashion-mnist"),
+]
+REAL_FASHION = next((p for p in _FASHION_CANDIDATES if p.is_dir()), _FASHION_CANDIDATES[0])
 
 
 @pytest.fixture(autouse=True)
