@@ -383,7 +383,7 @@ def plot_scaling(sc: dict, path: Path, title: str) -> None:
 # -- memory -------------------------------------------------------------------------------------
 
 _MEM_CHILD = r"""
-import json, os, re, resource, sys, torch, torch.nn.functional as F
+import json, re, sys, torch, torch.nn.functional as F
 from vitlab.models import create_model
 from vitlab.bench import saved_activation_bytes
 preset, batch, ckpt, bf16 = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
