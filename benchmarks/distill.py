@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     runs = Path(args.runs)
-    # Every run starts from the Fashion-MNIST preset (configs/fashion_mnist.yaml) with these changes.
+    # Every run starts from the plain-ViT Fashion-MNIST preset (configs/fashion_mnist_plain.yaml) with these changes.
     # Budgets here are epochs, not the preset's 15-minute clock: every student gets the same number of updates.
     common = ["--data-dir", args.data_dir, "--seed", str(args.seed), "--out", str(runs),
               "--sched.by_time", "false", "--run.time_limit", "none", "--sched.warmup_epochs", "0.5"]
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         if finished(d, epochs):
             print(f"{name}: already finished, reusing {d}")
             return d
-        cfg = build_config("fashion_mnist", parse_overrides(common + ["--epochs", str(epochs), "--run.name", name]
+        cfg = build_config("fashion_mnist_plain", parse_overrides(common + ["--epochs", str(epochs), "--run.name", name]
                                                              + extra))
         return train(cfg, resume=str(d) if (d / "last.ckpt").is_file() else None)
 

@@ -47,7 +47,11 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
     assert "| textbook | bf16 |" in capsys.readouterr().out
 
 
-def test_bench_rejects_a_resnet_in_one_line(capsys):
+def test_bench_rejects_a_resnet_or_unknown_model_in_one_line_before_any_output(capsys):
     assert cli_main(["bench", "--model", "resnet18_cifar", "--steps", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "resnet" in err and len(err.strip().splitlines()) == 1
+    cap = capsys.readouterr()
+    assert "resnet" in cap.err and len(cap.err.strip().splitlines()) == 1 and cap.out == ""
+    assert cli_main(["bench", "--model", "vit_mini_patch4_3", "--steps", "1"]) == 2
+    cap = capsys.readouterr()
+    assert "did you mean 'vit_mini_patch4_32'" in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert cap.out == ""

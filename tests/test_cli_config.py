@@ -61,3 +61,25 @@ def test_unknown_key_names_the_closest_valid_key():
 def test_none_for_optional_fields():
     cfg = build_config(None, parse_overrides(["--optim.clip_grad", "none"]))
     assert cfg.optim.clip_grad is None
+
+
+def test_every_shipped_preset_loads_names_a_real_model_and_states_command_time_and_accuracy():
+    from vitlab.config import CONFIG_DIR, load_yaml
+    from vitlab.models import PRESETS
+
+    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert {"fashion_mnist", "fashion_mnist_plain", "fashion_mnist_60min", "shapes"} <= {f.stem for f in files}
+    for f in files:
+        head = f.read_text().split("\n\n")[0]
+        for field in ("# command:", "# time:", "# expect:"):
+            assert field in head, f"{f.name} does not state its {field}"
+        cfg = build_config(f.stem, {})
+        assert cfg.model.pretrained or cfg.model.name in PRESETS, f.name
+        raw = load_yaml(f)
+        assert all(isinstance(v, dict) for v in raw.values()), f"{f.name}: top level must be sections"
+    # The 15-minute Fashion-MNIST preset is the hybrid ViT; its plain twin differs only in model and compile.
+    hybrid, plain = build_config("fashion_mnist", {}), build_config("fashion_mnist_plain", {})
+    assert PRESETS[hybrid.model.name].kwargs.get("conv_stem") and not PRESETS[plain.model.name].kwargs.get("conv_stem")
+    set_key(plain, "model.name", hybrid.model.name)
+    set_key(plain, "run.compile", True)
+    assert plain == hybrid

@@ -455,6 +455,8 @@ def test_export_refuses_what_hf_vit_cannot_express(tmp_path, capsys):
         export_hf(VisionTransformer(img_size=32, patch_size=8, embed_dim=50, depth=1, num_heads=3), tmp_path / "o2")
     with pytest.raises(UserError, match="global_pool='avg'"):
         export_hf(small_vit(global_pool="avg"), tmp_path / "o3")
+    with pytest.raises(UserError, match="conv stem"):
+        export_hf(small_vit(conv_stem=(8,)), tmp_path / "o4")
 
 
 # -- DeiT (distilled) through Hugging Face ------------------------------------------------

@@ -284,3 +284,81 @@ def test_sincos_position_init_is_a_2d_code_and_prefix_slots_stay_small():
     assert m.pos_embed[0, :2].abs().max() < 0.1
     with pytest.raises(ValueError, match="pos_embed_init"):
         VisionTransformer(img_size=32, patch_size=4, embed_dim=16, depth=1, num_heads=2, pos_embed_init="rope")
+
+
+# -- hybrid input: a conv stem before the patch projection ---------------------------------
+def _hybrid(**kw):
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=4, num_classes=5,
+                conv_stem=(8, 16))
+    args.update(kw)
+    return VisionTransformer(**args)
+
+
+def test_conv_stem_keeps_the_token_grid_and_is_local():
+    m = _hybrid().eval()
+    plain = VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=32, depth=2, num_heads=4)
+    assert m.patch_embed.grid_size == plain.patch_embed.grid_size == (4, 4)
+    assert m.pos_embed.shape == plain.pos_embed.shape
+    # Two stride-2 convs, then a 2x2 projection (8 / 2^2) on the 8x8 feature map.
+    assert m.patch_embed.proj.kernel_size == (2, 2) and m.patch_embed.proj.in_channels == 16
+    x = torch.randn(2, 1, 32, 32)
+    tokens = m.patch_embed(x)  # (B, 16, D)
+    assert tokens.shape == (2, 16, 32)
+    # Locality: token (0, 0) sees input rows/columns 0..7 and token (0, 1) columns 5..15 (each
+    # 3x3 stride-2 conv widens the field by 2 pixels of its input, the 2x2 projection by one map
+    # cell), so changing the bottom-right quarter leaves them alone and changes token (3, 3).
+    y = x.clone()
+    y[:, :, 16:, 16:] = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        t2 = m.patch_embed(y)
+    assert torch.equal(tokens[:, 0], t2[:, 0]) and torch.equal(tokens[:, 1], t2[:, 1])
+    assert not torch.allclose(tokens[:, 15], t2[:, 15])
+
+
+def test_conv_stem_matches_a_hand_built_cnn():
+    m = _hybrid().eval()
+    for mod in m.patch_embed.stem:  # non-trivial BatchNorm statistics
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 1, 32, 32)
+    stem = m.patch_embed.stem
+    h = x
+    for conv, bn in ((stem[0], stem[1]), (stem[3], stem[4])):
+        h = F.conv2d(h, conv.weight, stride=2, padding=1)
+        h = (h - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+        h = F.relu(h * bn.weight[:, None, None] + bn.bias[:, None, None])
+    h = F.conv2d(h, m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=2)  # (B, D, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(m.patch_embed(x), h.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_conv_stem_errors_and_registry():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        _hybrid(patch_size=6, img_size=36)
+    m = create_model("vit_mini_convstem_patch8_32", in_chans=1)
+    assert m.arch["kwargs"]["conv_stem"] == (32, 64)
+    # The recorded architecture rebuilds the same network (as a checkpoint does, via JSON lists).
+    import json
+
+    from vitlab.models.registry import build_from_arch
+
+    arch = json.loads(json.dumps(m.arch))
+    twin = build_from_arch(arch)
+    twin.load_state_dict(m.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    m.eval(), twin.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), twin(x))
+
+
+def test_conv_stem_weight_decay_groups():
+    from vitlab.train.optim import param_groups
+
+    m = _hybrid()
+    groups = param_groups(m, 0.05)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    stem = m.patch_embed.stem
+    assert id(stem[0].weight) in decayed and id(stem[3].weight) in decayed  # conv kernels decay
+    assert id(stem[1].weight) not in decayed and id(stem[1].bias) not in decayed  # BatchNorm does not

@@ -574,6 +574,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.impl and "hf" in args.impl and not have_transformers():
         raise UserError("--impl hf needs transformers (pip install transformers)")
+    arch_of(args.model)  # an unknown or non-ViT model is an error before anything is printed
     print(f"vitlab bench on {machine()}")
     script = Path(sys.argv[0]).name == "throughput.py"
     cmd = ("python benchmarks/throughput.py " if script else "vitlab bench ") + " ".join(args.argv)

@@ -78,6 +78,8 @@ def check_exportable(model) -> None:
         raise ExportError(f"global_pool={model.global_pool!r} is not exportable: HF's ViT classifies the [CLS] token")
     if not isinstance(model.blocks[0].ls1, torch.nn.Identity):
         raise ExportError("models with LayerScale are not exportable: HF's ViT has no LayerScale")
+    if getattr(model.patch_embed, "stem", None) is not None:
+        raise ExportError("hybrid models (conv stem) are not exportable: HF's ViT embeds patches with one conv")
     attn = model.blocks[0].attn
     if attn.inner_dim != model.embed_dim:
         raise ExportError(f"embed_dim {model.embed_dim} is not divisible by num_heads {attn.num_heads}; "

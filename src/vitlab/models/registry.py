@@ -39,6 +39,10 @@ PRESETS: dict[str, Preset] = {
     "vit_mini_patch4_32": _vit(128, 4, 4, 256, 4, 32, 10, "a small, fast ViT for the demo, tests and CPU budgets"),
     "vit_mini_patch7_28": _vit(128, 4, 4, 256, 7, 28, 10, "vit_mini for 28-px grey images (MNIST-like): 16 patches of 7x7",
                                in_chans=1),
+    "vit_mini_convstem_patch8_32": _vit(128, 4, 4, 256, 8, 32, 10, "hybrid vit_mini: two stride-2 3x3 convs "
+                                        "(32, 64 wide) before an 8-px patch grid of 16 tokens", conv_stem=(32, 64)),
+    "vit_mini_convstem_patch4_28": _vit(128, 4, 4, 256, 4, 28, 10, "hybrid vit_mini for 28-px images: the same "
+                                        "stem, then 1x1 projection to a 7x7 grid of 49 tokens", conv_stem=(32, 64)),
     "vit_tiny_patch4_32": _vit(192, 6, 3, 768, 4, 32, 10, "the seed project's ViT-Tiny for CIFAR"),
     "vit_small_patch4_32": _vit(*_S, 4, 32, 10, "ViT-S width/depth at 32 px, patch 4"),
     "vit_base_patch4_32": _vit(*_B, 4, 32, 10, "ViT-B width/depth at 32 px, patch 4"),

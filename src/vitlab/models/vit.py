@@ -33,9 +33,18 @@ class PatchEmbed(nn.Module):
 
     A conv with kernel = stride = P is exactly "flatten each patch, apply one
     shared Linear", and it is the layout every pretrained checkpoint uses.
+
+    conv_stem=(c1, c2, ...) makes it the ViT paper's *hybrid* input (section 3.1):
+    k stride-2 3x3 conv-BN-ReLU layers with those widths shrink the image by 2^k
+    first, and `proj` (kernel = stride = P / 2^k) cuts their feature map into
+    the same grid of tokens. Early convolutions give a transformer the locality
+    a plain patchify lacks, which is what it cannot learn from little data or
+    few epochs (Xiao et al. 2021, "Early convolutions help transformers see
+    better"). The token grid, and everything after it, is unchanged.
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, strict_img_size=True):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, strict_img_size=True,
+                 conv_stem: Sequence[int] = ()):
         super().__init__()
         self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
@@ -46,7 +55,21 @@ class PatchEmbed(nn.Module):
                 raise ValueError(f"image {side} {size} is not divisible by the patch size {p}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.stem = None
+        kernel, chans = self.patch_size, in_chans
+        if conv_stem:
+            shrink = 2 ** len(conv_stem)
+            if any(p % shrink for p in self.patch_size):
+                raise ValueError(f"a conv stem of {len(conv_stem)} stride-2 layers needs a patch size divisible "
+                                 f"by {shrink}, got {self.patch_size[0]}")
+            layers = []
+            for width in conv_stem:
+                layers += [nn.Conv2d(chans, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                           nn.ReLU(inplace=True)]
+                chans = width
+            self.stem = nn.Sequential(*layers)
+            kernel = (self.patch_size[0] // shrink, self.patch_size[1] // shrink)
+        self.proj = nn.Conv2d(chans, embed_dim, kernel_size=kernel, stride=kernel)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
@@ -65,6 +88,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if self.stem is not None:
+            x = self.stem(x)  # (B, c_k, H/2^k, W/2^k)
         x = self.proj(x)  # (B, D, H/P, W/P)
         return x.flatten(2).transpose(1, 2)  # (B, N_patches, D)
 
@@ -250,12 +275,14 @@ class VisionTransformer(nn.Module):
             2D sine-cosine values over the patch grid (as MAE / MoCo v3 use, fixed
             there, learnable here). Small noise carries almost no position signal
             at first, so a ViT trained briefly from scratch learns faster with sincos.
+        conv_stem: widths of stride-2 3x3 convs run before the patch projection (the
+            paper's hybrid ViT; see PatchEmbed). Empty: the plain patchify.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_dim=None, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.0, layer_scale=None, norm_eps=1e-6, global_pool="token",
-                 distilled=False, dynamic_img_size=False, pos_embed_init="trunc_normal"):
+                 distilled=False, dynamic_img_size=False, pos_embed_init="trunc_normal", conv_stem=()):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -271,7 +298,8 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
         mlp_dim = mlp_dim or 4 * embed_dim
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size,
+                                      conv_stem=tuple(conv_stem))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, embed_dim))
@@ -311,6 +339,9 @@ class VisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
         nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.patch_embed.modules():  # hybrid stem: He init for conv -> ReLU
+            if isinstance(m, nn.Conv2d) and m is not self.patch_embed.proj:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that weight decay should leave alone (besides biases and norms)."""

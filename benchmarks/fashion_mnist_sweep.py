@@ -1,0 +1,182 @@
+"""Choose the Fashion-MNIST preset: many candidate recipes, each at the epoch count it
+would fit in the CPU budget, trained side by side (one process each) on a GPU.
+
+A 15-minute CPU run allows one try per quarter hour; a GPU runs eight tries of the
+same recipe in a few minutes. What carries over from GPU to CPU is the recipe at a
+fixed number of epochs: the same code, batch, learning rate and schedule (fp32 on
+both), so the accuracy after E epochs is the same in distribution. E for each
+candidate is the number of epochs the dev CPU trains in the budget, measured with
+`--measure` on that CPU (a bare training step, batch 64, against the plain patch-7
+model, which fits 25 epochs in 15 minutes there: benchmarks/results/fashion_mnist-seed0.json).
+The winner is then run for real on the CPU by benchmarks/fashion_mnist.py.
+
+    python benchmarks/fashion_mnist_sweep.py --measure                 # on the CPU: img/s per candidate
+    python benchmarks/fashion_mnist_sweep.py --data-dir DIR --device cuda --jobs 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+import traceback
+from datetime import date
+from pathlib import Path
+
+MINI = dict(embed_dim=128, depth=4, num_heads=4, mlp_dim=256, in_chans=1, num_classes=10)
+
+# name -> (model kwargs, config overrides, CPU training speed relative to plain_p7_28, from --measure
+# on the dev CPU, rounded down where repeated measurements disagreed: host speed drifts 10-30%)
+CANDIDATES: dict[str, tuple[dict, dict, float]] = {
+    # plain ViTs
+    "plain_p7_28": (dict(MINI, img_size=28, patch_size=7), {}, 1.0),
+    "plain_p4_28": (dict(MINI, img_size=28, patch_size=4), {}, 0.39),
+    "plain_p4_28_d96x6": (dict(MINI, img_size=28, patch_size=4, embed_dim=96, depth=6, mlp_dim=192), {}, 0.4),
+    # hybrids: a conv stem before the patch projection (same token grid)
+    "hybrid_p8_32_s32-64": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {}, 0.95),
+    "hybrid_p8_32_s16-32-64": (dict(MINI, img_size=32, patch_size=8, conv_stem=(16, 32, 64)), {}, 0.95),
+    "hybrid_p8_32_s32-64_dp.1": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)),
+                                 {"model.drop_path_rate": 0.1}, 0.95),
+    "hybrid_p4_28_s24-48_d64": (dict(MINI, img_size=28, patch_size=4, embed_dim=64, mlp_dim=128,
+                                     conv_stem=(24, 48)), {}, 0.85),
+    "hybrid_p4_28_s32-64": (dict(MINI, img_size=28, patch_size=4, conv_stem=(32, 64)), {}, 0.45),
+    "hybrid_p8_32_s32-64_depth6": (dict(MINI, img_size=32, patch_size=8, depth=6, conv_stem=(32, 64)), {}, 0.75),
+    # round 2 (the CPU step is 1.3x faster with run.compile: speeds scaled by 1.3)
+    "c_hybrid_p8_32_s32-64": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {}, 1.25),
+    "c_hybrid_p8_32_s32-64_erase.25": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)),
+                                       {"aug.erasing": 0.25}, 1.25),
+    "c_hybrid_p8_32_s32-64_ema": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)),
+                                  {"run.ema": True, "run.ema_decay": 0.999}, 1.2),
+    "c_hybrid_p8_32_s32-64-128": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64, 128)), {}, 1.0),
+    "hybrid_p8_32_s32-64_w192": (dict(MINI, img_size=32, patch_size=8, embed_dim=192, num_heads=4, mlp_dim=384,
+                                      conv_stem=(32, 64)), {}, 0.65),
+}
+BASE_EPOCHS = 25  # plain_p7_28 on the dev CPU: 25 epochs in the 15-minute budget
+
+# The shared recipe: configs/fashion_mnist.yaml's, scheduled by epochs instead of by the clock.
+RECIPE = {
+    "data.name": "fashion-mnist", "aug.crop_padding": 2, "aug.hflip": 0.5, "aug.mixup_alpha": 0.0,
+    "optim.lr": 4e-3, "optim.beta2": 0.98, "optim.label_smoothing": 0.1, "model.pos_embed_init": "sincos",
+    "model.drop_path_rate": 0.0, "sched.warmup_epochs": 1, "run.batch_size": 64, "run.precision": "fp32",
+}
+
+
+def epochs_for(rate: float, minutes: float) -> int:
+    return max(1, round(BASE_EPOCHS * rate * minutes / 15))
+
+
+def measure(names) -> None:
+    import torch
+
+    from vitlab.models.vit import VisionTransformer
+
+    for name in names:
+        kw = CANDIDATES[name][0]
+        model = VisionTransformer(**kw)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+        s = kw["img_size"]
+        x, y = torch.randn(64, 1, s, s), torch.randint(0, 10, (64,))
+
+        def step():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        for _ in range(5):
+            step()
+        t = time.perf_counter()
+        for _ in range(30):
+            step()
+        print(f"{name:28s} {64 * 30 / (time.perf_counter() - t):7.0f} img/s", flush=True)
+
+
+def run_one(name: str, epochs: int, data_dir: str, device: str, seed: int, out: str, threads: int) -> dict:
+    from vitlab.config import build_config, parse_overrides
+    from vitlab.models.registry import PRESETS, Preset
+    from vitlab.train.engine import train
+
+    kw, extra, _ = CANDIDATES[name]
+    PRESETS[f"sweep_{name}"] = Preset("vit", dict(kw))
+    overrides = {**RECIPE, **extra, "model.name": f"sweep_{name}", "data.dir": data_dir, "run.device": device,
+                 "run.epochs": epochs, "run.seed": seed, "run.out": out, "run.name": f"{name}-seed{seed}",
+                 "run.threads": threads}
+    argv = []
+    for k, v in overrides.items():
+        argv += [f"--{k}", str(v)]
+    cfg = build_config(None, parse_overrides(argv))
+    t = time.time()
+    run_dir = train(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [r["test_acc"] for r in rows if "test_acc" in r]
+    return {"name": name, "epochs": epochs, "seed": seed, "final_test_acc": curve[-1], "best_test_acc": max(curve),
+            "final_train_acc": rows[-1].get("train_acc"), "curve": curve, "minutes": (time.time() - t) / 60}
+
+
+def _worker(args):
+    name, epochs, data_dir, device, seed, out, threads = args
+    log = Path(out) / f"{name}-seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        sys.stdout = sys.stderr = f
+        try:
+            return run_one(name, epochs, data_dir, device, seed, out, threads)
+        except BaseException:
+            traceback.print_exc()
+            return {"name": name, "epochs": epochs, "seed": seed, "error": traceback.format_exc(limit=3)[-600:]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--measure", action="store_true", help="time each candidate's training step on this CPU")
+    p.add_argument("--only", nargs="*", help="candidate names (default: all)")
+    p.add_argument("--data-dir", default="../shared/data/fashion-mnist")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--minutes", type=float, default=15, help="the CPU budget each candidate's epochs stand for")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--jobs", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per job")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    names = args.only or list(CANDIDATES)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        print(f"error: unknown candidate(s) {unknown}; known: {list(CANDIDATES)}", file=sys.stderr)
+        return 2
+    if args.measure:
+        measure(names)
+        return 0
+    jobs = [(n, epochs_for(CANDIDATES[n][2], args.minutes), args.data_dir, args.device, s,
+             "runs/sweep", args.threads) for s in args.seeds for n in names]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"fashion_mnist_sweep_{args.minutes:g}min"
+    results = []
+    with mp.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+        for r in pool.imap_unordered(_worker, jobs):  # each result saved as it lands: a cut-off sweep keeps them
+            results.append(r)
+            with open(out / f"{tag}.jsonl", "a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(json.dumps({k: r.get(k) for k in ("name", "seed", "epochs", "final_test_acc", "error")}), flush=True)
+    lines = [f"| candidate | seed | epochs (= {args.minutes:g} CPU min) | final test acc | best | final train acc |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['seed']} | {r['epochs']} | error | | |")
+        else:
+            lines.append(f"| {r['name']} | {r['seed']} | {r['epochs']} | {r['final_test_acc']:.2f} | "
+                         f"{r['best_test_acc']:.2f} | {r['final_train_acc']} |")
+    table = "\n".join(lines)
+    print(table)
+    record = {"benchmark": "fashion_mnist_sweep", "date": str(date.today()), "device": args.device,
+              "minutes": args.minutes, "command": "python benchmarks/fashion_mnist_sweep.py " + " ".join(
+                  sys.argv[1:] if argv is None else argv), "recipe": RECIPE, "results": results}
+    (out / f"{tag}.json").write_text(json.dumps(record, indent=1))
+    (out / f"{tag}.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
