@@ -148,6 +148,13 @@ def main(argv=None) -> int:
     if args.measure:
         measure(names)
         return 0
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda but no CUDA device here; the sweep is meant for a GPU "
+                  "(--device cpu runs it, one 15-minute budget per candidate)", file=sys.stderr)
+            return 2
     jobs = [(n, epochs_for(CANDIDATES[n][2], args.minutes), args.data_dir, args.device, s,
              "runs/sweep", args.threads) for s in args.seeds for n in names]
     out = Path(args.out)

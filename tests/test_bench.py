@@ -38,7 +38,9 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
     assert rc == 0
     res = json.loads((tmp_path / "throughput.json").read_text())["compare"]
     assert {(r["impl"], r["precision"]) for r in res["rows"]} == {
-        (i, p) for i in ("vitlab", "textbook") for p in ("fp32", "bf16")}
+        (i, p) for i in ("vitlab", "textbook") for p in ("fp32", "bf16")} | {("vitlab compiled", res["default_precision"])}
+    default = next(r for r in res["rows"] if r["impl"] == "vitlab compiled")
+    assert res["default_train"] == default["train"]
     assert all(r["train"] > 0 and 0 < r["train_mfu"] for r in res["rows"])
     assert "train_vs_textbook_bf16" in res["ratios"]
     out = capsys.readouterr().out

@@ -177,6 +177,53 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path, monkeyp
     assert not (run / "model.safetensors").exists() and not (run / "last.ckpt").exists()
 
 
+def test_compile_auto_only_for_long_single_process_runs():
+    from types import SimpleNamespace
+
+    from vitlab.train.engine import AUTO_COMPILE_MIN_STEPS, resolve_compile
+
+    one, two = SimpleNamespace(enabled=False), SimpleNamespace(enabled=True)
+    assert resolve_compile(None, AUTO_COMPILE_MIN_STEPS, one)[0] is True
+    on, note = resolve_compile(None, AUTO_COMPILE_MIN_STEPS - 1, one)
+    assert on is False and f"{AUTO_COMPILE_MIN_STEPS - 1} steps" in note
+    assert resolve_compile(None, 10**6, two)[0] is False
+    assert resolve_compile(True, 1, two)[0] is True and resolve_compile(False, 10**6, one)[0] is False
+    assert build_config("shapes", {}).run.compile is None  # presets leave it to auto unless they ran otherwise
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """--run.compile: the same run, the same numbers up to float reassociation."""
+    from vitlab.train import engine
+
+    common = [*FAST, "--epochs", "1", "--data.subset", "256", "--out", str(tmp_path), "--model.drop_path_rate", "0"]
+    eager = engine.train(build_config(None, parse_overrides([*common, "--run.name", "eager"])))
+    comp = engine.train(build_config(None, parse_overrides([*common, "--run.name", "comp", "--run.compile", "true"])))
+    (e,), (c,) = metrics(eager), metrics(comp)
+    assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-3)
+    assert c["test_loss"] == pytest.approx(e["test_loss"], rel=1e-2)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_note(tmp_path, monkeypatch, capsys):
+    import torch._dynamo.exc as dexc
+
+    from vitlab.train import engine
+
+    class Broken(torch.nn.Module):  # what torch.compile hands back on a machine with no C++ compiler
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            raise dexc.InternalTorchDynamoError("no working C++ compiler found")
+
+    monkeypatch.setattr(engine.torch, "compile", lambda m, **kw: Broken(m))
+    common = [*FAST, "--epochs", "1", "--data.subset", "256", "--out", str(tmp_path)]
+    ref = engine.train(build_config(None, parse_overrides([*common, "--run.name", "ref"])))
+    run = engine.train(build_config(None, parse_overrides([*common, "--run.name", "fb", "--run.compile", "true"])))
+    assert "torch.compile failed (InternalTorchDynamoError: no working C++ compiler found)" in capsys.readouterr().out
+    assert comparable(metrics(run)) == comparable(metrics(ref))
+
+
 def test_two_processes_agree_with_one(tmp_path):
     # Same global batch (64): one process with 64, or two with 32 each. No randomness
     # that differs per process (no augmentation, no dropout), fp32.

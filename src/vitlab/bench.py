@@ -11,7 +11,8 @@ each in fp32 and under bf16 autocast, for a training step (forward, cross-entrop
 backward, AdamW) and for inference. Throughput is images/s (median of timed
 repeats after warm-up); MFU is the model's matmul FLOPs per second divided by a
 matmul ceiling measured here for each dtype. "vitlab default" is what
-`vitlab train` does with no flags (its precision is chosen by measurement).
+`vitlab train` does with no flags on a long run: its precision chosen by
+measurement, and torch.compile (run.compile auto), timed after compiling.
 
     vitlab bench                                  # ViT-Tiny CIFAR config, batch 128, the comparison table
     vitlab bench --model vit_small_patch4_32 --batch-size 64
@@ -224,6 +225,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=print) -> dict:
     a = arch_of(preset)
     impls = impls or (["vitlab", "hf", "textbook"] if have_transformers() else ["vitlab", "textbook"])
+    impls = ["vitlab"] + [i for i in impls if i != "vitlab"]  # the default step is always measured
     ceilings = {name: matmul_ceiling(dt or torch.float32) for name, dt in DTYPES.items()}
     log(f"matmul ceiling: fp32 {ceilings['fp32']:.0f} GFLOP/s, bf16 {ceilings['bf16']:.0f} GFLOP/s")
     torch.manual_seed(0)
@@ -244,13 +246,25 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
                 f"infer {inf:7.0f} img/s ({100 * rows[-1]['infer_mfu']:4.1f}% MFU)")
     dflt_dtype, note = default_precision()
     dname = "bf16" if dflt_dtype is not None else "fp32"
-    default = next(r for r in rows if r["impl"] == "vitlab" and r["precision"] == dname)
+    if "vitlab" in impls:
+        # What `vitlab train` runs by default for a long run: torch.compile (run.compile auto) in the
+        # default precision. The first calls compile (20-60 s); warm-up absorbs them.
+        torch.manual_seed(0)
+        model = torch.compile(build("vitlab", a))
+        tr = time_train(model, x, y, dflt_dtype, steps, max(warmup, 2))
+        inf = time_infer(model, x, dflt_dtype, steps, max(warmup, 2))
+        ceil = ceilings[dname]
+        rows.append(dict(impl="vitlab compiled", precision=dname, train=tr, infer=inf,
+                         train_mfu=tr * ftrain / 1e9 / ceil, infer_mfu=inf * finfer / 1e9 / ceil))
+        log(f"  {'vitlab compiled':9s} {dname:5s} train {tr:7.0f} img/s ({100 * rows[-1]['train_mfu']:4.1f}% MFU)   "
+            f"infer {inf:7.0f} img/s ({100 * rows[-1]['infer_mfu']:4.1f}% MFU)")
+    default = next(r for r in rows if r["impl"] == "vitlab compiled" and r["precision"] == dname)
     ratios = {}
     get = {(r["impl"], r["precision"]): r for r in rows}
     for impl, pname in [("hf", "bf16"), ("hf", "fp32"), ("textbook", "bf16"), ("textbook", "fp32")]:
         if (impl, pname) in get:
             ratios[f"train_vs_{impl}_{pname}"] = default["train"] / get[(impl, pname)]["train"]
-    peers = [r for r in rows if r["impl"] != "vitlab"]
+    peers = [r for r in rows if not r["impl"].startswith("vitlab")]
     if peers:
         best_peer = max(peers, key=lambda r: r["infer"])
         ratios["infer_vs_best_peer"] = default["infer"] / best_peer["infer"]
@@ -295,7 +309,7 @@ def markdown_table(res: dict) -> str:
              "| implementation | precision | train img/s | train MFU | infer img/s | infer MFU |",
              "|---|---|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        star = " (default)" if r["impl"] == "vitlab" and r["precision"] == res["default_precision"] else ""
+        star = " (default)" if r["impl"] == "vitlab compiled" and r["precision"] == res["default_precision"] else ""
         lines.append(f"| {r['impl']}{star} | {r['precision']} | {r['train']:.0f} | {100 * r['train_mfu']:.0f}% | "
                      f"{r['infer']:.0f} | {100 * r['infer_mfu']:.0f}% |")
     return "\n".join(lines)
@@ -493,7 +507,8 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print) ->
         cfg = build_config(None, parse_overrides([
             "--model", preset, "--data", "shapes", "--data.subset", str(n), "--epochs", "2",
             "--batch-size", str(batch), "--lr", "2e-3", "--out", tmp, "--run.name", "loop", "--aug.mixup_alpha", "0.2",
-            "--aug.cutmix_alpha", "1.0", "--aug.randaugment_n", "2", "--aug.erasing", "0.25"]))
+            "--aug.cutmix_alpha", "1.0", "--aug.randaugment_n", "2", "--aug.erasing", "0.25",
+            "--run.compile", "false"]))  # overhead of the loop itself: eager against the eager bare step
         run = train(cfg)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     loop_rate = rows[-1]["images_per_s"]  # the second epoch: warm caches, as in a long run

@@ -114,7 +114,7 @@ class RunConfig:
     name: str | None = None  # default: model-data-timestamp
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp16 | fp32
-    compile: bool = False
+    compile: bool | None = None  # torch.compile the training step; none = auto: on for runs of 2,000+ steps
     threads: int | None = None  # CPU threads; default: all cores
     ema: bool = False
     ema_decay: float = 0.999

@@ -115,6 +115,46 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+# torch.compile costs 20-60 s up front. On the 2-core dev CPU it made the small ViTs' step about
+# 1.3x faster (vit_mini hybrid, batch 64: the Fashion-MNIST preset) and left a matmul-bound one
+# level (ViT-Tiny, batch 128: benchmarks/throughput.py's "vitlab compiled" row). Below this many
+# optimizer steps it may not pay back.
+AUTO_COMPILE_MIN_STEPS = 2000
+
+
+def resolve_compile(choice: bool | None, total_steps: int, dist) -> tuple[bool, str]:
+    """run.compile: True / False as asked; None (auto) compiles a long single-process run. -> (on, note)."""
+    if choice is not None:
+        return bool(choice), "torch.compile" if choice else "eager"
+    if dist.enabled:
+        return False, "eager (auto: compile is not chosen automatically under several processes)"
+    if total_steps < AUTO_COMPILE_MIN_STEPS:
+        return False, f"eager (auto: {total_steps} steps is too short for compiling to pay back)"
+    return True, "torch.compile (auto: a long run; --run.compile false for eager)"
+
+
+def _is_compile_failure(e: BaseException) -> bool:
+    """torch.compile's own failures (no C++ compiler, an unsupported op), not the model's errors."""
+    import torch._dynamo.exc as dexc
+
+    return isinstance(e, (dexc.BackendCompilerFailed, dexc.InternalTorchDynamoError)) or \
+        type(e).__module__.startswith("torch._inductor")
+
+
+def _compiled_step(train_model, model, x, dist, log):
+    """Forward through the compiled model. If compiling itself fails (at the first step, or at a
+    recompile for a new batch shape) in a single process, go on in eager mode: a laptop without a
+    C++ compiler should train, just slower. -> (out, module to use from now on, still compiled)."""
+    try:
+        return train_model(x), train_model, True
+    except Exception as e:
+        if dist.enabled or not _is_compile_failure(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        log(f"note: torch.compile failed ({type(e).__name__}: {first}); training without it")
+        return model(x), model, False
+
+
 # -- model ----------------------------------------------------------------------
 
 def choose_img_size(cfg: TrainConfig, native: tuple[int, int]) -> tuple[int, int]:
@@ -365,7 +405,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         # writing a line and saving last.ckpt cannot leave a duplicate epoch.
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     train_model = model
-    if cfg.run.compile:
+    use_compile, compile_note = resolve_compile(cfg.run.compile, total_steps, dist)
+    compiled = use_compile  # until a compile failure sends the run back to eager
+    if use_compile:
         train_model = torch.compile(model)
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(
@@ -377,7 +419,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     if main:
         log(f"run {run_dir}: {cfg.model.name} ({count_params(model):,} params) on {cfg.data.name} "
             f"({eval_split_count(data.train)} train / {eval_split_count(eval_split)} {eval_name}), "
-            f"{info.num_classes} classes, {img_size[0]}x{img_size[1]}, {precision_note}, "
+            f"{info.num_classes} classes, {img_size[0]}x{img_size[1]}, {precision_note}, {compile_note}, "
             f"{dist.world_size} process(es), batch {cfg.run.batch_size}, lr {base_lr:.3g}")
 
     # -- epochs ----------------------------------------------------------------------
@@ -419,7 +461,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             sync = contextlib.nullcontext() if (last_micro or not dist.enabled) else train_model.no_sync()
             with sync:
                 with autocast(device, amp_dtype):
-                    out = train_model(x)
+                    if compiled:
+                        out, train_model, compiled = _compiled_step(train_model, model, x, dist, log)
+                    else:
+                        out = train_model(x)
                     loss = criterion(out, targets, x)
                 scaled = loss / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
