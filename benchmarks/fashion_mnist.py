@@ -80,4 +80,10 @@ def _plot(curve, path, record):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vitlab.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as e:  # a bad preset name, key or data directory: one line, exit status 2
+        print(f"fashion_mnist.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

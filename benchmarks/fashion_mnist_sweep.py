@@ -71,27 +71,14 @@ def epochs_for(rate: float, minutes: float) -> int:
 def measure(names) -> None:
     import torch
 
+    from vitlab.bench import time_train
     from vitlab.models.vit import VisionTransformer
 
     for name in names:
         kw = CANDIDATES[name][0]
-        model = VisionTransformer(**kw)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-        s = kw["img_size"]
-        x, y = torch.randn(64, 1, s, s), torch.randint(0, 10, (64,))
-
-        def step():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        for _ in range(5):
-            step()
-        t = time.perf_counter()
-        for _ in range(30):
-            step()
-        print(f"{name:28s} {64 * 30 / (time.perf_counter() - t):7.0f} img/s", flush=True)
+        x, y = torch.randn(64, 1, kw["img_size"], kw["img_size"]), torch.randint(0, 10, (64,))
+        rate = time_train(VisionTransformer(**kw), x, y, None, steps=30, warmup=5)  # fp32, as the recipe
+        print(f"{name:28s} {rate:7.0f} img/s", flush=True)
 
 
 def run_one(name: str, epochs: int, data_dir: str, device: str, seed: int, out: str, threads: int) -> dict:

@@ -233,31 +233,29 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
     y = torch.randint(0, a["num_classes"], (batch,))
     ftrain, finfer = vit_flops(a, True), vit_flops(a, False)
     rows = []
+
+    def measure(impl: str, pname: str, dtype, compiled: bool = False) -> dict:
+        torch.manual_seed(0)
+        model = build(impl, a)
+        if compiled:  # the first calls compile (20-60 s); at least two warm-up calls absorb them
+            model = torch.compile(model)
+        wu = max(warmup, 2) if compiled else warmup
+        tr, inf = time_train(model, x, y, dtype, steps, wu), time_infer(model, x, dtype, steps, wu)
+        ceil = ceilings[pname]
+        row = dict(impl=impl + (" compiled" if compiled else ""), precision=pname, train=tr, infer=inf,
+                   train_mfu=tr * ftrain / 1e9 / ceil, infer_mfu=inf * finfer / 1e9 / ceil)
+        log(f"  {row['impl']:9s} {pname:5s} train {tr:7.0f} img/s ({100 * row['train_mfu']:4.1f}% MFU)   "
+            f"infer {inf:7.0f} img/s ({100 * row['infer_mfu']:4.1f}% MFU)")
+        return row
+
     for impl in impls:
         for pname, dtype in DTYPES.items():
-            torch.manual_seed(0)
-            model = build(impl, a)
-            tr = time_train(model, x, y, dtype, steps, warmup)
-            inf = time_infer(model, x, dtype, steps, warmup)
-            ceil = ceilings[pname]
-            rows.append(dict(impl=impl, precision=pname, train=tr, infer=inf,
-                             train_mfu=tr * ftrain / 1e9 / ceil, infer_mfu=inf * finfer / 1e9 / ceil))
-            log(f"  {impl:9s} {pname:5s} train {tr:7.0f} img/s ({100 * rows[-1]['train_mfu']:4.1f}% MFU)   "
-                f"infer {inf:7.0f} img/s ({100 * rows[-1]['infer_mfu']:4.1f}% MFU)")
+            rows.append(measure(impl, pname, dtype))
     dflt_dtype, note = default_precision()
     dname = "bf16" if dflt_dtype is not None else "fp32"
-    if "vitlab" in impls:
-        # What `vitlab train` runs by default for a long run: torch.compile (run.compile auto) in the
-        # default precision. The first calls compile (20-60 s); warm-up absorbs them.
-        torch.manual_seed(0)
-        model = torch.compile(build("vitlab", a))
-        tr = time_train(model, x, y, dflt_dtype, steps, max(warmup, 2))
-        inf = time_infer(model, x, dflt_dtype, steps, max(warmup, 2))
-        ceil = ceilings[dname]
-        rows.append(dict(impl="vitlab compiled", precision=dname, train=tr, infer=inf,
-                         train_mfu=tr * ftrain / 1e9 / ceil, infer_mfu=inf * finfer / 1e9 / ceil))
-        log(f"  {'vitlab compiled':9s} {dname:5s} train {tr:7.0f} img/s ({100 * rows[-1]['train_mfu']:4.1f}% MFU)   "
-            f"infer {inf:7.0f} img/s ({100 * rows[-1]['infer_mfu']:4.1f}% MFU)")
+    # What `vitlab train` runs by default for a long run: torch.compile (run.compile auto) in the
+    # default precision.
+    rows.append(measure("vitlab", dname, dflt_dtype, compiled=True))
     default = next(r for r in rows if r["impl"] == "vitlab compiled" and r["precision"] == dname)
     ratios = {}
     get = {(r["impl"], r["precision"]): r for r in rows}

@@ -115,9 +115,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-# torch.compile costs 20-60 s up front. On the 2-core dev CPU it made the small ViTs' step about
-# 1.3x faster (vit_mini hybrid, batch 64: the Fashion-MNIST preset) and left a matmul-bound one
-# level (ViT-Tiny, batch 128: benchmarks/throughput.py's "vitlab compiled" row). Below this many
+# torch.compile costs 20-60 s up front. On the 2-core dev CPU it made a small ViT's step 1.43x
+# faster (vit_mini_patch7_28, batch 64: benchmarks/results/mini/throughput.json) and a matmul-bound
+# one 1.05x (ViT-Tiny, batch 128: benchmarks/throughput.py's "vitlab compiled" row). Below this many
 # optimizer steps it may not pay back.
 AUTO_COMPILE_MIN_STEPS = 2000
 
@@ -405,9 +405,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         # writing a line and saving last.ckpt cannot leave a duplicate epoch.
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     train_model = model
-    use_compile, compile_note = resolve_compile(cfg.run.compile, total_steps, dist)
-    compiled = use_compile  # until a compile failure sends the run back to eager
-    if use_compile:
+    # compiled stays True until a compile failure sends the run back to eager (_compiled_step)
+    compiled, compile_note = resolve_compile(cfg.run.compile, total_steps, dist)
+    if compiled:
         train_model = torch.compile(model)
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(
