@@ -51,6 +51,22 @@ CANDIDATES: dict[str, tuple[dict, dict, float]] = {
     "c_hybrid_p8_32_s32-64_ema": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)),
                                   {"run.ema": True, "run.ema_decay": 0.999}, 1.2),
     "c_hybrid_p8_32_s32-64-128": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64, 128)), {}, 1.0),
+    # round 3 (2026-11-26): stronger conv stems at equal CPU time; rates here are epochs / 25 with the
+    # epochs the dev CPU fits in 15 compiled minutes (the preset's real runs: 29), scaled by --measure-style
+    # speed ratios to it (noisy: the host drifts 10-30% between runs)
+    "r3_base": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {}, 29 / 25),
+    "r3_s32-64-128": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64, 128)), {}, 21 / 25),
+    "r3_s32-64-64s1": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64, (64, 1))), {}, 19 / 25),
+    "r3_s32-64-64s1-128": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64, (64, 1), 128)), {}, 20 / 25),
+    "r3_depth6": (dict(MINI, img_size=32, patch_size=8, depth=6, conv_stem=(32, 64)), {}, 21 / 25),
+    "r3_batch128": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {"run.batch_size": 128}, 30 / 25),
+    # round 4: recipe knobs on the preset's model, all at 20 epochs (a 10-CPU-minute proxy)
+    "r4_base": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {}, 0.8),
+    "r4_noclip": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {"optim.clip_grad": 0.0}, 0.8),
+    "r4_ls0": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {"optim.label_smoothing": 0.0}, 0.8),
+    "r4_avgpool": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64), global_pool="avg"), {}, 0.8),
+    "r4_nocrop": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {"aug.crop_padding": 0}, 0.8),
+    "r4_wd.01": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {"optim.weight_decay": 0.01}, 0.8),
     "hybrid_p8_32_s32-64_w192": (dict(MINI, img_size=32, patch_size=8, embed_dim=192, num_heads=4, mlp_dim=384,
                                       conv_stem=(32, 64)), {}, 0.65),
 }
@@ -81,7 +97,8 @@ def measure(names) -> None:
         print(f"{name:28s} {rate:7.0f} img/s", flush=True)
 
 
-def run_one(name: str, epochs: int, data_dir: str, device: str, seed: int, out: str, threads: int) -> dict:
+def run_one(name: str, epochs: int, data_dir: str, device: str, seed: int, out: str, threads: int,
+            compile_: str = "auto") -> dict:
     from vitlab.config import build_config, parse_overrides
     from vitlab.models.registry import PRESETS, Preset
     from vitlab.train.engine import train
@@ -90,7 +107,7 @@ def run_one(name: str, epochs: int, data_dir: str, device: str, seed: int, out: 
     PRESETS[f"sweep_{name}"] = Preset("vit", dict(kw))
     overrides = {**RECIPE, **extra, "model.name": f"sweep_{name}", "data.dir": data_dir, "run.device": device,
                  "run.epochs": epochs, "run.seed": seed, "run.out": out, "run.name": f"{name}-seed{seed}",
-                 "run.threads": threads}
+                 "run.threads": threads, **({} if compile_ == "auto" else {"run.compile": compile_})}
     argv = []
     for k, v in overrides.items():
         argv += [f"--{k}", str(v)]
@@ -104,13 +121,13 @@ def run_one(name: str, epochs: int, data_dir: str, device: str, seed: int, out: 
 
 
 def _worker(args):
-    name, epochs, data_dir, device, seed, out, threads = args
+    name, epochs, data_dir, device, seed, out, threads, compile_ = args
     log = Path(out) / f"{name}-seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         sys.stdout = sys.stderr = f
         try:
-            return run_one(name, epochs, data_dir, device, seed, out, threads)
+            return run_one(name, epochs, data_dir, device, seed, out, threads, compile_)
         except BaseException:
             traceback.print_exc()
             return {"name": name, "epochs": epochs, "seed": seed, "error": traceback.format_exc(limit=3)[-600:]}
@@ -127,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="CPU threads per job")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                   help="run.compile for every candidate (on a GPU these launch-bound models gain nothing from it)")
     args = p.parse_args(argv)
     names = args.only or list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
@@ -144,7 +163,7 @@ def main(argv=None) -> int:
                   "(--device cpu runs it, one 15-minute budget per candidate)", file=sys.stderr)
             return 2
     jobs = [(n, epochs_for(CANDIDATES[n][2], args.minutes), args.data_dir, args.device, s,
-             "runs/sweep", args.threads) for s in args.seeds for n in names]
+             "runs/sweep", args.threads, args.compile) for s in args.seeds for n in names]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"fashion_mnist_sweep_{args.minutes:g}min"

@@ -362,3 +362,34 @@ def test_conv_stem_weight_decay_groups():
     stem = m.patch_embed.stem
     assert id(stem[0].weight) in decayed and id(stem[3].weight) in decayed  # conv kernels decay
     assert id(stem[1].weight) not in decayed and id(stem[1].bias) not in decayed  # BatchNorm does not
+
+
+def test_conv_stem_stride1_layers_and_their_arch_round_trip():
+    """A (width, stride) entry adds a stride-1 layer: the shrink (and so the projection kernel)
+    counts only the stride-2 ones, and the JSON arch record (pairs become lists) rebuilds it."""
+    import json
+
+    from vitlab.models.registry import build_from_arch
+
+    torch.manual_seed(0)
+    m = create_model("vit_mini_convstem_patch8_32", in_chans=1, embed_dim=32, depth=2, conv_stem=(8, (8, 1), 16)).eval()
+    convs = [mod for mod in m.patch_embed.stem if isinstance(mod, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2), (1, 1), (2, 2)]
+    assert m.patch_embed.proj.kernel_size == (2, 2) and m.patch_embed.grid_size == (4, 4)
+    x = torch.randn(2, 1, 32, 32)
+    h = x
+    for conv in convs:  # BatchNorm in eval with fresh statistics is the identity map up to eps
+        h = F.relu(F.conv2d(h, conv.weight, stride=conv.stride, padding=1) / (1 + 1e-5) ** 0.5)
+    h = F.conv2d(h, m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=2)
+    with torch.no_grad():
+        assert torch.allclose(m.patch_embed(x), h.flatten(2).transpose(1, 2), atol=1e-5)
+    twin = build_from_arch(json.loads(json.dumps(m.arch)))
+    twin.load_state_dict(m.state_dict())
+    twin.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), twin(x))
+    for bad in ((8, (8, 3)), (8, (8, 1, 1)), ("8",)):
+        with pytest.raises(ValueError, match="stride 1 or 2"):
+            _hybrid(conv_stem=bad)
+    with pytest.raises(ValueError, match="shrinks the image 8x"):
+        _hybrid(conv_stem=(8, 8, 8), patch_size=4)

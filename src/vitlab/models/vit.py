@@ -28,6 +28,18 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return (int(h), int(w))
 
 
+def stem_layers(spec) -> list[tuple[int, int]]:
+    """conv_stem spec -> [(width, stride), ...]. An entry is a width (a stride-2 layer) or a
+    (width, stride) pair with stride 1 or 2; lists (from a JSON arch record) read as pairs."""
+    out = []
+    for entry in spec:
+        pair = (entry, 2) if isinstance(entry, int) else tuple(entry) if isinstance(entry, (tuple, list)) else ()
+        if len(pair) != 2 or not (isinstance(pair[0], int) and pair[0] > 0 and pair[1] in (1, 2)):
+            raise ValueError(f"conv_stem entries are a width or (width, stride) with stride 1 or 2, got {entry!r}")
+        out.append((pair[0], pair[1]))
+    return out
+
+
 class PatchEmbed(nn.Module):
     """Cut the image into P x P patches and project each to D dims.
 
@@ -40,11 +52,13 @@ class PatchEmbed(nn.Module):
     the same grid of tokens. Early convolutions give a transformer the locality
     a plain patchify lacks, which is what it cannot learn from little data or
     few epochs (Xiao et al. 2021, "Early convolutions help transformers see
-    better"). The token grid, and everything after it, is unchanged.
+    better"). The token grid, and everything after it, is unchanged. An entry
+    (c, 1) adds a stride-1 layer of width c, which deepens the stem without
+    shrinking it: (32, 64, (64, 1), 128) is four convs that shrink by 8.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, strict_img_size=True,
-                 conv_stem: Sequence[int] = ()):
+                 conv_stem: Sequence[int | tuple[int, int]] = ()):
         super().__init__()
         self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
@@ -58,15 +72,14 @@ class PatchEmbed(nn.Module):
         self.stem = None
         kernel, chans = self.patch_size, in_chans
         if conv_stem:
-            shrink = 2 ** len(conv_stem)
-            if any(p % shrink for p in self.patch_size):
-                raise ValueError(f"a conv stem of {len(conv_stem)} stride-2 layers needs a patch size divisible "
-                                 f"by {shrink}, got {self.patch_size[0]}")
-            layers = []
-            for width in conv_stem:
-                layers += [nn.Conv2d(chans, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+            layers, shrink = [], 1
+            for width, stride in stem_layers(conv_stem):
+                layers += [nn.Conv2d(chans, width, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(width),
                            nn.ReLU(inplace=True)]
-                chans = width
+                chans, shrink = width, shrink * stride
+            if any(p % shrink for p in self.patch_size):
+                raise ValueError(f"a conv stem that shrinks the image {shrink}x needs a patch size divisible "
+                                 f"by {shrink}, got {self.patch_size[0]}")
             self.stem = nn.Sequential(*layers)
             kernel = (self.patch_size[0] // shrink, self.patch_size[1] // shrink)
         self.proj = nn.Conv2d(chans, embed_dim, kernel_size=kernel, stride=kernel)
@@ -275,8 +288,9 @@ class VisionTransformer(nn.Module):
             2D sine-cosine values over the patch grid (as MAE / MoCo v3 use, fixed
             there, learnable here). Small noise carries almost no position signal
             at first, so a ViT trained briefly from scratch learns faster with sincos.
-        conv_stem: widths of stride-2 3x3 convs run before the patch projection (the
-            paper's hybrid ViT; see PatchEmbed). Empty: the plain patchify.
+        conv_stem: 3x3 conv layers run before the patch projection (the paper's hybrid
+            ViT; see PatchEmbed): a width for a stride-2 layer, (width, 1) for a stride-1
+            one. Empty: the plain patchify.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
