@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     for r in rows:
         train_min += r["epoch_time"] / 60
         if "test_acc" in r:
-            curve.append({"epoch": r["epoch"], "train_minutes": round(train_min, 2), "test_acc": r["test_acc"]})
+            curve.append({"epoch": r["epoch"], "train_minutes": round(train_min, 2), "test_acc": r["test_acc"],
+                          "train_acc": round(r["train_acc"], 2)})  # under augmentation, as trained
     record = {
         "benchmark": "fashion_mnist", "config": args.config, "seed": args.seed, "date": str(date.today()),
         "command": "python benchmarks/fashion_mnist.py " + " ".join(sys.argv[1:] if argv is None else argv),

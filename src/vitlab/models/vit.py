@@ -31,11 +31,17 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
 def stem_layers(spec) -> list[tuple[int, int]]:
     """conv_stem spec -> [(width, stride), ...]. An entry is a width (a stride-2 layer) or a
     (width, stride) pair with stride 1 or 2; lists (from a JSON arch record) read as pairs."""
+    def is_int(v):  # bool is an int subclass, and True must not pass as width 1 or stride 1
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(spec, (tuple, list)):
+        raise ValueError(f"conv_stem is a sequence of widths or (width, stride) pairs, got {spec!r}")
     out = []
     for entry in spec:
-        pair = (entry, 2) if isinstance(entry, int) else tuple(entry) if isinstance(entry, (tuple, list)) else ()
-        if len(pair) != 2 or not (isinstance(pair[0], int) and pair[0] > 0 and pair[1] in (1, 2)):
-            raise ValueError(f"conv_stem entries are a width or (width, stride) with stride 1 or 2, got {entry!r}")
+        pair = (entry, 2) if is_int(entry) else tuple(entry) if isinstance(entry, (tuple, list)) else ()
+        if len(pair) != 2 or not (is_int(pair[0]) and pair[0] > 0 and is_int(pair[1]) and pair[1] in (1, 2)):
+            raise ValueError(f"conv_stem entries are a positive int width, or (width, stride) with stride "
+                             f"1 or 2; got {entry!r}")
         out.append((pair[0], pair[1]))
     return out
 
@@ -47,14 +53,14 @@ class PatchEmbed(nn.Module):
     shared Linear", and it is the layout every pretrained checkpoint uses.
 
     conv_stem=(c1, c2, ...) makes it the ViT paper's *hybrid* input (section 3.1):
-    k stride-2 3x3 conv-BN-ReLU layers with those widths shrink the image by 2^k
-    first, and `proj` (kernel = stride = P / 2^k) cuts their feature map into
+    k stride-2 3x3 conv-BN-ReLU layers with those widths shrink the image by S = 2^k
+    first, and `proj` (kernel = stride = P / S) cuts their feature map into
     the same grid of tokens. Early convolutions give a transformer the locality
     a plain patchify lacks, which is what it cannot learn from little data or
     few epochs (Xiao et al. 2021, "Early convolutions help transformers see
     better"). The token grid, and everything after it, is unchanged. An entry
     (c, 1) adds a stride-1 layer of width c, which deepens the stem without
-    shrinking it: (32, 64, (64, 1), 128) is four convs that shrink by 8.
+    shrinking it: (32, 64, (64, 1), 128) is four convs with S = 8.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, strict_img_size=True,
@@ -79,7 +85,7 @@ class PatchEmbed(nn.Module):
                 chans, shrink = width, shrink * stride
             if any(p % shrink for p in self.patch_size):
                 raise ValueError(f"a conv stem that shrinks the image {shrink}x needs a patch size divisible "
-                                 f"by {shrink}, got {self.patch_size[0]}")
+                                 f"by {shrink}, got {self.patch_size[0]}x{self.patch_size[1]}")
             self.stem = nn.Sequential(*layers)
             kernel = (self.patch_size[0] // shrink, self.patch_size[1] // shrink)
         self.proj = nn.Conv2d(chans, embed_dim, kernel_size=kernel, stride=kernel)
@@ -102,7 +108,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         if self.stem is not None:
-            x = self.stem(x)  # (B, c_k, H/2^k, W/2^k)
+            x = self.stem(x)  # (B, c_last, H/S, W/S), S = the stem's shrink
         x = self.proj(x)  # (B, D, H/P, W/P)
         return x.flatten(2).transpose(1, 2)  # (B, N_patches, D)
 
@@ -313,7 +319,7 @@ class VisionTransformer(nn.Module):
         mlp_dim = mlp_dim or 4 * embed_dim
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size,
-                                      conv_stem=tuple(conv_stem))
+                                      conv_stem=conv_stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, embed_dim))
