@@ -2,8 +2,9 @@
 would fit in the CPU budget, trained side by side (one process each) on a GPU.
 
 A 15-minute CPU run allows one try per quarter hour; a GPU runs many side by side
-(on an H200, ten at once took about 14 s per epoch each: these tiny models are bound
-by Python and kernel launches, not by the GPU, so a 25-epoch try takes ~6 minutes). What carries over from GPU to CPU is the recipe at a
+(on an H200, ten at once took about 14 s per epoch each, twelve about 22-25 s: these tiny
+models are bound by Python and kernel launches, not by the GPU, and torch.compile does not
+help there, hence --compile false; a 25-epoch try takes 6-10 minutes). What carries over from GPU to CPU is the recipe at a
 fixed number of epochs: the same code, batch, learning rate and schedule (fp32 on
 both), so the accuracy after E epochs is the same in distribution. E for each
 candidate is the number of epochs the dev CPU trains in the budget, measured with
