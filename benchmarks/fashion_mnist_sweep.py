@@ -28,6 +28,7 @@ from datetime import date
 from pathlib import Path
 
 MINI = dict(embed_dim=128, depth=4, num_heads=4, mlp_dim=256, in_chans=1, num_classes=10)
+HYBRID = dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64))  # the preset's model (rounds 3 and 4)
 
 # name -> (model kwargs, config overrides, CPU training speed relative to plain_p7_28, from --measure
 # on the dev CPU, rounded down where repeated measurements disagreed: host speed drifts 10-30%)
@@ -55,19 +56,19 @@ CANDIDATES: dict[str, tuple[dict, dict, float]] = {
     # round 3 (2026-11-26): stronger conv stems at equal CPU time; rates here are epochs / 25 with the
     # epochs the dev CPU fits in 15 compiled minutes (the preset's real runs: 29), scaled by --measure-style
     # speed ratios to it (noisy: the host drifts 10-30% between runs)
-    "r3_base": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {}, 29 / 25),
-    "r3_s32-64-128": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64, 128)), {}, 21 / 25),
-    "r3_s32-64-64s1": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64, (64, 1))), {}, 19 / 25),
-    "r3_s32-64-64s1-128": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64, (64, 1), 128)), {}, 20 / 25),
-    "r3_depth6": (dict(MINI, img_size=32, patch_size=8, depth=6, conv_stem=(32, 64)), {}, 21 / 25),
-    "r3_batch128": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {"run.batch_size": 128}, 30 / 25),
+    "r3_base": (HYBRID, {}, 29 / 25),
+    "r3_s32-64-128": (dict(HYBRID, conv_stem=(32, 64, 128)), {}, 21 / 25),
+    "r3_s32-64-64s1": (dict(HYBRID, conv_stem=(32, 64, (64, 1))), {}, 19 / 25),
+    "r3_s32-64-64s1-128": (dict(HYBRID, conv_stem=(32, 64, (64, 1), 128)), {}, 20 / 25),
+    "r3_depth6": (dict(HYBRID, depth=6), {}, 21 / 25),
+    "r3_batch128": (HYBRID, {"run.batch_size": 128}, 30 / 25),
     # round 4: recipe knobs on the preset's model, all at 20 epochs (a 10-CPU-minute proxy)
-    "r4_base": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {}, 0.8),
-    "r4_noclip": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {"optim.clip_grad": 0.0}, 0.8),
-    "r4_ls0": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {"optim.label_smoothing": 0.0}, 0.8),
-    "r4_avgpool": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64), global_pool="avg"), {}, 0.8),
-    "r4_nocrop": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {"aug.crop_padding": 0}, 0.8),
-    "r4_wd.01": (dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64)), {"optim.weight_decay": 0.01}, 0.8),
+    "r4_base": (HYBRID, {}, 0.8),
+    "r4_noclip": (HYBRID, {"optim.clip_grad": 0.0}, 0.8),
+    "r4_ls0": (HYBRID, {"optim.label_smoothing": 0.0}, 0.8),
+    "r4_avgpool": (dict(HYBRID, global_pool="avg"), {}, 0.8),
+    "r4_nocrop": (HYBRID, {"aug.crop_padding": 0}, 0.8),
+    "r4_wd.01": (HYBRID, {"optim.weight_decay": 0.01}, 0.8),
     "hybrid_p8_32_s32-64_w192": (dict(MINI, img_size=32, patch_size=8, embed_dim=192, num_heads=4, mlp_dim=384,
                                       conv_stem=(32, 64)), {}, 0.65),
 }
