@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.config import AugConfig
-from vitlab.data import DatasetInfo, build_train_transform, make_shapes
+from vitlab.data import DatasetInfo, build_eval_transform, build_train_transform, make_shapes
 from vitlab.data import augment as A
 from vitlab.data.mix import Mixer, cutmix_boxes
 from vitlab.errors import UserError
@@ -275,6 +275,28 @@ def test_train_transform_without_mixing_returns_int_labels_and_resizes(gray):
     assert x.shape == (16, 1, 48, 48)  # smaller data: resized up
     rrc = AugConfig(random_resized_crop=True, mixup_alpha=0.0)
     assert build_train_transform(rrc, GRAY_INFO, (20, 20), 10)(gray, labels, gen())[0].shape == (16, 1, 20, 20)
+
+
+def test_clean_batches_keep_only_the_flip(gray):
+    # aug.clean_head's and clean_tail's batches: every augmentation off but the flip, the labels hard.
+    labels = torch.arange(16) % 10
+    strong = dict(crop_padding=4, erasing=1.0, mixup_alpha=0.8, cutmix_alpha=1.0, trivialaugment=True,
+                  color_jitter=0.4, clean_tail=0.3)
+    as_tested = build_eval_transform(GRAY_INFO, (32, 32))(gray)
+    x, t = build_train_transform(AugConfig(hflip=0.0, **strong), GRAY_INFO, (32, 32), 10)(gray, labels, gen(), clean=True)
+    assert torch.equal(t, labels) and torch.allclose(x, as_tested)
+    tf = build_train_transform(AugConfig(hflip=1.0, **strong), GRAY_INFO, (32, 32), 10)
+    x, t = tf(gray, labels, gen(), clean=True)
+    assert torch.equal(t, labels) and torch.allclose(x, as_tested.flip(3))
+    x, t = tf(gray, labels, gen())  # the same transform off the tail: augmented and mixed
+    assert t.shape == (16, 10) and not torch.allclose(x, as_tested.flip(3))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(UserError, match="aug.clean_tail"):
+            build_train_transform(AugConfig(clean_tail=bad), GRAY_INFO, (32, 32), 10)
+        with pytest.raises(UserError, match="aug.clean_head"):
+            build_train_transform(AugConfig(clean_head=bad), GRAY_INFO, (32, 32), 10)
+    with pytest.raises(UserError, match="leave part of the schedule"):
+        build_train_transform(AugConfig(clean_head=0.5, clean_tail=0.5), GRAY_INFO, (32, 32), 10)
 
 
 def test_autoaugment_flag_means_randaugment_2_9():

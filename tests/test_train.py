@@ -88,14 +88,15 @@ def test_bad_config_key_exits_2_naming_the_closest(tmp_path):
 def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     r = cli("train", "--model", "vit_mini_patch4_32", "--data", "shapes", "--epochs", "5", "--batch-size", "128",
             "--lr", "2e-3", "--sched.warmup_epochs", "0.5", "--aug.mixup_alpha", "0", "--drop-path", "0",
-            "--run.name", "shapes", "--out", str(tmp_path), "--run.ema")
+            "--run.name", "shapes", "--out", str(tmp_path), "--run.ema", "--run.tta")
     assert r.returncode == 0, r.stderr[-2000:]
     run = tmp_path / "shapes"
     for f in ["config.yaml", "metrics.jsonl", "model.safetensors", "last.ckpt", "curves.png"]:
         assert (run / f).is_file(), f
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == list(range(1, 6))
-    for key in ["train_loss", "train_acc", "test_acc", "test_top5", "lr", "images_per_s", "wall_time", "test_acc_ema"]:
+    for key in ["train_loss", "train_acc", "test_acc", "test_top5", "lr", "images_per_s", "wall_time", "test_acc_ema",
+                "test_acc_tta"]:
         assert key in rows[-1], key
     assert rows[-1]["test_acc"] > 70.0, rows[-1]  # chance is ~17%; this run reached 84% when written
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
@@ -105,6 +106,14 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     assert "top-1" in r.stdout and (run / "confusion_matrix.png").is_file()
     ev = json.loads((run / "eval.json").read_text())
     assert abs(ev["acc"] - max(r["test_acc"] for r in rows)) < 1.0 or ev["acc"] > 70.0
+    r = cli("eval", "--checkpoint", str(run), "--tta", "flip", "--out", str(tmp_path / "tta"))
+    assert r.returncode == 0 and "test (flip TTA): top-1" in r.stdout, r.stderr
+    ev = json.loads((tmp_path / "tta" / "eval.json").read_text())
+    from vitlab.train.checkpoint import load_model
+
+    meta = load_model(run / "model.safetensors")[1]
+    if meta["weights"] == "model":  # the saved epoch's flip-TTA score, as the run measured it
+        assert ev["tta"] == "flip" and ev["acc"] == pytest.approx(rows[meta["epoch"] - 1]["test_acc_tta"], abs=0.2)
     from vitlab.data.shapes import SHAPES_CLASSES, make_shapes
     from PIL import Image
 
@@ -175,6 +184,47 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path, monkeyp
         engine.train(cfg)
     run = tmp_path / "nan"
     assert not (run / "model.safetensors").exists() and not (run / "last.ckpt").exists()
+
+
+def test_clean_head_and_tail_turn_augmentation_off_at_the_schedules_ends(tmp_path, monkeypatch, capsys):
+    from vitlab.data import augment
+    from vitlab.train import engine
+
+    flags = []
+    real = augment.TrainTransform.__call__
+
+    def spy(self, images, labels, generator, clean=False):
+        flags.append(clean)
+        return real(self, images, labels, generator, clean)
+
+    monkeypatch.setattr(augment.TrainTransform, "__call__", spy)
+    cfg = build_config(None, parse_overrides([*FAST, "--data.subset", "256", "--epochs", "2", "--out", str(tmp_path),
+                                              "--run.name", "tail", "--aug.clean_tail", "0.25",
+                                              "--aug.clean_head", "0.125", "--run.eval_every", "2"]))
+    engine.train(cfg)
+    assert flags == [True] + [False] * 5 + [True] * 2  # 2 epochs of 4 steps: the first eighth, the last quarter
+    assert "(epoch 2)" in capsys.readouterr().out  # (eval_every 2) the summary names the best epoch, not its index
+
+
+def test_flip_tta_scores_the_mean_of_the_image_and_mirror_logits():
+    from vitlab.data import DatasetInfo, build_eval_transform, make_shapes
+    from vitlab.train.engine import evaluate
+
+    torch.manual_seed(0)
+    model = create_model("vit_mini_patch4_32", num_classes=6).eval()
+    images, labels, _ = make_shapes(40, seed=3)
+    tf = build_eval_transform(DatasetInfo("t", 6, list("abcdef"), 3, (32, 32), (0.5,) * 3, (0.25,) * 3), (32, 32))
+    loader = [(images[:24], labels[:24]), (images[24:], labels[24:])]
+    with torch.no_grad():
+        x = tf(images)
+        plain, mirror = model(x), model(x.flip(-1))
+    mean = (plain + mirror) / 2
+    res = evaluate(model, loader, tf, torch.device("cpu"), None, 6, flip_tta=True)
+    assert res["acc"] == pytest.approx(100 * (mean.argmax(-1) == labels).float().mean().item())
+    assert res["loss"] == pytest.approx(torch.nn.functional.cross_entropy(mean, labels).item(), rel=1e-5)
+    off = evaluate(model, loader, tf, torch.device("cpu"), None, 6)
+    assert off["loss"] == pytest.approx(torch.nn.functional.cross_entropy(plain, labels).item(), rel=1e-5)
+    assert (mean - plain).abs().max() > 1e-3  # the mirror changes the logits, so the two checks differ
 
 
 def test_compile_auto_only_for_long_single_process_runs():

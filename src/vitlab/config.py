@@ -70,6 +70,10 @@ class AugConfig:
     mix_prob: float = 1.0  # probability a batch is mixed at all
     switch_prob: float = 0.5  # when both are on: each image's chance of CutMix instead of Mixup
     repeated_aug: int = 1  # DeiT's repeated augmentation: k copies of each drawn image; epoch length unchanged
+    # Fractions of the schedule, at its start and its end, trained on clean images (flips only): weak
+    # augmentation early fits faster (EfficientNetV2's progressive learning), none at the end is YOLOX's.
+    clean_head: float = 0.0
+    clean_tail: float = 0.0
 
 
 @dataclass
@@ -119,6 +123,7 @@ class RunConfig:
     ema: bool = False
     ema_decay: float = 0.999
     eval_every: int = 1
+    tta: bool = False  # also score each evaluation with flip test-time augmentation (<split>_acc_tta)
     log_every: int = 20  # steps between progress-bar refreshes (each costs a sync)
     time_limit: float | None = None  # minutes: stop (after evaluating) once this much time has passed
     stop_after: int | None = None  # stop after this many epochs without changing the schedule (resume tests, pausing)

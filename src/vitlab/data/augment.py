@@ -500,9 +500,12 @@ class TrainTransform:
     -> RandAugment / TrivialAugment -> colour jitter -> normalise -> random erasing
     -> Mixup / CutMix.
 
-    __call__(images uint8 (B, C, H, W), labels int64 (B,), generator) ->
+    __call__(images uint8 (B, C, H, W), labels int64 (B,), generator, clean=False) ->
     (float32 (B, C, h, w), targets): labels as given when the batch was not mixed,
     else soft float (B, num_classes) rows summing to 1.
+
+    clean=True (the engine sets it in the first aug.clean_head and the last aug.clean_tail of the
+    schedule) keeps only the flips: the images as they will be tested, mirrored at random.
     """
 
     def __init__(self, aug, mean, std, img_size, num_classes: int):
@@ -520,10 +523,18 @@ class TrainTransform:
             raise UserError("choose one of RandAugment (aug.randaugment_n / aug.autoaugment) and aug.trivialaugment")
         if not 0 <= self.ra_m <= MAX_MAGNITUDE:
             raise UserError(f"aug.randaugment_m must be in 0..{MAX_MAGNITUDE}, got {self.ra_m}")
+        for key in ("clean_head", "clean_tail"):
+            if not 0.0 <= getattr(aug, key) < 1.0:
+                raise UserError(f"aug.{key} is a fraction of the schedule in [0, 1), got {getattr(aug, key)}")
+        if aug.clean_head + aug.clean_tail >= 1.0:
+            raise UserError(f"aug.clean_head + aug.clean_tail must leave part of the schedule augmented "
+                            f"(got {aug.clean_head} + {aug.clean_tail})")
         self.mixer = Mixer(aug.mixup_alpha, aug.cutmix_alpha, aug.mix_prob, aug.switch_prob, num_classes)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, clean: bool = False):
         a, g = self.aug, generator
+        if clean:
+            return normalize(to_float(hflip(fit_size(images, self.size, g), a.hflip, g)), self.mean, self.std), labels
         if a.random_resized_crop:
             x = random_resized_crop(images, self.size, g, scale=(a.rrc_scale_min, 1.0))
         else:

@@ -229,8 +229,12 @@ def load_teacher(path: str, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes: int,
-             dist: DistInfo = DistInfo(), separate_heads: bool = False) -> dict:
-    """Loss, top-1/top-5 and the confusion matrix over a whole split (summed across processes)."""
+             dist: DistInfo = DistInfo(), separate_heads: bool = False, flip_tta: bool = False) -> dict:
+    """Loss, top-1/top-5 and the confusion matrix over a whole split (summed across processes).
+
+    flip_tta: classify each image by the mean of its logits and its mirror image's (test-time
+    augmentation with the one transform the training flips already taught; twice the cost).
+    """
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros(3, device=device, dtype=torch.float64)  # top1, top5, and cls-head top1
@@ -248,6 +252,8 @@ def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes
                 dist_correct += (dist_logits.argmax(-1) == labels).sum()
             else:
                 logits = model(x)
+            if flip_tta:
+                logits = (logits.float() + model(x.flip(-1)).float()) / 2  # eval mode: one (B, K) tensor
         logits = logits.float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         top = logits.topk(min(5, num_classes), dim=-1).indices  # (B, 5)
@@ -449,12 +455,14 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         t0 = time.perf_counter()
         n_images = 0
         for i, (images, labels) in enumerate(train_loader):
-            g = batch_generator(device, cfg.run.seed, epoch, i, dist.rank)
-            x, targets = train_tf(images, labels, g)
             where = step
             if cfg.sched.by_time:
                 where = total_steps * min(1.0, (time.time() - t_launch) / max(deadline - reserve - t_launch, 1e-9))
             lr = lr_at(where, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps, cfg=cfg.sched)
+            g = batch_generator(device, cfg.run.seed, epoch, i, dist.rank)
+            progress = where / max(total_steps, 1)
+            x, targets = train_tf(images, labels, g,
+                                  clean=progress < cfg.aug.clean_head or progress >= 1 - cfg.aug.clean_tail)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
@@ -528,6 +536,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             for key in ("acc_cls_head", "acc_dist_head"):
                 if key in res:
                     record[f"{eval_name}_{key}"] = res[key]
+            if cfg.run.tta:  # reported beside the plain score; the best checkpoint is still chosen by the plain one
+                record[f"{eval_name}_acc_tta"] = evaluate(model, eval_loader, eval_tf, device, amp_dtype, num_classes,
+                                                          dist, flip_tta=True)["acc"]
             candidates = [(res["acc"], model, "model")]
             if ema is not None:
                 ema_res = evaluate(ema.module, eval_loader, eval_tf, device, amp_dtype, num_classes, dist)
@@ -558,6 +569,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                    f"train {record['train_acc']:5.2f}%")
             if f"{eval_name}_acc" in record:
                 msg += f"  {eval_name} {record[f'{eval_name}_acc']:5.2f}% (top5 {record[f'{eval_name}_top5']:5.2f})"
+                if f"{eval_name}_acc_tta" in record:
+                    msg += f"  flip-tta {record[f'{eval_name}_acc_tta']:5.2f}%"
                 if f"{eval_name}_acc_ema" in record:
                     msg += f"  ema {record[f'{eval_name}_acc_ema']:5.2f}%"
             msg += f"  lr {lr:.2e}  {record['images_per_s']:.0f} img/s  {train_time:.1f}s"
@@ -571,10 +584,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
 
     # -- summary -------------------------------------------------------------------------
     if main and history:
-        accs = [h[f"{eval_name}_acc"] for h in history if f"{eval_name}_acc" in h]
+        scored = [h for h in history if f"{eval_name}_acc" in h]  # every epoch, or every run.eval_every-th
+        top = max(scored, key=lambda h: h[f"{eval_name}_acc"])
+        tta = f" ({scored[-1][f'{eval_name}_acc_tta']:.2f}% with flip TTA)" if f"{eval_name}_acc_tta" in scored[-1] else ""
         total = history[-1]["wall_time"]
-        log(f"done: {len(history)} epochs in {total / 60:.1f} min; final {eval_name} acc {accs[-1]:.2f}%, "
-            f"best {max(accs):.2f}% (epoch {1 + int(np.argmax(accs))}); "
+        log(f"done: {len(history)} epochs in {total / 60:.1f} min; final {eval_name} acc "
+            f"{scored[-1][f'{eval_name}_acc']:.2f}%{tta}, best {top[f'{eval_name}_acc']:.2f}% (epoch {top['epoch']}); "
             f"mean {np.mean([h['images_per_s'] for h in history]):.0f} img/s; run dir {run_dir}")
     if data.val is not None and main:
         best_model, _ = ckpt.load_model(run_dir / ckpt.WEIGHTS, map_location=device)

@@ -22,6 +22,8 @@ def add_arguments(p):
     p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion_matrix.png (default: the run dir)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="test-time augmentation: flip averages each image's logits with its mirror image's")
 
 
 def data_config_for(meta: dict, name: str | None, data_dir: str | None) -> DataConfig:
@@ -56,10 +58,14 @@ def run(args) -> int:
     if meta.get("mean"):  # normalise exactly as in training
         info.mean, info.std = tuple(meta["mean"]), tuple(meta["std"])
     res = evaluate(model.to(device), loader, build_eval_transform(info, img_size), device, amp_dtype,
-                   model.num_classes, separate_heads=getattr(model, "distilled", False))
+                   model.num_classes, separate_heads=getattr(model, "distilled", False),
+                   flip_tta=args.tta == "flip")
     conf = res.pop("confusion").double()
     per_class = (conf.diag() / conf.sum(1).clamp(min=1) * 100).tolist()
-    print(f"{args.split}: top-1 {res['acc']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  ({res['n']} images)")
+    res["tta"] = args.tta
+    tta = " (flip TTA)" if args.tta == "flip" else ""
+    print(f"{args.split}{tta}: top-1 {res['acc']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
+          f"({res['n']} images)")
     for k in ("acc_cls_head", "acc_dist_head"):
         if k in res:
             print(f"  {k.replace('acc_', '').replace('_', ' ')}: {res[k]:.2f}%")
@@ -69,7 +75,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else weights.parent
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps({**res, "split": args.split, "per_class": dict(zip(classes, per_class))}, indent=1))
-    plot_confusion(conf, classes, out / "confusion_matrix.png", f"{info.name} {args.split}: top-1 {res['acc']:.2f}%")
+    plot_confusion(conf, classes, out / "confusion_matrix.png", f"{info.name} {args.split}: top-1 {res['acc']:.2f}%{tta}")
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
     return 0
 

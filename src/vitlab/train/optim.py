@@ -68,9 +68,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     if not groups:
         raise UserError("nothing to train: every parameter is frozen")
-    # foreach kernels: one launch per group instead of one per tensor.
+    # AdamW: the fused kernel (one pass over each tensor for the whole update) where the parameters'
+    # device has one; in a short ad-hoc timing it made the Fashion-MNIST preset's compiled CPU step ~8%
+    # faster than the foreach kernels (one launch per group instead of one per tensor), which SGD and
+    # other devices keep.
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), **{"fused" if fused else "foreach": True})
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                foreach=True)
