@@ -460,9 +460,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                 where = total_steps * min(1.0, (time.time() - t_launch) / max(deadline - reserve - t_launch, 1e-9))
             lr = lr_at(where, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps, cfg=cfg.sched)
             g = batch_generator(device, cfg.run.seed, epoch, i, dist.rank)
+            # (a clock-run's last batch can sit at progress 1.0: with no clean tail it stays augmented)
             progress = where / max(total_steps, 1)
-            x, targets = train_tf(images, labels, g,
-                                  clean=progress < cfg.aug.clean_head or progress >= 1 - cfg.aug.clean_tail)
+            clean = progress < cfg.aug.clean_head or (cfg.aug.clean_tail > 0 and progress >= 1 - cfg.aug.clean_tail)
+            x, targets = train_tf(images, labels, g, clean=clean)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             last_micro = (i + 1) % accum == 0 or i + 1 == n_batches
@@ -586,7 +587,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     if main and history:
         scored = [h for h in history if f"{eval_name}_acc" in h]  # every epoch, or every run.eval_every-th
         top = max(scored, key=lambda h: h[f"{eval_name}_acc"])
-        tta = f" ({scored[-1][f'{eval_name}_acc_tta']:.2f}% with flip TTA)" if f"{eval_name}_acc_tta" in scored[-1] else ""
+        last_tta = scored[-1].get(f"{eval_name}_acc_tta")
+        tta = f" ({last_tta:.2f}% with flip TTA)" if last_tta is not None else ""
         total = history[-1]["wall_time"]
         log(f"done: {len(history)} epochs in {total / 60:.1f} min; final {eval_name} acc "
             f"{scored[-1][f'{eval_name}_acc']:.2f}%{tta}, best {top[f'{eval_name}_acc']:.2f}% (epoch {top['epoch']}); "
