@@ -38,7 +38,8 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
     assert rc == 0
     res = json.loads((tmp_path / "throughput.json").read_text())["compare"]
     assert {(r["impl"], r["precision"]) for r in res["rows"]} == {
-        (i, p) for i in ("vitlab", "textbook") for p in ("fp32", "bf16")} | {("vitlab compiled", res["default_precision"])}
+        (i, p) for i in ("vitlab", "textbook") for p in ("fp32", "bf16")} | {
+        (i, res["default_precision"]) for i in ("vitlab compiled", "vitlab compiled, foreach AdamW")}
     default = next(r for r in res["rows"] if r["impl"] == "vitlab compiled")
     assert res["default_train"] == default["train"]
     assert all(r["train"] > 0 and 0 < r["train_mfu"] for r in res["rows"])
@@ -57,3 +58,46 @@ def test_bench_rejects_a_resnet_or_unknown_model_in_one_line_before_any_output(c
     cap = capsys.readouterr()
     assert "did you mean 'vit_mini_patch4_32'" in cap.err and len(cap.err.strip().splitlines()) == 1
     assert cap.out == ""
+
+
+def test_default_row_times_the_engines_fused_adamw_and_the_peers_foreach(monkeypatch):
+    import vitlab.bench as bench
+
+    built = []
+    real = torch.optim.AdamW
+
+    def spy(params, *args, **kw):  # records which AdamW kernel each timed step was given
+        built.append("fused" if kw.get("fused") else "foreach" if kw.get("foreach") else "loop")
+        return real(params, *args, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    monkeypatch.setattr(bench, "_matmul_step", lambda dtype: lambda: None)  # no 2048^2 matmuls in a test
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)  # plumbing only: compiling is not what's tested
+    res = bench.compare("vit_mini_patch4_32", batch=2, steps=1, warmup=0, impls=["vitlab", "textbook"],
+                        log=lambda *a: None)
+    # rows: vitlab fp32, vitlab bf16, textbook fp32, textbook bf16, the compiled step with foreach
+    # AdamW (to tell compile's gain from the fused kernel's), then the default: compiled, fused
+    assert [r["impl"] for r in res["rows"]][-2:] == ["vitlab compiled, foreach AdamW", "vitlab compiled"]
+    assert built == ["foreach"] * 5 + ["fused"]
+
+
+def test_timed_calls_are_interleaved_across_setups_so_a_drift_hits_all_alike(monkeypatch):
+    import vitlab.bench as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "_matmul_step", lambda dtype: lambda: calls.append(("matmul", str(dtype), False)))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
+    monkeypatch.setattr(bench, "_train_step", lambda model, x, y, dtype, opt="foreach": lambda: calls.append(("train", id(model), model.training)))
+    monkeypatch.setattr(bench, "_infer_step", lambda model, x, dtype: lambda: calls.append(("infer", id(model), model.training)))
+    res = bench.compare("vit_mini_patch4_32", batch=2, steps=5, warmup=2, impls=["vitlab", "textbook"],
+                        log=lambda *a: None)
+    n_units = 2 * len(res["rows"]) + 2  # a training and an inference unit per setup, a matmul per dtype
+    assert res["rounds"] == 5 and len(res["rows"]) == 6
+    timed = [(k, m) for k, m, _ in calls[2 * n_units - 2:]]  # after the warm-up: two calls per model unit, one per matmul
+    assert len(timed) == 5 * n_units
+    rounds = [timed[r * n_units:(r + 1) * n_units] for r in range(5)]
+    # every round runs every unit once before the next round starts, each round one unit later
+    assert all(len(set(r)) == n_units for r in rounds)
+    assert all(rounds[r] == rounds[0][r:] + rounds[0][:r] for r in range(5))
+    assert all(tr == (k == "train") for k, _, tr in calls)  # train steps in train mode, inference in eval mode
+    assert sum(k == "matmul" for k, _ in timed) == 2 * 5  # the ceilings are timed in the same rounds

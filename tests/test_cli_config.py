@@ -77,9 +77,13 @@ def test_every_shipped_preset_loads_names_a_real_model_and_states_command_time_a
         assert cfg.model.pretrained or cfg.model.name in PRESETS, f.name
         raw = load_yaml(f)
         assert all(isinstance(v, dict) for v in raw.values()), f"{f.name}: top level must be sections"
-    # The 15-minute Fashion-MNIST preset is the hybrid ViT; its plain twin differs only in model and compile.
+    # The 15-minute Fashion-MNIST preset is the hybrid ViT; its plain twin differs only in model and
+    # compile, and in the clean tail and flip-TTA logging the hybrid gained after the plain runs were measured.
     hybrid, plain = build_config("fashion_mnist", {}), build_config("fashion_mnist_plain", {})
     assert PRESETS[hybrid.model.name].kwargs.get("conv_stem") and not PRESETS[plain.model.name].kwargs.get("conv_stem")
+    assert (hybrid.aug.clean_tail, hybrid.run.tta, plain.aug.clean_tail, plain.run.tta) == (0.25, True, 0.0, False)
     set_key(plain, "model.name", hybrid.model.name)
     set_key(plain, "run.compile", True)
+    set_key(plain, "aug.clean_tail", 0.25)
+    set_key(plain, "run.tta", True)
     assert plain == hybrid

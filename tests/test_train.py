@@ -225,6 +225,32 @@ def test_flip_tta_scores_the_mean_of_the_image_and_mirror_logits():
     off = evaluate(model, loader, tf, torch.device("cpu"), None, 6)
     assert off["loss"] == pytest.approx(torch.nn.functional.cross_entropy(plain, labels).item(), rel=1e-5)
     assert (mean - plain).abs().max() > 1e-3  # the mirror changes the logits, so the two checks differ
+    both = evaluate(model, loader, tf, torch.device("cpu"), None, 6, also_flip=True)  # what --run.tta logs
+    assert both["acc"] == off["acc"] and both["loss"] == pytest.approx(off["loss"], rel=1e-6)
+    assert both["acc_tta"] == pytest.approx(res["acc"]) and "acc_tta" not in off
+
+
+def test_flip_tta_alongside_plain_on_a_distilled_model_averages_both_heads_of_both_views():
+    from vitlab.data import DatasetInfo, build_eval_transform, make_shapes
+    from vitlab.train.engine import evaluate
+
+    torch.manual_seed(0)
+    model = create_model("deit_mini_distilled_patch4_32", num_classes=6).eval()
+    images, labels, _ = make_shapes(40, seed=4)
+    tf = build_eval_transform(DatasetInfo("t", 6, list("abcdef"), 3, (32, 32), (0.5,) * 3, (0.25,) * 3), (32, 32))
+    loader = [(images[:24], labels[:24]), (images[24:], labels[24:])]
+    with torch.no_grad():
+        x = tf(images)
+        views = [model.forward_head(model.forward_features(v), separate=True) for v in (x, x.flip(-1))]
+    plain = (views[0][0] + views[0][1]) / 2
+    tta = (plain + (views[1][0] + views[1][1]) / 2) / 2
+    res = evaluate(model, loader, tf, torch.device("cpu"), None, 6, separate_heads=True, also_flip=True)
+    assert res["acc"] == pytest.approx(100 * (plain.argmax(-1) == labels).float().mean().item())
+    assert res["acc_tta"] == pytest.approx(100 * (tta.argmax(-1) == labels).float().mean().item())
+    assert res["acc_cls_head"] == pytest.approx(100 * (views[0][0].argmax(-1) == labels).float().mean().item())
+    # flip_tta makes the TTA prediction the primary one, so there is no separate acc_tta then
+    alone = evaluate(model, loader, tf, torch.device("cpu"), None, 6, separate_heads=True, flip_tta=True, also_flip=True)
+    assert alone["acc"] == pytest.approx(res["acc_tta"]) and "acc_tta" not in alone
 
 
 def test_compile_auto_only_for_long_single_process_runs():

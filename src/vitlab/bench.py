@@ -8,11 +8,14 @@ threads, batch and input:
   textbook   the ViT as tutorials write it (below): separate q/k/v Linears, softmax(QK^T/sqrt(d))V
 
 each in fp32 and under bf16 autocast, for a training step (forward, cross-entropy,
-backward, AdamW) and for inference. Throughput is images/s (median of timed
-repeats after warm-up); MFU is the model's matmul FLOPs per second divided by a
-matmul ceiling measured here for each dtype. "vitlab default" is what
-`vitlab train` does with no flags on a long run: its precision chosen by
-measurement, and torch.compile (run.compile auto), timed after compiling.
+backward, AdamW) and for inference. Throughput is images/s: the median of the
+timed repeats, which are interleaved across all setups in five rounds after a
+warm-up, so that the host's drift hits every setup alike. MFU is the model's
+matmul FLOPs per second divided by a matmul ceiling measured here for each
+dtype. "vitlab default" is what `vitlab train` does with no flags on a long
+run: its precision chosen by measurement, torch.compile (run.compile auto),
+timed after compiling, and the engine's AdamW (fused where the device has it;
+the peers get torch's foreach AdamW).
 
     vitlab bench                                  # ViT-Tiny CIFAR config, batch 128, the comparison table
     vitlab bench --model vit_small_patch4_32 --batch-size 64
@@ -41,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .utils import atomic_write_text
 
 
 # -- the textbook ViT ---------------------------------------------------------------
@@ -154,17 +158,14 @@ def vit_flops(a: dict, training: bool) -> float:
     return 3 * fwd if training else fwd
 
 
-def matmul_ceiling(dtype: torch.dtype, size: int = 2048, reps: int = 5) -> float:
-    """Best GFLOP/s of a square matmul in this dtype on this machine."""
+MATMUL_SIZE = 2048
+
+
+def _matmul_step(dtype: torch.dtype, size: int = MATMUL_SIZE):
+    """One square matmul in this dtype, as a closure (a timed unit of compare's rounds)."""
     x = torch.randn(size, size).to(dtype)
     y = torch.randn(size, size).to(dtype)
-    x @ y
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x @ y
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
+    return lambda: x @ y
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -184,31 +185,50 @@ def _median_rate(fn, batch: int, steps: int, warmup: int) -> float:
     return batch / statistics.median(times)
 
 
-def time_train(model: nn.Module, x, y, dtype, steps: int, warmup: int) -> float:
-    """Images/s of a full training step: forward, loss, backward, AdamW step."""
-    from .train.optim import param_groups
+def _train_step(model: nn.Module, x, y, dtype, optimizer: str = "foreach"):
+    """One full training step as a closure: forward, loss, backward, AdamW step.
 
-    model.train()
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, foreach=True)
+    optimizer: "foreach" (torch's multi-tensor AdamW, faster on CPU than its default per-tensor loop;
+    what the peers get) or "engine" (the AdamW `vitlab train` builds: the fused kernel where the
+    device has one).
+    """
+    from .config import OptimConfig
+    from .train.optim import build_optimizer, param_groups
+
+    if optimizer == "engine":  # built on the module itself, as the engine does (a compiled wrapper renames params)
+        opt = build_optimizer(getattr(model, "_orig_mod", model), OptimConfig(), lr=1e-4)
+    elif optimizer == "foreach":
+        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, foreach=True)
+    else:
+        raise ValueError(f"optimizer is 'foreach' or 'engine', got {optimizer!r}")
 
     def step():
         with _ctx(dtype):
             loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # no gradients kept between calls: other setups' memory
 
-    return _median_rate(step, x.shape[0], steps, warmup)
+    return step
 
 
-def time_infer(model: nn.Module, x, dtype, steps: int, warmup: int) -> float:
-    model.eval()
-
+def _infer_step(model: nn.Module, x, dtype):
     def fwd():
         with torch.inference_mode(), _ctx(dtype):
             model(x)
 
-    return _median_rate(fwd, x.shape[0], steps, warmup)
+    return fwd
+
+
+def time_train(model: nn.Module, x, y, dtype, steps: int, warmup: int, optimizer: str = "foreach") -> float:
+    """Images/s of a full training step (median of `steps` after `warmup`)."""
+    model.train()
+    return _median_rate(_train_step(model, x, y, dtype, optimizer), x.shape[0], steps, warmup)
+
+
+def time_infer(model: nn.Module, x, dtype, steps: int, warmup: int) -> float:
+    model.eval()
+    return _median_rate(_infer_step(model, x, dtype), x.shape[0], steps, warmup)
 
 
 def default_precision() -> tuple[torch.dtype | None, str]:
@@ -226,36 +246,64 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
     a = arch_of(preset)
     impls = impls or (["vitlab", "hf", "textbook"] if have_transformers() else ["vitlab", "textbook"])
     impls = ["vitlab"] + [i for i in impls if i != "vitlab"]  # the default step is always measured
-    ceilings = {name: matmul_ceiling(dt or torch.float32) for name, dt in DTYPES.items()}
-    log(f"matmul ceiling: fp32 {ceilings['fp32']:.0f} GFLOP/s, bf16 {ceilings['bf16']:.0f} GFLOP/s")
     torch.manual_seed(0)
     x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
     y = torch.randint(0, a["num_classes"], (batch,))
     ftrain, finfer = vit_flops(a, True), vit_flops(a, False)
-    rows = []
-
-    def measure(impl: str, pname: str, dtype, compiled: bool = False) -> dict:
+    dflt_dtype, note = default_precision()
+    dname = "bf16" if dflt_dtype is not None else "fp32"
+    # Every implementation in both precisions (the peers' AdamW is torch's foreach kernel), then
+    # what `vitlab train` runs by default for a long run: torch.compile (run.compile auto) in the
+    # default precision with the engine's AdamW (fused), and, to tell the two gains apart, the
+    # compiled step with foreach AdamW. All setups are held in memory at once (about 8 GB for ViT-B).
+    specs = [(impl, pname, dtype, False, "foreach") for impl in impls for pname, dtype in DTYPES.items()]
+    specs += [("vitlab", dname, dflt_dtype, True, "foreach"), ("vitlab", dname, dflt_dtype, True, "engine")]
+    # (row index, "train" | "infer", set the module's mode, the timed call, warm-up calls); the matmul
+    # ceiling of each dtype is timed in the same rounds, so the MFU's numerator and denominator see
+    # the same machine
+    units = [(name, "matmul", lambda: None, _matmul_step(dt or torch.float32), 1) for name, dt in DTYPES.items()]
+    for i, (impl, pname, dtype, compiled, opt) in enumerate(specs):
         torch.manual_seed(0)
         model = build(impl, a)
-        if compiled:  # the first calls compile (20-60 s); at least two warm-up calls absorb them
+        if compiled:  # the first calls compile (20-60 s); the warm-up calls below absorb them
             model = torch.compile(model)
         wu = max(warmup, 2) if compiled else warmup
-        tr, inf = time_train(model, x, y, dtype, steps, wu), time_infer(model, x, dtype, steps, wu)
+        units.append((i, "train", model.train, _train_step(model, x, y, dtype, opt), wu))
+        units.append((i, "infer", model.eval, _infer_step(model, x, dtype), wu))
+    log(f"  warming up {len(specs)} setups ({warmup} calls each, 2 or more when compiled)")
+    for i, kind, mode, fn, wu in units:
+        mode()
+        for _ in range(wu):
+            fn()
+    # This host's speed drifts by 10-30% within minutes, so the timed calls are interleaved: in each
+    # of up to five rounds every setup runs its share of `steps` in turn, starting one unit later
+    # each round (so no setup always follows the same one), and each figure is the median over all
+    # rounds. A drift then moves every setup's figure alike instead of whichever ran during it.
+    rounds = min(steps, 5)
+    times = {(i, kind): [] for i, kind, *_ in units}
+    for r in range(rounds):
+        n = steps // rounds + (1 if r < steps % rounds else 0)
+        for i, kind, mode, fn, _ in units[r % len(units):] + units[:r % len(units)]:
+            mode()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                times[(i, kind)].append(time.perf_counter() - t0)
+        log(f"  round {r + 1}/{rounds} timed")
+    # the ceiling is the best matmul over all rounds (as the machine can do at its fastest)
+    ceilings = {name: 2 * MATMUL_SIZE**3 / min(times[(name, "matmul")]) / 1e9 for name in DTYPES}
+    log(f"  matmul ceiling (best of {len(times[('fp32', 'matmul')])} in the same rounds): "
+        f"fp32 {ceilings['fp32']:.0f} GFLOP/s, bf16 {ceilings['bf16']:.0f} GFLOP/s")
+    rows = []
+    for i, (impl, pname, dtype, compiled, opt) in enumerate(specs):
+        tr, inf = (batch / statistics.median(times[(i, kind)]) for kind in ("train", "infer"))
         ceil = ceilings[pname]
-        row = dict(impl=impl + (" compiled" if compiled else ""), precision=pname, train=tr, infer=inf,
+        label = impl + (" compiled" if compiled else "") + (", foreach AdamW" if compiled and opt == "foreach" else "")
+        row = dict(impl=label, precision=pname, train=tr, infer=inf,
                    train_mfu=tr * ftrain / 1e9 / ceil, infer_mfu=inf * finfer / 1e9 / ceil)
         log(f"  {row['impl']:9s} {pname:5s} train {tr:7.0f} img/s ({100 * row['train_mfu']:4.1f}% MFU)   "
             f"infer {inf:7.0f} img/s ({100 * row['infer_mfu']:4.1f}% MFU)")
-        return row
-
-    for impl in impls:
-        for pname, dtype in DTYPES.items():
-            rows.append(measure(impl, pname, dtype))
-    dflt_dtype, note = default_precision()
-    dname = "bf16" if dflt_dtype is not None else "fp32"
-    # What `vitlab train` runs by default for a long run: torch.compile (run.compile auto) in the
-    # default precision.
-    rows.append(measure("vitlab", dname, dflt_dtype, compiled=True))
+        rows.append(row)
     default = next(r for r in rows if r["impl"] == "vitlab compiled" and r["precision"] == dname)
     ratios = {}
     get = {(r["impl"], r["precision"]): r for r in rows}
@@ -267,7 +315,7 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
         best_peer = max(peers, key=lambda r: r["infer"])
         ratios["infer_vs_best_peer"] = default["infer"] / best_peer["infer"]
         ratios["best_peer_infer"] = f"{best_peer['impl']} {best_peer['precision']}"
-    return dict(preset=preset, arch=a, batch=batch, steps=steps, flops_train=ftrain, flops_infer=finfer,
+    return dict(preset=preset, arch=a, batch=batch, steps=steps, rounds=rounds, flops_train=ftrain, flops_infer=finfer,
                 ceilings_gflops=ceilings, rows=rows, default_precision=dname, default_note=note,
                 default_train=default["train"], default_infer=default["infer"],
                 # against the faster of the two ceilings: where bf16 is slower than fp32 (no AMX), the
@@ -495,7 +543,7 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print) ->
         model = create_model(preset, num_classes=6)
         x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
         y = torch.randint(0, 6, (batch,))
-        return time_train(model, x, y, dtype, steps, warmup)
+        return time_train(model, x, y, dtype, steps, warmup, "engine")  # the loop's own optimizer
 
     # This host's speed drifts by 10% or more over a minute, so the bare step is timed
     # just before and just after the loop and the ratio taken against their mean.
@@ -608,6 +656,6 @@ def run(args) -> int:
     if args.memory or args.all:
         print("memory per training step (fp32):")
         res["memory"] = memory()
-    (out / "throughput.json").write_text(json.dumps(res, indent=1) + "\n")
+    atomic_write_text(out / "throughput.json", json.dumps(res, indent=1) + "\n")
     print(f"wrote {out / 'throughput.json'}")
     return 0

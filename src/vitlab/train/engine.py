@@ -117,8 +117,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 # torch.compile costs 20-60 s up front. On the 2-core dev CPU it made a small ViT's step 1.43x
 # faster (vit_mini_patch7_28, batch 64: benchmarks/results/mini/throughput.json) and a matmul-bound
-# one 1.05x (ViT-Tiny, batch 128: benchmarks/throughput.py's "vitlab compiled" row). Below this many
-# optimizer steps it may not pay back.
+# one about 1.08x (ViT-Tiny, batch 128: benchmarks/throughput.py's "vitlab compiled, foreach AdamW"
+# row against eager vitlab). Below this many optimizer steps it may not pay back.
 AUTO_COMPILE_MIN_STEPS = 2000
 
 
@@ -229,11 +229,14 @@ def load_teacher(path: str, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes: int,
-             dist: DistInfo = DistInfo(), separate_heads: bool = False, flip_tta: bool = False) -> dict:
+             dist: DistInfo = DistInfo(), separate_heads: bool = False, flip_tta: bool = False,
+             also_flip: bool = False) -> dict:
     """Loss, top-1/top-5 and the confusion matrix over a whole split (summed across processes).
 
     flip_tta: classify each image by the mean of its logits and its mirror image's (test-time
     augmentation with the one transform the training flips already taught; twice the cost).
+    also_flip: keep every statistic plain and add "acc_tta", the flip-TTA top-1, from the same pass
+    (what `--run.tta` logs each evaluation, at the cost of one extra forward instead of two).
     """
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -241,6 +244,7 @@ def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes
     dist_correct = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
+    tta_correct = torch.zeros((), device=device, dtype=torch.float64)
     distilled = getattr(model, "distilled", False) and separate_heads
     for images, labels in loader:
         x = transform(images)
@@ -252,8 +256,12 @@ def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes
                 dist_correct += (dist_logits.argmax(-1) == labels).sum()
             else:
                 logits = model(x)
-            if flip_tta:
-                logits = (logits.float() + model(x.flip(-1)).float()) / 2  # eval mode: one (B, K) tensor
+            if flip_tta or also_flip:
+                tta_logits = (logits.float() + model(x.flip(-1)).float()) / 2  # eval mode: one (B, K) tensor
+                if flip_tta:
+                    logits = tta_logits
+                else:
+                    tta_correct += (tta_logits.argmax(-1) == labels).sum()
         logits = logits.float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         top = logits.topk(min(5, num_classes), dim=-1).indices  # (B, 5)
@@ -261,11 +269,13 @@ def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes
         correct[1] += (top == labels[:, None]).any(-1).sum()
         confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes * num_classes)
         count += labels.numel()
-    for t in (loss_sum, correct, dist_correct, confusion, count):
+    for t in (loss_sum, correct, dist_correct, confusion, count, tta_correct):
         all_reduce_sum(t, dist)
     n = max(count.item(), 1.0)
     out = {"loss": loss_sum.item() / n, "acc": 100 * correct[0].item() / n, "top5": 100 * correct[1].item() / n,
            "n": int(count.item()), "confusion": confusion.view(num_classes, num_classes).long().cpu()}
+    if also_flip and not flip_tta:
+        out["acc_tta"] = 100 * tta_correct.item() / n
     if distilled:
         out["acc_cls_head"] = 100 * correct[2].item() / n
         out["acc_dist_head"] = 100 * dist_correct.item() / n
@@ -531,15 +541,15 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         last_epoch = epoch + 1 == cfg.run.epochs or (deadline and time.time() > deadline - reserve)
         if (epoch + 1) % cfg.run.eval_every == 0 or last_epoch:
             t_eval = time.time()
-            res = evaluate(model, eval_loader, eval_tf, device, amp_dtype, num_classes, dist, separate_heads)
+            res = evaluate(model, eval_loader, eval_tf, device, amp_dtype, num_classes, dist, separate_heads,
+                           also_flip=cfg.run.tta)
             record.update({f"{eval_name}_loss": res["loss"], f"{eval_name}_acc": res["acc"],
                            f"{eval_name}_top5": res["top5"]})
             for key in ("acc_cls_head", "acc_dist_head"):
                 if key in res:
                     record[f"{eval_name}_{key}"] = res[key]
-            if cfg.run.tta:  # reported beside the plain score; the best checkpoint is still chosen by the plain one
-                record[f"{eval_name}_acc_tta"] = evaluate(model, eval_loader, eval_tf, device, amp_dtype, num_classes,
-                                                          dist, flip_tta=True)["acc"]
+            if "acc_tta" in res:  # --run.tta: beside the plain score; the best checkpoint is still chosen by the plain one
+                record[f"{eval_name}_acc_tta"] = res["acc_tta"]
             candidates = [(res["acc"], model, "model")]
             if ema is not None:
                 ema_res = evaluate(ema.module, eval_loader, eval_tf, device, amp_dtype, num_classes, dist)
