@@ -89,15 +89,54 @@ def test_timed_calls_are_interleaved_across_setups_so_a_drift_hits_all_alike(mon
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
     monkeypatch.setattr(bench, "_train_step", lambda model, x, y, dtype, opt="foreach": lambda: calls.append(("train", id(model), model.training)))
     monkeypatch.setattr(bench, "_infer_step", lambda model, x, dtype: lambda: calls.append(("infer", id(model), model.training)))
-    res = bench.compare("vit_mini_patch4_32", batch=2, steps=5, warmup=2, impls=["vitlab", "textbook"],
+    res = bench.compare("vit_mini_patch4_32", batch=2, steps=5, warmup=1, impls=["vitlab", "textbook"],
                         log=lambda *a: None)
     n_units = 2 * len(res["rows"]) + 2  # a training and an inference unit per setup, a matmul per dtype
     assert res["rounds"] == 5 and len(res["rows"]) == 6
-    timed = [(k, m) for k, m, _ in calls[2 * n_units - 2:]]  # after the warm-up: two calls per model unit, one per matmul
+    # warm-up: one call per unit, but two for each of the two compiled setups' two units
+    n_warm = n_units + 4
+    timed = [(k, m) for k, m, _ in calls[n_warm:]]
     assert len(timed) == 5 * n_units
     rounds = [timed[r * n_units:(r + 1) * n_units] for r in range(5)]
-    # every round runs every unit once before the next round starts, each round one unit later
+    # every round runs every unit once before the next round starts, each round rotated by a fifth
+    shift = n_units // 5
     assert all(len(set(r)) == n_units for r in rounds)
-    assert all(rounds[r] == rounds[0][r:] + rounds[0][:r] for r in range(5))
+    assert all(rounds[r] == rounds[0][r * shift:] + rounds[0][:r * shift] for r in range(5))
     assert all(tr == (k == "train") for k, _, tr in calls)  # train steps in train mode, inference in eval mode
     assert sum(k == "matmul" for k, _ in timed) == 2 * 5  # the ceilings are timed in the same rounds
+
+
+def test_each_figure_is_the_median_over_rounds_and_the_ceiling_the_best_matmul(monkeypatch):
+    from types import SimpleNamespace
+
+    import vitlab.bench as bench
+
+    clock = [0.0]  # a fake perf_counter that each unit advances by a scripted duration
+
+    def unit(seconds):
+        def fn():
+            clock[0] += seconds() if callable(seconds) else seconds
+        return fn
+
+    fp32_mm = iter([9.0, 2.0, 4.0, 3.0, 5.0, 6.0, 7.0, 8.0])  # the first is the warm-up call
+    train_times = iter([0.5, 0.1, 0.2, 0.4, 0.2, 0.3, 0.2, 0.8])  # the first setup's: warm-up, then 7 timed
+    built = []
+
+    def train_step(model, x, y, dtype, opt="foreach"):
+        built.append(model)
+        return unit((lambda: next(train_times)) if len(built) == 1 else 1.0)
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench, "_matmul_step", lambda dtype: unit((lambda: next(fp32_mm)) if dtype == torch.float32 else 1.0))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
+    monkeypatch.setattr(bench, "_train_step", train_step)
+    monkeypatch.setattr(bench, "_infer_step", lambda model, x, dtype: unit(0.5))
+    res = bench.compare("vit_mini_patch4_32", batch=4, steps=7, warmup=1, impls=["vitlab"], log=lambda *a: None)
+    assert res["rounds"] == 5
+    # 7 steps over 5 rounds: 2, 2, 1, 1, 1 timed calls per unit; the fp32 ceiling is the fastest of them
+    assert res["ceilings_gflops"]["fp32"] == pytest.approx(2 * bench.MATMUL_SIZE**3 / 2.0 / 1e9)
+    assert res["ceilings_gflops"]["bf16"] == pytest.approx(2 * bench.MATMUL_SIZE**3 / 1.0 / 1e9)
+    row = res["rows"][0]
+    assert (row["impl"], row["precision"]) == ("vitlab", "fp32")
+    assert row["train"] == pytest.approx(4 / 0.2)  # median of 0.1, 0.2, 0.4, 0.2, 0.3, 0.2, 0.8
+    assert row["infer"] == pytest.approx(4 / 0.5)

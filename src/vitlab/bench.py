@@ -161,10 +161,10 @@ def vit_flops(a: dict, training: bool) -> float:
 MATMUL_SIZE = 2048
 
 
-def _matmul_step(dtype: torch.dtype, size: int = MATMUL_SIZE):
-    """One square matmul in this dtype, as a closure (a timed unit of compare's rounds)."""
-    x = torch.randn(size, size).to(dtype)
-    y = torch.randn(size, size).to(dtype)
+def _matmul_step(dtype: torch.dtype):
+    """One MATMUL_SIZE-square matmul in this dtype, as a closure (a timed unit of compare's rounds)."""
+    x = torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype)
+    y = torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype)
     return lambda: x @ y
 
 
@@ -276,14 +276,17 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
         for _ in range(wu):
             fn()
     # This host's speed drifts by 10-30% within minutes, so the timed calls are interleaved: in each
-    # of up to five rounds every setup runs its share of `steps` in turn, starting one unit later
-    # each round (so no setup always follows the same one), and each figure is the median over all
-    # rounds. A drift then moves every setup's figure alike instead of whichever ran during it.
+    # of up to five rounds every setup runs its share of `steps` in turn, the order rotated by a
+    # 1/rounds share of its length each round (so each unit runs early in one round, late in
+    # another), and each figure is the median over all rounds. A drift then moves every setup's
+    # figure alike instead of whichever ran during it.
     rounds = min(steps, 5)
+    shift = max(1, len(units) // rounds)
     times = {(i, kind): [] for i, kind, *_ in units}
     for r in range(rounds):
         n = steps // rounds + (1 if r < steps % rounds else 0)
-        for i, kind, mode, fn, _ in units[r % len(units):] + units[:r % len(units)]:
+        k = r * shift % len(units)
+        for i, kind, mode, fn, _ in units[k:] + units[:k]:
             mode()
             for _ in range(n):
                 t0 = time.perf_counter()

@@ -117,7 +117,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 # torch.compile costs 20-60 s up front. On the 2-core dev CPU it made a small ViT's step 1.43x
 # faster (vit_mini_patch7_28, batch 64: benchmarks/results/mini/throughput.json) and a matmul-bound
-# one about 1.08x (ViT-Tiny, batch 128: benchmarks/throughput.py's "vitlab compiled, foreach AdamW"
+# one 1.04-1.10x (ViT-Tiny, batch 128: benchmarks/throughput.py's "vitlab compiled, foreach AdamW"
 # row against eager vitlab). Below this many optimizer steps it may not pay back.
 AUTO_COMPILE_MIN_STEPS = 2000
 

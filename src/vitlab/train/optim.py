@@ -71,8 +71,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     # AdamW: the fused kernel (one pass over each tensor for the whole update) where the parameters'
     # device has one, instead of the foreach kernels, which SGD and other devices keep. It matters
     # where the optimizer is a visible share of the step: in a short ad-hoc timing it made the
-    # Fashion-MNIST preset's small compiled CPU step ~8% faster; on matmul-bound ViT-Tiny it gains
-    # about 1% (benchmarks/throughput.py, the two compiled rows).
+    # Fashion-MNIST preset's small compiled CPU step ~8% faster; on matmul-bound ViT-Tiny the gain
+    # is inside the noise (+1.5% and -5% in two runs: benchmarks/throughput.py, the two compiled rows).
     if cfg.name == "adamw":
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), **{"fused" if fused else "foreach": True})
