@@ -206,17 +206,23 @@ def test_clean_head_and_tail_turn_augmentation_off_at_the_schedules_ends(tmp_pat
     assert "(epoch 2)" in capsys.readouterr().out  # (eval_every 2) the summary names the best epoch, not its index
 
 
-def test_flip_tta_scores_the_mean_of_the_image_and_mirror_logits():
+def _tta_case(model_name: str, seed: int):
+    """A model, 40 shapes images in two batches, their eval transform, and the transformed images."""
     from vitlab.data import DatasetInfo, build_eval_transform, make_shapes
-    from vitlab.train.engine import evaluate
 
     torch.manual_seed(0)
-    model = create_model("vit_mini_patch4_32", num_classes=6).eval()
-    images, labels, _ = make_shapes(40, seed=3)
+    model = create_model(model_name, num_classes=6).eval()
+    images, labels, _ = make_shapes(40, seed=seed)
     tf = build_eval_transform(DatasetInfo("t", 6, list("abcdef"), 3, (32, 32), (0.5,) * 3, (0.25,) * 3), (32, 32))
     loader = [(images[:24], labels[:24]), (images[24:], labels[24:])]
+    return model, labels, tf, loader, tf(images)
+
+
+def test_flip_tta_scores_the_mean_of_the_image_and_mirror_logits():
+    from vitlab.train.engine import evaluate
+
+    model, labels, tf, loader, x = _tta_case("vit_mini_patch4_32", seed=3)
     with torch.no_grad():
-        x = tf(images)
         plain, mirror = model(x), model(x.flip(-1))
     mean = (plain + mirror) / 2
     res = evaluate(model, loader, tf, torch.device("cpu"), None, 6, flip_tta=True)
@@ -231,16 +237,10 @@ def test_flip_tta_scores_the_mean_of_the_image_and_mirror_logits():
 
 
 def test_flip_tta_alongside_plain_on_a_distilled_model_averages_both_heads_of_both_views():
-    from vitlab.data import DatasetInfo, build_eval_transform, make_shapes
     from vitlab.train.engine import evaluate
 
-    torch.manual_seed(0)
-    model = create_model("deit_mini_distilled_patch4_32", num_classes=6).eval()
-    images, labels, _ = make_shapes(40, seed=4)
-    tf = build_eval_transform(DatasetInfo("t", 6, list("abcdef"), 3, (32, 32), (0.5,) * 3, (0.25,) * 3), (32, 32))
-    loader = [(images[:24], labels[:24]), (images[24:], labels[24:])]
+    model, labels, tf, loader, x = _tta_case("deit_mini_distilled_patch4_32", seed=4)
     with torch.no_grad():
-        x = tf(images)
         views = [model.forward_head(model.forward_features(v), separate=True) for v in (x, x.flip(-1))]
     plain = (views[0][0] + views[0][1]) / 2
     tta = (plain + (views[1][0] + views[1][1]) / 2) / 2

@@ -226,11 +226,6 @@ def time_train(model: nn.Module, x, y, dtype, steps: int, warmup: int, optimizer
     return _median_rate(_train_step(model, x, y, dtype, optimizer), x.shape[0], steps, warmup)
 
 
-def time_infer(model: nn.Module, x, dtype, steps: int, warmup: int) -> float:
-    model.eval()
-    return _median_rate(_infer_step(model, x, dtype), x.shape[0], steps, warmup)
-
-
 def default_precision() -> tuple[torch.dtype | None, str]:
     from .train.engine import resolve_precision
 
