@@ -140,3 +140,37 @@ def test_each_figure_is_the_median_over_rounds_and_the_ceiling_the_best_matmul(m
     assert (row["impl"], row["precision"]) == ("vitlab", "fp32")
     assert row["train"] == pytest.approx(4 / 0.2)  # median of 0.1, 0.2, 0.4, 0.2, 0.3, 0.2, 0.8
     assert row["infer"] == pytest.approx(4 / 0.5)
+
+
+def test_loop_vs_step_alternates_and_counts_one_epochs_bookkeeping(monkeypatch, tmp_path):
+    """The loop's rate is epoch 3's images over the wall time since epoch 2's record (its writes
+    included); step and loop timings alternate and the ratio is mean over mean."""
+    from vitlab import bench
+    from vitlab.train import engine
+
+    calls = []
+    step_rates = iter([100.0, 140.0, 120.0])
+
+    def fake_time_train(model, x, y, dtype, steps, warmup, opt):
+        calls.append("step")
+        return next(step_rates)
+
+    def fake_train(cfg):
+        calls.append("loop")
+        assert (cfg.run.epochs, cfg.run.eval_every, cfg.run.compile) == (4, 4, False)
+        run = tmp_path / f"loop{len(calls)}"
+        run.mkdir()
+        rows = [{"epoch": 1, "images_per_s": 10.0, "epoch_time": 9.0, "wall_time": 12.0},
+                {"epoch": 2, "images_per_s": 50.0, "epoch_time": 2.0, "wall_time": 15.0},
+                # epoch 3: 100 images trained in 1.0 s, but 2.0 s since epoch 2's record: 50 img/s
+                {"epoch": 3, "images_per_s": 100.0, "epoch_time": 1.0, "wall_time": 17.0},
+                {"epoch": 4, "images_per_s": 100.0, "epoch_time": 1.0, "wall_time": 30.0}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return run
+
+    monkeypatch.setattr(bench, "time_train", fake_time_train)
+    monkeypatch.setattr(engine, "train", fake_train)
+    res = bench.loop_vs_step("vit_mini_patch4_32", batch=2, steps=1, warmup=0, log=lambda *a: None)
+    assert calls == ["step", "loop", "step", "loop", "step"]
+    assert res["loop_runs"] == [pytest.approx(50.0)] * 2 and res["step"] == pytest.approx(120.0)
+    assert res["ratio"] == pytest.approx(50.0 / 120.0)

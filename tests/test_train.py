@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vitlab.config import ScheduleConfig, build_config, parse_overrides
-from vitlab.errors import RunFailed
+from vitlab.errors import RunFailed, UserError
 from vitlab.models import create_model
 from vitlab.train.optim import lr_at, param_groups
 
@@ -225,13 +225,13 @@ def test_flip_tta_scores_the_mean_of_the_image_and_mirror_logits():
     with torch.no_grad():
         plain, mirror = model(x), model(x.flip(-1))
     mean = (plain + mirror) / 2
-    res = evaluate(model, loader, tf, torch.device("cpu"), None, 6, flip_tta=True)
+    res = evaluate(model, loader, tf, torch.device("cpu"), None, 6, tta="flip")
     assert res["acc"] == pytest.approx(100 * (mean.argmax(-1) == labels).float().mean().item())
     assert res["loss"] == pytest.approx(torch.nn.functional.cross_entropy(mean, labels).item(), rel=1e-5)
     off = evaluate(model, loader, tf, torch.device("cpu"), None, 6)
     assert off["loss"] == pytest.approx(torch.nn.functional.cross_entropy(plain, labels).item(), rel=1e-5)
     assert (mean - plain).abs().max() > 1e-3  # the mirror changes the logits, so the two checks differ
-    both = evaluate(model, loader, tf, torch.device("cpu"), None, 6, also_flip=True)  # what --run.tta logs
+    both = evaluate(model, loader, tf, torch.device("cpu"), None, 6, tta="flip", also_tta=True)  # what --run.tta logs
     assert both["acc"] == off["acc"] and both["loss"] == pytest.approx(off["loss"], rel=1e-6)
     assert both["acc_tta"] == pytest.approx(res["acc"]) and "acc_tta" not in off
 
@@ -244,13 +244,44 @@ def test_flip_tta_alongside_plain_on_a_distilled_model_averages_both_heads_of_bo
         views = [model.forward_head(model.forward_features(v), separate=True) for v in (x, x.flip(-1))]
     plain = (views[0][0] + views[0][1]) / 2
     tta = (plain + (views[1][0] + views[1][1]) / 2) / 2
-    res = evaluate(model, loader, tf, torch.device("cpu"), None, 6, separate_heads=True, also_flip=True)
+    res = evaluate(model, loader, tf, torch.device("cpu"), None, 6, separate_heads=True, tta="flip", also_tta=True)
     assert res["acc"] == pytest.approx(100 * (plain.argmax(-1) == labels).float().mean().item())
     assert res["acc_tta"] == pytest.approx(100 * (tta.argmax(-1) == labels).float().mean().item())
     assert res["acc_cls_head"] == pytest.approx(100 * (views[0][0].argmax(-1) == labels).float().mean().item())
-    # flip_tta makes the TTA prediction the primary one, so there is no separate acc_tta then
-    alone = evaluate(model, loader, tf, torch.device("cpu"), None, 6, separate_heads=True, flip_tta=True, also_flip=True)
+    # without also_tta the TTA prediction is the primary one, so there is no separate acc_tta
+    alone = evaluate(model, loader, tf, torch.device("cpu"), None, 6, separate_heads=True, tta="flip")
     assert alone["acc"] == pytest.approx(res["acc_tta"]) and "acc_tta" not in alone
+
+
+def test_flip_shift_views_move_the_image_and_its_mirror_one_pixel_each_way():
+    from vitlab.train.engine import tta_views
+
+    x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).view(2, 1, 4, 5)
+    views = tta_views(x, "flip-shift")
+    assert len(views) == 10 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[0], x) and torch.equal(views[5], x.flip(-1))
+    down, right = views[2], views[4]  # (dy, dx) = (1, 0) and (0, 1): the content moves down / right
+    assert torch.equal(down[..., 1:, :], x[..., :-1, :]) and torch.equal(down[..., 0, :], x[..., 1, :])  # reflected edge
+    assert torch.equal(right[..., :, 1:], x[..., :, :-1]) and torch.equal(right[..., :, 0], x[..., :, 1])
+    up, left = views[1], views[3]
+    assert torch.equal(up[..., :-1, :], x[..., 1:, :]) and torch.equal(left[..., :, :-1], x[..., :, 1:])
+    assert torch.equal(views[9][..., :, 1:], x.flip(-1)[..., :, :-1])  # the mirror, moved right
+    assert [len(tta_views(x, k)) for k in ("none", "flip")] == [1, 2]
+    with pytest.raises(UserError, match="unknown TTA 'mirror'"):
+        tta_views(x, "mirror")
+
+
+def test_flip_shift_tta_scores_the_mean_logits_of_ten_views():
+    from vitlab.train.engine import evaluate, tta_views
+
+    model, labels, tf, loader, x = _tta_case("vit_mini_patch4_32", seed=5)
+    with torch.no_grad():
+        mean = torch.stack([model(v) for v in tta_views(x, "flip-shift")]).mean(0)
+        flip = (model(x) + model(x.flip(-1))) / 2
+    assert (mean - flip).abs().max() > 1e-3  # the shifts change the answer, so the check can fail
+    res = evaluate(model, loader, tf, torch.device("cpu"), None, 6, tta="flip-shift")
+    assert res["acc"] == pytest.approx(100 * (mean.argmax(-1) == labels).float().mean().item())
+    assert res["loss"] == pytest.approx(torch.nn.functional.cross_entropy(mean, labels).item(), rel=1e-5)
 
 
 def test_compile_auto_only_for_long_single_process_runs():

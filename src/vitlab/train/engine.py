@@ -227,16 +227,45 @@ def load_teacher(path: str, device: torch.device) -> nn.Module:
 
 # -- evaluation -------------------------------------------------------------------
 
+TTA_KINDS = ("none", "flip", "flip-shift")
+
+
+def tta_views(x: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    """The views test-time augmentation scores, the image itself first. -> list of (B, C, H, W).
+
+    flip: the image and its mirror (the one transform the training flips taught).
+    flip-shift: each of those two also moved 1 px up, down, left and right (10 views), with the
+    borders filled by reflection as the training crops fill theirs: a model trained on padded
+    crops has seen every such shift, and averaging them smooths what one pixel of placement
+    changes in a 4x4 token grid.
+    """
+    if kind not in TTA_KINDS:
+        raise UserError(f"unknown TTA {kind!r}; choose one of {', '.join(TTA_KINDS)}")
+    if kind == "none":
+        return [x]
+    bases = [x, x.flip(-1)]
+    if kind == "flip":
+        return bases
+    h, w = x.shape[-2:]
+    views = []
+    for b in bases:
+        padded = nn.functional.pad(b, (1, 1, 1, 1), mode="reflect")  # (B, C, H+2, W+2)
+        views.append(b)
+        for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):  # the content moves by (dy, dx)
+            views.append(padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w])
+    return views
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes: int,
-             dist: DistInfo = DistInfo(), separate_heads: bool = False, flip_tta: bool = False,
-             also_flip: bool = False) -> dict:
+             dist: DistInfo = DistInfo(), separate_heads: bool = False, tta: str = "none",
+             also_tta: bool = False) -> dict:
     """Loss, top-1/top-5 and the confusion matrix over a whole split (summed across processes).
 
-    flip_tta: classify each image by the mean of its logits and its mirror image's (test-time
-    augmentation with the one transform the training flips already taught; twice the cost).
-    also_flip: keep every statistic plain and add "acc_tta", the flip-TTA top-1, from the same pass
-    (what `--run.tta` logs each evaluation, at the cost of one extra forward instead of two).
+    tta: classify each image by the mean logits over its tta_views ("flip": 2 views, twice the
+    cost; "flip-shift": 10 views).
+    also_tta: keep every statistic plain and add "acc_tta", the TTA top-1, from the same pass
+    (what `--run.tta` logs each evaluation, at the cost of the extra views' forwards only).
     """
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -256,12 +285,16 @@ def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes
                 dist_correct += (dist_logits.argmax(-1) == labels).sum()
             else:
                 logits = model(x)
-            if flip_tta or also_flip:
-                tta_logits = (logits.float() + model(x.flip(-1)).float()) / 2  # eval mode: one (B, K) tensor
-                if flip_tta:
-                    logits = tta_logits
-                else:
+            if tta != "none":
+                views = tta_views(x, tta)
+                tta_logits = logits.float()  # eval mode: model(view) is one (B, K) tensor, both heads averaged
+                for v in views[1:]:
+                    tta_logits = tta_logits + model(v).float()
+                tta_logits = tta_logits / len(views)
+                if also_tta:
                     tta_correct += (tta_logits.argmax(-1) == labels).sum()
+                else:
+                    logits = tta_logits
         logits = logits.float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         top = logits.topk(min(5, num_classes), dim=-1).indices  # (B, 5)
@@ -274,7 +307,7 @@ def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes
     n = max(count.item(), 1.0)
     out = {"loss": loss_sum.item() / n, "acc": 100 * correct[0].item() / n, "top5": 100 * correct[1].item() / n,
            "n": int(count.item()), "confusion": confusion.view(num_classes, num_classes).long().cpu()}
-    if also_flip and not flip_tta:
+    if also_tta and tta != "none":
         out["acc_tta"] = 100 * tta_correct.item() / n
     if distilled:
         out["acc_cls_head"] = 100 * correct[2].item() / n
@@ -542,7 +575,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         if (epoch + 1) % cfg.run.eval_every == 0 or last_epoch:
             t_eval = time.time()
             res = evaluate(model, eval_loader, eval_tf, device, amp_dtype, num_classes, dist, separate_heads,
-                           also_flip=cfg.run.tta)
+                           tta="flip" if cfg.run.tta else "none", also_tta=True)
             record.update({f"{eval_name}_loss": res["loss"], f"{eval_name}_acc": res["acc"],
                            f"{eval_name}_top5": res["top5"]})
             for key in ("acc_cls_head", "acc_dist_head"):

@@ -22,8 +22,9 @@ def add_arguments(p):
     p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion_matrix.png (default: the run dir)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--tta", choices=["none", "flip"], default="none",
-                   help="test-time augmentation: flip averages each image's logits with its mirror image's")
+    p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default="none",
+                   help="test-time augmentation: flip averages each image's logits with its mirror image's; "
+                        "flip-shift also averages both moved 1 px each way (10 views, 10x the cost)")
 
 
 def data_config_for(meta: dict, name: str | None, data_dir: str | None) -> DataConfig:
@@ -59,11 +60,11 @@ def run(args) -> int:
         info.mean, info.std = tuple(meta["mean"]), tuple(meta["std"])
     res = evaluate(model.to(device), loader, build_eval_transform(info, img_size), device, amp_dtype,
                    model.num_classes, separate_heads=getattr(model, "distilled", False),
-                   flip_tta=args.tta == "flip")
+                   tta=args.tta)
     conf = res.pop("confusion").double()
     per_class = (conf.diag() / conf.sum(1).clamp(min=1) * 100).tolist()
     res["tta"] = args.tta
-    tta = " (flip TTA)" if args.tta == "flip" else ""
+    tta = f" ({args.tta} TTA)" if args.tta != "none" else ""
     print(f"{args.split}{tta}: top-1 {res['acc']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
           f"({res['n']} images)")
     for k in ("acc_cls_head", "acc_dist_head"):
