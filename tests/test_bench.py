@@ -149,7 +149,7 @@ def test_loop_vs_step_alternates_and_counts_one_epochs_bookkeeping(monkeypatch, 
     from vitlab.train import engine
 
     calls = []
-    step_rates = iter([100.0, 140.0, 120.0])
+    step_rates = iter([100.0, 180.0, 110.0])  # mean 130; median 110, last 110
 
     def fake_time_train(model, x, y, dtype, steps, warmup, opt):
         calls.append("step")
@@ -160,10 +160,11 @@ def test_loop_vs_step_alternates_and_counts_one_epochs_bookkeeping(monkeypatch, 
         assert (cfg.run.epochs, cfg.run.eval_every, cfg.run.compile) == (4, 4, False)
         run = tmp_path / f"loop{len(calls)}"
         run.mkdir()
+        since = 2.0 if len(calls) == 2 else 4.0  # the first loop run 50 img/s, the second 25
         rows = [{"epoch": 1, "images_per_s": 10.0, "epoch_time": 9.0, "wall_time": 12.0},
                 {"epoch": 2, "images_per_s": 50.0, "epoch_time": 2.0, "wall_time": 15.0},
-                # epoch 3: 100 images trained in 1.0 s, but 2.0 s since epoch 2's record: 50 img/s
-                {"epoch": 3, "images_per_s": 100.0, "epoch_time": 1.0, "wall_time": 17.0},
+                # epoch 3: 100 images trained in 1.0 s, but `since` s since epoch 2's record
+                {"epoch": 3, "images_per_s": 100.0, "epoch_time": 1.0, "wall_time": 15.0 + since},
                 {"epoch": 4, "images_per_s": 100.0, "epoch_time": 1.0, "wall_time": 30.0}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return run
@@ -172,5 +173,5 @@ def test_loop_vs_step_alternates_and_counts_one_epochs_bookkeeping(monkeypatch, 
     monkeypatch.setattr(engine, "train", fake_train)
     res = bench.loop_vs_step("vit_mini_patch4_32", batch=2, steps=1, warmup=0, log=lambda *a: None)
     assert calls == ["step", "loop", "step", "loop", "step"]
-    assert res["loop_runs"] == [pytest.approx(50.0)] * 2 and res["step"] == pytest.approx(120.0)
-    assert res["ratio"] == pytest.approx(50.0 / 120.0)
+    assert res["loop_runs"] == [pytest.approx(50.0), pytest.approx(25.0)] and res["step"] == pytest.approx(130.0)
+    assert res["ratio"] == pytest.approx(37.5 / 130.0)

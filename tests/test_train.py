@@ -114,6 +114,20 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     meta = load_model(run / "model.safetensors")[1]
     if meta["weights"] == "model":  # the saved epoch's flip-TTA score, as the run measured it
         assert ev["tta"] == "flip" and ev["acc"] == pytest.approx(rows[meta["epoch"] - 1]["test_acc_tta"], abs=0.2)
+    r = cli("eval", "--checkpoint", str(run), "--tta", "flip-shift", "--out", str(tmp_path / "tta10"))
+    assert r.returncode == 0 and "test (flip-shift TTA): top-1" in r.stdout, r.stderr
+    assert json.loads((tmp_path / "tta10" / "eval.json").read_text())["tta"] == "flip-shift"
+    # benchmarks/fashion_mnist.py's after-the-clock score reads the final weights (last.ckpt): without
+    # TTA it is the last epoch's own test score
+    import importlib.util
+
+    from vitlab.config import from_dict, load_yaml
+
+    spec = importlib.util.spec_from_file_location("fm_bench", Path(__file__).parents[1] / "benchmarks" / "fashion_mnist.py")
+    fm_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fm_bench)
+    cfg = from_dict(load_yaml(run / "config.yaml"))
+    assert fm_bench.score_final(run, cfg, "none") == pytest.approx(rows[-1]["test_acc"], abs=0.006)
     from vitlab.data.shapes import SHAPES_CLASSES, make_shapes
     from PIL import Image
 
@@ -204,6 +218,20 @@ def test_clean_head_and_tail_turn_augmentation_off_at_the_schedules_ends(tmp_pat
     engine.train(cfg)
     assert flags == [True] + [False] * 5 + [True] * 2  # 2 epochs of 4 steps: the first eighth, the last quarter
     assert "(epoch 2)" in capsys.readouterr().out  # (eval_every 2) the summary names the best epoch, not its index
+
+
+def test_a_pause_before_the_first_evaluation_ends_cleanly_and_resumes(tmp_path, capsys):
+    from vitlab.train import engine
+
+    over = [*FAST, "--data.subset", "256", "--epochs", "3", "--out", str(tmp_path), "--run.name", "pause",
+            "--run.eval_every", "3"]
+    engine.train(build_config(None, parse_overrides([*over, "--run.stop_after", "1"])))
+    assert "paused after 1 epochs, before the first evaluation" in capsys.readouterr().out
+    run = tmp_path / "pause"
+    assert [("test_acc" in r) for r in metrics(run)] == [False] and not (run / "model.safetensors").exists()
+    engine.train(build_config(None, parse_overrides(over)), resume=str(run))
+    assert [("test_acc" in r) for r in metrics(run)] == [False, False, True]  # the last epoch is scored
+    assert (run / "model.safetensors").is_file()
 
 
 def _tta_case(model_name: str, seed: int):

@@ -230,23 +230,30 @@ def load_teacher(path: str, device: torch.device) -> nn.Module:
 TTA_KINDS = ("none", "flip", "flip-shift")
 
 
+def check_tta(kind: str) -> None:
+    if kind not in TTA_KINDS:
+        raise UserError(f"unknown TTA {kind!r}; choose one of {', '.join(TTA_KINDS)}")
+
+
 def tta_views(x: torch.Tensor, kind: str) -> list[torch.Tensor]:
     """The views test-time augmentation scores, the image itself first. -> list of (B, C, H, W).
 
     flip: the image and its mirror (the one transform the training flips taught).
-    flip-shift: each of those two also moved 1 px up, down, left and right (10 views), with the
-    borders filled by reflection as the training crops fill theirs: a model trained on padded
-    crops has seen every such shift, and averaging them smooths what one pixel of placement
-    changes in a 4x4 token grid.
+    flip-shift: each of those two also moved 1 px up, down, left and right (10 views), the
+    uncovered row or column filled by reflection (the training crops' default, aug.pad_mode):
+    a model trained on padded crops has seen such shifts, and where the patch grid is coarse
+    (8 px patches in the Fashion-MNIST preset) averaging them smooths what one pixel of placement
+    changes in the tokens.
     """
-    if kind not in TTA_KINDS:
-        raise UserError(f"unknown TTA {kind!r}; choose one of {', '.join(TTA_KINDS)}")
+    check_tta(kind)
     if kind == "none":
         return [x]
     bases = [x, x.flip(-1)]
     if kind == "flip":
         return bases
     h, w = x.shape[-2:]
+    if min(h, w) < 2:
+        raise UserError(f"flip-shift TTA needs images of at least 2x2 pixels, got {h}x{w}")
     views = []
     for b in bases:
         padded = nn.functional.pad(b, (1, 1, 1, 1), mode="reflect")  # (B, C, H+2, W+2)
@@ -267,6 +274,7 @@ def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes
     also_tta: keep every statistic plain and add "acc_tta", the TTA top-1, from the same pass
     (what `--run.tta` logs each evaluation, at the cost of the extra views' forwards only).
     """
+    check_tta(tta)  # before the first batch, not at it
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros(3, device=device, dtype=torch.float64)  # top1, top5, and cls-head top1
@@ -571,7 +579,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                   "images_per_s": stats[2].item() / max(train_time, 1e-9), "epoch_time": train_time}
 
         # -- evaluate, log, checkpoint -----------------------------------------------------
-        last_epoch = epoch + 1 == cfg.run.epochs or (deadline and time.time() > deadline - reserve)
+        # Decided once per epoch, so an epoch that ends the run is always the one scored; and under
+        # several processes by all of them together, since evaluate() waits for every process.
+        time_up = bool(deadline) and time.time() > deadline - reserve
+        if deadline and dist.enabled:
+            time_up = bool(all_reduce_sum(torch.tensor(float(time_up), device=device), dist) > 0)
+        last_epoch = epoch + 1 == cfg.run.epochs or time_up
         if (epoch + 1) % cfg.run.eval_every == 0 or last_epoch:
             t_eval = time.time()
             res = evaluate(model, eval_loader, eval_tf, device, amp_dtype, num_classes, dist, separate_heads,
@@ -619,7 +632,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                     msg += f"  ema {record[f'{eval_name}_acc_ema']:5.2f}%"
             msg += f"  lr {lr:.2e}  {record['images_per_s']:.0f} img/s  {train_time:.1f}s"
             log(msg)
-        if deadline and time.time() > deadline - reserve:
+        if time_up:
             log(f"time limit of {cfg.run.time_limit} min reached after epoch {epoch + 1}")
             break
         if cfg.run.stop_after and epoch + 1 >= cfg.run.stop_after and epoch + 1 < cfg.run.epochs:
@@ -627,8 +640,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             break
 
     # -- summary -------------------------------------------------------------------------
-    if main and history:
-        scored = [h for h in history if f"{eval_name}_acc" in h]  # every epoch, or every run.eval_every-th
+    scored = [h for h in history if f"{eval_name}_acc" in h]  # every epoch, or every run.eval_every-th
+    if main and history and not scored:  # paused (run.stop_after) before its first evaluation
+        log(f"paused after {len(history)} epochs, before the first evaluation (run.eval_every "
+            f"{cfg.run.eval_every}); continue with --resume {run_dir}")
+    elif main and history:
         top = max(scored, key=lambda h: h[f"{eval_name}_acc"])
         last_tta = scored[-1].get(f"{eval_name}_acc_tta")
         tta = f" ({last_tta:.2f}% with flip TTA)" if last_tta is not None else ""
@@ -636,7 +652,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         log(f"done: {len(history)} epochs in {total / 60:.1f} min; final {eval_name} acc "
             f"{scored[-1][f'{eval_name}_acc']:.2f}%{tta}, best {top[f'{eval_name}_acc']:.2f}% (epoch {top['epoch']}); "
             f"mean {np.mean([h['images_per_s'] for h in history]):.0f} img/s; run dir {run_dir}")
-    if data.val is not None and main:
+    if data.val is not None and main and scored:
         best_model, _ = ckpt.load_model(run_dir / ckpt.WEIGHTS, map_location=device)
         test_loader = make_loader(data.test, max(local_batch, 256), train=False, seed=cfg.run.seed, device=device,
                                   img_size=img_size, num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt)

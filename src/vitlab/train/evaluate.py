@@ -69,7 +69,8 @@ def run(args) -> int:
           f"({res['n']} images)")
     for k in ("acc_cls_head", "acc_dist_head"):
         if k in res:
-            print(f"  {k.replace('acc_', '').replace('_', ' ')}: {res[k]:.2f}%")
+            plain = " (plain view)" if args.tta != "none" else ""
+            print(f"  {k.replace('acc_', '').replace('_', ' ')}{plain}: {res[k]:.2f}%")
     width = max(len(c) for c in classes)
     for c, a, n in zip(classes, per_class, conf.sum(1).long().tolist()):
         print(f"  {c:{width}s}  {a:6.2f}%  (n={n})")
