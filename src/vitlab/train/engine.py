@@ -505,6 +505,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                    leave=False, dynamic_ncols=True, mininterval=1.0)
         t0 = time.perf_counter()
         n_images = 0
+        cut = False  # the clock ended this epoch early
         for i, (images, labels) in enumerate(train_loader):
             where = step
             if cfg.sched.by_time:
@@ -568,6 +569,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                                         f"lr {lr:.2e} {n_images * dist.world_size / max(dt, 1e-9):.0f} img/s")
                 bar.update(k)
             if deadline and not dist.enabled and time.time() > deadline - reserve:
+                cut = True
                 break  # (under several processes the budget is checked per epoch, so all stop together)
         bar.close()
         train_time = time.perf_counter() - t0
@@ -581,7 +583,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         # -- evaluate, log, checkpoint -----------------------------------------------------
         # Decided once per epoch, so an epoch that ends the run is always the one scored; and under
         # several processes by all of them together, since evaluate() waits for every process.
-        time_up = bool(deadline) and time.time() > deadline - reserve
+        time_up = cut or (bool(deadline) and time.time() > deadline - reserve)
         if deadline and dist.enabled:
             time_up = bool(all_reduce_sum(torch.tensor(float(time_up), device=device), dist) > 0)
         last_epoch = epoch + 1 == cfg.run.epochs or time_up
