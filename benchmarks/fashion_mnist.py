@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "fashion_mnist", "config": args.config, "seed": args.seed, "date": str(date.today()),
         "command": "python benchmarks/fashion_mnist.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine(),
+        "machine": machine(), "precision": precision_of(cfg),
         "final_test_acc": curve[-1]["test_acc"], "train_minutes": curve[-1]["train_minutes"],
         "wall_minutes": rows[-1]["wall_time"] / 60, "curve": curve, "run_dir": str(run_dir),
     }
@@ -79,25 +79,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def precision_of(cfg) -> str:
+    """What the run trained in (auto picks bf16 only where it measures faster: the record must say)."""
+    from vitlab.train.engine import resolve_device, resolve_precision
+
+    return resolve_precision(cfg.run.precision, resolve_device(cfg.run.device))[1]
+
+
 def score_final(run_dir: Path, cfg, tta: str) -> float:
     """Test accuracy of the run's final weights (last.ckpt, not the best-by-test model.safetensors,
     so no choice is made on the test set) with test-time augmentation, after the clock has stopped."""
-    from vitlab.data import build_data, build_eval_transform, make_loader
     from vitlab.train import checkpoint as ckpt
-    from vitlab.train.engine import evaluate, resolve_device, resolve_precision
+    from vitlab.train.evaluate import score
 
     model, meta = ckpt.load_model(run_dir)  # the architecture; the weights are replaced by the final ones
     model.load_state_dict(ckpt.load_state(run_dir / ckpt.LAST)["model"])
-    data = build_data(cfg.data)
-    info = data.info
-    info.mean, info.std = tuple(meta["mean"]), tuple(meta["std"])
-    img_size = tuple(model.img_size)
-    device = resolve_device(cfg.run.device)
-    amp_dtype, _ = resolve_precision(cfg.run.precision, device)
-    loader = make_loader(data.test, 500, train=False, seed=0, device=device, img_size=img_size,
-                         num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt)
-    res = evaluate(model.to(device).eval(), loader, build_eval_transform(info, img_size), device, amp_dtype,
-                   model.num_classes, separate_heads=getattr(model, "distilled", False), tta=tta)
+    res, _, _ = score(model, meta, cfg.data, "test", device=cfg.run.device, precision=cfg.run.precision, tta=tta,
+                      batch_size=500)
     return round(res["acc"], 2)
 
 

@@ -71,7 +71,7 @@ def test_default_row_times_the_engines_fused_adamw_and_the_peers_foreach(monkeyp
         return real(params, *args, **kw)
 
     monkeypatch.setattr(torch.optim, "AdamW", spy)
-    monkeypatch.setattr(bench, "_matmul_step", lambda dtype: lambda: None)  # no 2048^2 matmuls in a test
+    monkeypatch.setattr(bench, "_matmul_step", lambda dtype, device=None: lambda: None)  # no 2048^2 matmuls in a test
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)  # plumbing only: compiling is not what's tested
     res = bench.compare("vit_mini_patch4_32", batch=2, steps=1, warmup=0, impls=["vitlab", "textbook"],
                         log=lambda *a: None)
@@ -85,7 +85,7 @@ def test_timed_calls_are_interleaved_across_setups_so_a_drift_hits_all_alike(mon
     import vitlab.bench as bench
 
     calls = []
-    monkeypatch.setattr(bench, "_matmul_step", lambda dtype: lambda: calls.append(("matmul", str(dtype), False)))
+    monkeypatch.setattr(bench, "_matmul_step", lambda dtype, device=None: lambda: calls.append(("matmul", str(dtype), False)))
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
     monkeypatch.setattr(bench, "_train_step", lambda model, x, y, dtype, opt="foreach": lambda: calls.append(("train", id(model), model.training)))
     monkeypatch.setattr(bench, "_infer_step", lambda model, x, dtype: lambda: calls.append(("infer", id(model), model.training)))
@@ -127,15 +127,15 @@ def test_each_figure_is_the_median_over_rounds_and_the_ceiling_the_best_matmul(m
         return unit((lambda: next(train_times)) if len(built) == 1 else 1.0)
 
     monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setattr(bench, "_matmul_step", lambda dtype: unit((lambda: next(fp32_mm)) if dtype == torch.float32 else 1.0))
+    monkeypatch.setattr(bench, "_matmul_step", lambda dtype, device=None: unit((lambda: next(fp32_mm)) if dtype == torch.float32 else 1.0))
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
     monkeypatch.setattr(bench, "_train_step", train_step)
     monkeypatch.setattr(bench, "_infer_step", lambda model, x, dtype: unit(0.5))
     res = bench.compare("vit_mini_patch4_32", batch=4, steps=7, warmup=1, impls=["vitlab"], log=lambda *a: None)
     assert res["rounds"] == 5
     # 7 steps over 5 rounds: 2, 2, 1, 1, 1 timed calls per unit; the fp32 ceiling is the fastest of them
-    assert res["ceilings_gflops"]["fp32"] == pytest.approx(2 * bench.MATMUL_SIZE**3 / 2.0 / 1e9)
-    assert res["ceilings_gflops"]["bf16"] == pytest.approx(2 * bench.MATMUL_SIZE**3 / 1.0 / 1e9)
+    assert res["ceilings_gflops"]["fp32"] == pytest.approx(2 * bench.MATMUL_SIZE["cpu"]**3 / 2.0 / 1e9)
+    assert res["ceilings_gflops"]["bf16"] == pytest.approx(2 * bench.MATMUL_SIZE["cpu"]**3 / 1.0 / 1e9)
     row = res["rows"][0]
     assert (row["impl"], row["precision"]) == ("vitlab", "fp32")
     assert row["train"] == pytest.approx(4 / 0.2)  # median of 0.1, 0.2, 0.4, 0.2, 0.3, 0.2, 0.8

@@ -526,3 +526,16 @@ def test_hf_sharded_safetensors_load(tmp_path):
     x = images(model)
     with torch.no_grad():
         assert (hf(pixel_values=x).logits - model(x)).abs().max() < 1e-4
+
+
+def test_load_model_puts_the_whole_model_on_the_asked_device(tmp_path):
+    # The engine's test pass after a run with a val split loads the best weights with
+    # map_location=device; on a GPU the state went there but the model stayed on the CPU.
+    # "meta" stands in for a GPU: any device other than the CPU shows the difference.
+    from vitlab.train.checkpoint import load_model
+
+    save_model(tmp_path / "w.safetensors", small_vit())
+    model, _ = load_model(tmp_path / "w.safetensors", map_location="meta")
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    model, _ = load_model(tmp_path / "w.safetensors")
+    assert {t.device.type for t in model.parameters()} == {"cpu"}

@@ -242,6 +242,15 @@ def test_a_pause_before_the_first_evaluation_ends_cleanly_and_resumes(tmp_path, 
     assert (run / "model.safetensors").is_file()
 
 
+def test_a_pause_after_a_scored_epoch_says_paused_not_done(tmp_path, capsys):
+    from vitlab.train import engine
+
+    over = [*FAST, "--data.subset", "256", "--epochs", "3", "--out", str(tmp_path), "--run.name", "pause1"]
+    engine.train(build_config(None, parse_overrides([*over, "--run.stop_after", "1"])))
+    out = capsys.readouterr().out
+    assert "paused: 1 epochs" in out and "last test acc" in out and "done:" not in out
+
+
 def _tta_case(model_name: str, seed: int):
     """A model, 40 shapes images in two batches, their eval transform, and the transformed images."""
     from vitlab.data import DatasetInfo, build_eval_transform, make_shapes
@@ -332,6 +341,34 @@ def test_compile_auto_only_for_long_single_process_runs():
     assert resolve_compile(None, 10**6, two)[0] is False
     assert resolve_compile(True, 1, two)[0] is True and resolve_compile(False, 10**6, one)[0] is False
     assert build_config("shapes", {}).run.compile is None  # presets leave it to auto unless they ran otherwise
+
+
+def test_clock_schedule_progress_carries_over_a_resume():
+    from vitlab.train.engine import clock_progress
+
+    t0 = 1000.0
+    assert clock_progress(t0 + 30, t0, 0.0, 60, 0.0) == 0.5  # half of a one-minute budget
+    assert clock_progress(t0 + 30, t0, 0.0, 60, 20.0) == 0.75  # 20 s kept for the last evaluation
+    # resumed after 30 s of training: the schedule goes on from the middle, not from its start
+    assert clock_progress(t0, t0, 30.0, 60, 0.0) == 0.5
+    assert clock_progress(t0 + 15, t0, 30.0, 60, 0.0) == 0.75
+    assert clock_progress(t0 + 90, t0, 30.0, 60, 0.0) == 1.0  # capped at the end
+
+
+def test_decoding_workers_default_to_two_on_a_cpu_and_the_cores_per_process_with_a_gpu(monkeypatch):
+    from vitlab.train.engine import resolve_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # (a device object; no GPU is touched)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert resolve_workers(None, cpu) == 2  # the training step needs the CPU's cores
+    assert resolve_workers(None, gpu) == 8  # 16 cores, capped at 8
+    assert resolve_workers(None, gpu, world_size=4) == 3  # 4 cores per process, one for the process itself
+    assert resolve_workers(None, gpu, world_size=16) == 2  # never fewer than the CPU default
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert resolve_workers(None, gpu) == 2
+    assert resolve_workers(0, gpu) == 0 and resolve_workers(5, cpu) == 5  # as asked
+    with pytest.raises(UserError, match="num_workers"):
+        resolve_workers(-1, cpu)
 
 
 def test_compiled_training_matches_eager(tmp_path):

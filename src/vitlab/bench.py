@@ -146,6 +146,15 @@ def have_transformers() -> bool:
     return True
 
 
+CPU = torch.device("cpu")
+
+
+def _sync(device) -> None:
+    """Wait for the device's queued work, so a wall-clock time covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # -- FLOPs and the ceiling ------------------------------------------------------------------
 
 def vit_flops(a: dict, training: bool) -> float:
@@ -158,29 +167,32 @@ def vit_flops(a: dict, training: bool) -> float:
     return 3 * fwd if training else fwd
 
 
-MATMUL_SIZE = 2048
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # a GPU needs a large product to reach its peak
 
 
-def _matmul_step(dtype: torch.dtype):
-    """One MATMUL_SIZE-square matmul in this dtype, as a closure (a timed unit of compare's rounds)."""
-    x = torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype)
-    y = torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype)
+def _matmul_step(dtype: torch.dtype, device=CPU):
+    """One square matmul in this dtype, as a closure (a timed unit of compare's rounds)."""
+    n = MATMUL_SIZE[device.type]
+    x = torch.randn(n, n, device=device).to(dtype)
+    y = torch.randn(n, n, device=device).to(dtype)
     return lambda: x @ y
 
 
 # -- timing ---------------------------------------------------------------------------------
 
-def _ctx(dtype):
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+def _ctx(dtype, device=CPU):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _median_rate(fn, batch: int, steps: int, warmup: int) -> float:
+def _median_rate(fn, batch: int, steps: int, warmup: int, device=CPU) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(steps):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return batch / statistics.median(times)
 
@@ -203,7 +215,7 @@ def _train_step(model: nn.Module, x, y, dtype, optimizer: str = "foreach"):
         raise ValueError(f"optimizer is 'foreach' or 'engine', got {optimizer!r}")
 
     def step():
-        with _ctx(dtype):
+        with _ctx(dtype, x.device):
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()
@@ -214,7 +226,7 @@ def _train_step(model: nn.Module, x, y, dtype, optimizer: str = "foreach"):
 
 def _infer_step(model: nn.Module, x, dtype):
     def fwd():
-        with torch.inference_mode(), _ctx(dtype):
+        with torch.inference_mode(), _ctx(dtype, x.device):
             model(x)
 
     return fwd
@@ -223,13 +235,13 @@ def _infer_step(model: nn.Module, x, dtype):
 def time_train(model: nn.Module, x, y, dtype, steps: int, warmup: int, optimizer: str = "foreach") -> float:
     """Images/s of a full training step (median of `steps` after `warmup`)."""
     model.train()
-    return _median_rate(_train_step(model, x, y, dtype, optimizer), x.shape[0], steps, warmup)
+    return _median_rate(_train_step(model, x, y, dtype, optimizer), x.shape[0], steps, warmup, x.device)
 
 
-def default_precision() -> tuple[torch.dtype | None, str]:
+def default_precision(device=CPU) -> tuple[torch.dtype | None, str]:
     from .train.engine import resolve_precision
 
-    return resolve_precision("auto", torch.device("cpu"))
+    return resolve_precision("auto", device)
 
 
 # -- the comparison table -----------------------------------------------------------------
@@ -237,16 +249,18 @@ def default_precision() -> tuple[torch.dtype | None, str]:
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=print) -> dict:
+def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=print, device=CPU) -> dict:
     a = arch_of(preset)
     impls = impls or (["vitlab", "hf", "textbook"] if have_transformers() else ["vitlab", "textbook"])
     impls = ["vitlab"] + [i for i in impls if i != "vitlab"]  # the default step is always measured
     torch.manual_seed(0)
-    x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
-    y = torch.randint(0, a["num_classes"], (batch,))
+    x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"]).to(device)
+    y = torch.randint(0, a["num_classes"], (batch,)).to(device)
     ftrain, finfer = vit_flops(a, True), vit_flops(a, False)
-    dflt_dtype, note = default_precision()
-    dname = "bf16" if dflt_dtype is not None else "fp32"
+    dflt_dtype, note = default_precision(device)
+    dname = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dflt_dtype]
+    # a GPU without bf16 defaults to fp16: its ceiling is measured too, so the default's MFU is against it
+    dtypes = {**DTYPES, "fp16": torch.float16} if dname == "fp16" else DTYPES
     # Every implementation in both precisions (the peers' AdamW is torch's foreach kernel), then
     # what `vitlab train` runs by default for a long run: torch.compile (run.compile auto) in the
     # default precision with the engine's AdamW (fused), and, to tell the two gains apart, the
@@ -256,10 +270,11 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
     # (row index, "train" | "infer", set the module's mode, the timed call, warm-up calls); the matmul
     # ceiling of each dtype is timed in the same rounds, so the MFU's numerator and denominator see
     # the same machine
-    units = [(name, "matmul", lambda: None, _matmul_step(dt or torch.float32), 1) for name, dt in DTYPES.items()]
+    units = [(name, "matmul", lambda: None, _matmul_step(dt or torch.float32, device), 1)
+             for name, dt in dtypes.items()]
     for i, (impl, pname, dtype, compiled, opt) in enumerate(specs):
         torch.manual_seed(0)
-        model = build(impl, a)
+        model = build(impl, a).to(device)
         if compiled:  # the first calls compile (20-60 s); the warm-up calls below absorb them
             model = torch.compile(model)
         wu = max(warmup, 2) if compiled else warmup
@@ -284,12 +299,14 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
         for i, kind, mode, fn, _ in units[k:] + units[:k]:
             mode()
             for _ in range(n):
+                _sync(device)
                 t0 = time.perf_counter()
                 fn()
+                _sync(device)
                 times[(i, kind)].append(time.perf_counter() - t0)
         log(f"  round {r + 1}/{rounds} timed")
     # the ceiling is the best matmul over all rounds (as the machine can do at its fastest)
-    ceilings = {name: 2 * MATMUL_SIZE**3 / min(times[(name, "matmul")]) / 1e9 for name in DTYPES}
+    ceilings = {name: 2 * MATMUL_SIZE[device.type]**3 / min(times[(name, "matmul")]) / 1e9 for name in dtypes}
     log(f"  matmul ceiling (best of {len(times[('fp32', 'matmul')])} in the same rounds): "
         f"fp32 {ceilings['fp32']:.0f} GFLOP/s, bf16 {ceilings['bf16']:.0f} GFLOP/s")
     rows = []
@@ -313,7 +330,7 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
         best_peer = max(peers, key=lambda r: r["infer"])
         ratios["infer_vs_best_peer"] = default["infer"] / best_peer["infer"]
         ratios["best_peer_infer"] = f"{best_peer['impl']} {best_peer['precision']}"
-    return dict(preset=preset, arch=a, batch=batch, steps=steps, rounds=rounds, flops_train=ftrain, flops_infer=finfer,
+    return dict(preset=preset, device=device.type, arch=a, batch=batch, steps=steps, rounds=rounds, flops_train=ftrain, flops_infer=finfer,
                 ceilings_gflops=ceilings, rows=rows, default_precision=dname, default_note=note,
                 default_train=default["train"], default_infer=default["infer"],
                 # against the faster of the two ceilings: where bf16 is slower than fp32 (no AMX), the
@@ -361,7 +378,7 @@ def markdown_table(res: dict) -> str:
 
 # -- scaling ----------------------------------------------------------------------------------
 
-def scaling(steps: int, warmup: int, dtype, log=print) -> dict:
+def scaling(steps: int, warmup: int, dtype, log=print, device=CPU) -> dict:
     """Training-step cost of vitlab ViTs against batch size, token count and model size."""
     out = {"batch": [], "tokens": [], "model": []}
     base = arch_of("vit_tiny_patch4_32")
@@ -370,9 +387,9 @@ def scaling(steps: int, warmup: int, dtype, log=print) -> dict:
         torch.manual_seed(0)
         from .models import VisionTransformer
 
-        model = VisionTransformer(**a)
-        x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
-        y = torch.randint(0, a["num_classes"], (batch,))
+        model = VisionTransformer(**a).to(device)
+        x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"]).to(device)
+        y = torch.randint(0, a["num_classes"], (batch,)).to(device)
         rate = time_train(model, x, y, dtype, steps, warmup)
         tokens = (a["img_size"] // a["patch_size"]) ** 2 + 1
         return dict(img_size=a["img_size"], patch=a["patch_size"], tokens=tokens, batch=batch,
@@ -445,6 +462,8 @@ import json, re, sys, torch, torch.nn.functional as F
 from vitlab.models import create_model
 from vitlab.bench import saved_activation_bytes
 preset, batch, ckpt, bf16 = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
+dev = torch.device(sys.argv[5] if len(sys.argv) > 5 else "cpu")
+gpu = dev.type == "cuda"
 
 def mib(key):  # VmRSS (now) or VmHWM (high-water mark) in MiB, from /proc
     return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
@@ -457,18 +476,29 @@ def reset_peak():  # Linux: writing 5 to clear_refs resets VmHWM to the current 
     except OSError:
         return False
 
-model = create_model(preset, drop_path_rate=0.0)
+model = create_model(preset, drop_path_rate=0.0).to(dev)
 model.set_grad_checkpointing(ckpt)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 h, w = model.img_size
-x = torch.randn(batch, model.in_chans, h, w); y = torch.randint(0, model.num_classes, (batch,))
-ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+x = torch.randn(batch, model.in_chans, h, w, device=dev); y = torch.randint(0, model.num_classes, (batch,), device=dev)
+ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else torch.autocast(dev.type, enabled=False)
 def step():
     with ctx:
         loss = F.cross_entropy(model(x).float(), y)
     opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
 step()  # the first step creates AdamW's state (and its temporaries); not the one measured
 opt.zero_grad(set_to_none=True)
+if gpu:  # the allocator's own counters: exact, and no RSS of the CUDA libraries
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev) / 2**20
+    torch.cuda.reset_peak_memory_stats(dev)
+    step()
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20
+    act = saved_activation_bytes(model, x, ctx)
+    print(json.dumps({"peak_rss_mib": peak, "state_rss_mib": base, "step_mib": peak - base,
+                      "saved_activations_mib": act / 2**20, "measure": "torch.cuda.max_memory_allocated"}))
+    sys.exit(0)
 try:  # hand the freed first-step memory back to the OS, or the measured step would reuse it unseen
     import ctypes; ctypes.CDLL("libc.so.6").malloc_trim(0)
 except OSError:
@@ -505,18 +535,23 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, ctx=None) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
-def memory(preset: str = "vit_base_patch16_224", batch: int = 8, log=print) -> list[dict]:
-    """Peak process memory and saved activations per training step, with and without checkpointing."""
+def memory(preset: str = "vit_base_patch16_224", batch: int = 8, log=print, device=CPU) -> list[dict]:
+    """Peak process memory and saved activations per training step, with and without checkpointing.
+
+    Each setup runs in a child process, so it starts clean. On the CPU: the process's resident
+    memory; on a GPU: the allocator's peak (torch.cuda.max_memory_allocated).
+    """
     rows = []
     for ckpt in (False, True):
-        r = subprocess.run([sys.executable, "-c", _MEM_CHILD, preset, str(batch), str(int(ckpt)), "0"],
+        r = subprocess.run([sys.executable, "-c", _MEM_CHILD, preset, str(batch), str(int(ckpt)), "0", str(device)],
                            capture_output=True, text=True, timeout=1800)
         if r.returncode != 0:
             raise RuntimeError(f"memory child failed: {r.stderr[-500:]}")
         res = json.loads(r.stdout.strip().splitlines()[-1])
         res.update(preset=preset, batch=batch, grad_checkpointing=ckpt)
         rows.append(res)
-        log(f"  {preset} batch {batch}, checkpointing {'on ' if ckpt else 'off'}: peak RSS "
+        log(f"  {preset} batch {batch}, checkpointing {'on ' if ckpt else 'off'}: "
+            f"peak {'GPU memory' if device.type == 'cuda' else 'RSS'} "
             f"{res['peak_rss_mib']:.0f} MiB ({res['state_rss_mib']:.0f} before it: weights, AdamW state, input; "
             f"+{res['step_mib']:.0f} in the step), "
             f"saved activations {res['saved_activations_mib']:.0f} MiB")
@@ -525,7 +560,8 @@ def memory(preset: str = "vit_base_patch16_224", batch: int = 8, log=print) -> l
 
 # -- the full loop ---------------------------------------------------------------------------------
 
-def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print, rounds: int = 2) -> dict:
+def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print, rounds: int = 2,
+                 device=CPU) -> dict:
     """`vitlab train` images/s against the bare step's: augmentation, the progress bar, metrics,
     curves.png and the per-epoch checkpoint included.
 
@@ -544,13 +580,13 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print, ro
     from .train.engine import train
 
     a = arch_of(preset)
-    dtype, _ = default_precision()
+    dtype, _ = default_precision(device)
 
     def bare_step() -> float:
         torch.manual_seed(0)
-        model = create_model(preset, num_classes=6)
-        x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
-        y = torch.randint(0, 6, (batch,))
+        model = create_model(preset, num_classes=6).to(device)
+        x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"]).to(device)
+        y = torch.randint(0, 6, (batch,)).to(device)
         return time_train(model, x, y, dtype, steps, warmup, "engine")  # the loop's own optimizer
 
     def loop() -> float:
@@ -559,7 +595,7 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print, ro
                 "--model", preset, "--data", "shapes", "--data.subset", str(batch * 30), "--epochs", "4",
                 "--batch-size", str(batch), "--lr", "2e-3", "--out", tmp, "--run.name", "loop",
                 "--aug.mixup_alpha", "0.2", "--aug.cutmix_alpha", "1.0", "--aug.randaugment_n", "2",
-                "--aug.erasing", "0.25", "--run.eval_every", "4",
+                "--aug.erasing", "0.25", "--run.eval_every", "4", "--run.device", str(device),
                 "--run.compile", "false"]))  # overhead of the loop itself: eager against the eager bare step
             run = train(cfg)
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -581,15 +617,23 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print, ro
 
 # -- command ---------------------------------------------------------------------------------------
 
-def machine() -> str:
+def machine(device=CPU) -> str:
     cpu = platform.processor() or platform.machine()
     try:
+        flags = set()
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
+        # the same model name covers hosts with and without AMX, whose bf16 speeds differ ~4x
+        bf16 = [name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in flags]
+        cpu += f" ({', '.join(bf16) if bf16 else 'no bf16 matmul units'})"
     except OSError:
         pass
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
@@ -607,12 +651,14 @@ def add_arguments(p):
     p.add_argument("--out", default="benchmarks/results", help="where throughput.json and the plot go")
     p.add_argument("--markdown", action="store_true", help="print the README table from --out's JSON and exit")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where every setup runs")
 
 
 def _print_markdown(res: dict) -> None:
     print(markdown_table(res["compare"]))
     if "memory" in res:
-        print("\n| ViT-B/16 224 px training step, batch 8, fp32 | peak process memory | before the step "
+        gpu = res["compare"].get("device") == "cuda"
+        print(f"\n| ViT-B/16 224 px training step, batch 8, fp32 | peak {'GPU' if gpu else 'process'} memory | before the step "
               "(weights + AdamW state) | added by the step | activations kept for backward |\n|---|---:|---:|---:|---:|")
         for m in res["memory"]:
             print(f"| gradient checkpointing {'on' if m['grad_checkpointing'] else 'off'} | "
@@ -646,29 +692,36 @@ def run(args) -> int:
         raise UserError("--batch-size and --steps must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .train.engine import resolve_device
+
+    if args.device == "auto":
+        raise UserError("--device is cpu or cuda[:N] (bench compares on one named device)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is available here")
+    device = resolve_device(args.device)
     if args.impl and "hf" in args.impl and not have_transformers():
         raise UserError("--impl hf needs transformers (pip install transformers)")
     arch_of(args.model)  # an unknown or non-ViT model is an error before anything is printed
-    print(f"vitlab bench on {machine()}")
+    print(f"vitlab bench on {machine(device)}")
     script = Path(sys.argv[0]).name == "throughput.py"
     cmd = ("python benchmarks/throughput.py " if script else "vitlab bench ") + " ".join(args.argv)
-    res = {"date": str(date.today()), "machine": machine(), "command": cmd.strip()}
+    res = {"date": str(date.today()), "machine": machine(device), "command": cmd.strip()}
     print(f"training step and inference, {args.model}, batch {args.batch_size}:")
-    res["compare"] = compare(args.model, args.batch_size, args.steps, args.warmup, args.impl)
+    res["compare"] = compare(args.model, args.batch_size, args.steps, args.warmup, args.impl, device=device)
     if args.loop or args.all:
         print("full training loop:")
-        res["compare"]["loop"] = loop_vs_step(args.model, args.batch_size, args.steps, args.warmup)
+        res["compare"]["loop"] = loop_vs_step(args.model, args.batch_size, args.steps, args.warmup, device=device)
     print_table(res["compare"])
     out.mkdir(parents=True, exist_ok=True)
     if args.scaling or args.all:
-        dtype, _ = default_precision()
+        dtype, _ = default_precision(device)
         print(f"scaling (vitlab, default precision {'bf16' if dtype else 'fp32'}):")
-        res["scaling"] = scaling(max(3, args.steps // 2), 1, dtype)
+        res["scaling"] = scaling(max(3, args.steps // 2), 1, dtype, device=device)
         plot_scaling(res["scaling"], out / "scaling.png", f"vitlab training step, {res['machine']}, {res['date']}")
         print(f"wrote {out / 'scaling.png'}")
     if args.memory or args.all:
         print("memory per training step (fp32):")
-        res["memory"] = memory()
+        res["memory"] = memory(device=device)
     atomic_write_text(out / "throughput.json", json.dumps(res, indent=1) + "\n")
     print(f"wrote {out / 'throughput.json'}")
     return 0

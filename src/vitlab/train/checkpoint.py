@@ -87,14 +87,16 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot rebuild the model: {e}") from None
     try:
-        state = load_file(str(path), device=str(map_location))
+        state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is corrupt ({e})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the architecture "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval(), meta
+    # load_state_dict copies into the model's own tensors, so the model is moved, not the state:
+    # (tensors loaded onto a GPU left a CPU model, and the GPU test pass after fine-tuning failed)
+    return model.to(map_location).eval(), meta
 
 
 def save_state(path: str | Path, state: dict) -> None:

@@ -49,6 +49,24 @@ def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_workers(choice: int | None, device: torch.device, world_size: int = 1) -> int:
+    """data.num_workers: as asked, else 2 decoding processes on a CPU (they share its cores with the
+    training step) and, with a GPU, the machine's cores split over the processes, up to 8 each: a
+    ViT-B/16 step on an H200 (2,250 img/s in bf16) outruns 2 workers decoding 500 px JPEGs
+    (~600 img/s, benchmarks/finetune_speed.py)."""
+    if choice is not None:
+        if choice < 0:
+            raise UserError(f"data.num_workers must be 0 or more, got {choice}")
+        return choice
+    if device.type != "cuda":
+        return 2
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (a container's share)
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(2, min(8, cores // max(world_size, 1) - 1))
+
+
 def cpu_has_bf16() -> bool:
     """True when oneDNN can run bf16 matmuls natively (AVX512-BF16 / AMX)."""
     try:
@@ -117,8 +135,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 # torch.compile costs 20-60 s up front. On the 2-core dev CPU it made a small ViT's step 1.43x
 # faster (vit_mini_patch7_28, batch 64: benchmarks/results/mini/throughput.json) and a matmul-bound
-# one 1.04-1.10x (ViT-Tiny, batch 128: benchmarks/throughput.py's "vitlab compiled, foreach AdamW"
-# row against eager vitlab). Below this many optimizer steps it may not pay back.
+# one 1.04-1.10x in fp32 (ViT-Tiny, batch 128: benchmarks/results/no-amx/throughput.json, the "vitlab
+# compiled, foreach AdamW" row against eager vitlab; in bf16 on an AMX host, no gain:
+# benchmarks/results/throughput.json). Below this many optimizer steps it may not pay back.
 AUTO_COMPILE_MIN_STEPS = 2000
 
 
@@ -349,6 +368,14 @@ def batch_generator(device: torch.device, seed: int, epoch: int, step: int, rank
     return g
 
 
+def clock_progress(now: float, t_launch: float, wall_before: float, budget_s: float, reserve: float) -> float:
+    """How far a clock-scheduled run (sched.by_time) is through its budget, 0..1, counting the
+    time its earlier parts ran before a --resume (wall_before), so a resumed run continues its
+    warmup, cosine and clean tail where they were instead of starting them over; `reserve` is
+    the time kept back for the last evaluation."""
+    return min(1.0, max(0.0, wall_before + now - t_launch) / max(budget_s - reserve, 1e-9))
+
+
 def run_name(cfg: TrainConfig) -> str:
     data = cfg.data.name.replace(":", "-").replace("/", "_")[:40]
     return cfg.run.name or f"{cfg.model.name}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -408,13 +435,14 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     local_batch = cfg.run.batch_size // dist.world_size // max(cfg.optim.accum_steps, 1)
     if local_batch < 1:
         raise UserError("batch size too small for this many processes and accumulation steps")
+    workers = resolve_workers(cfg.data.num_workers, device, dist.world_size)
     train_loader = make_loader(data.train, local_batch, train=True, seed=cfg.run.seed, device=device,
                                img_size=img_size, rank=dist.rank, world_size=dist.world_size,
-                               repeated_aug=cfg.aug.repeated_aug, num_workers=cfg.data.num_workers,
+                               repeated_aug=cfg.aug.repeated_aug, num_workers=workers,
                                on_corrupt=cfg.data.on_corrupt)
     eval_loader = make_loader(eval_split, max(local_batch, 256), train=False, seed=cfg.run.seed, device=device,
                               img_size=img_size, rank=dist.rank, world_size=dist.world_size,
-                              num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt)
+                              num_workers=workers, on_corrupt=cfg.data.on_corrupt)
     train_tf = build_train_transform(cfg.aug, info, img_size, num_classes)
     eval_tf = build_eval_transform(info, img_size)
 
@@ -474,7 +502,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     meta = {"classes": info.classes, "mean": list(info.mean), "std": list(info.std), "data": cfg.data.name,
             "img_size": list(img_size), "config": to_dict(cfg)}
     if main:
-        log(f"run {run_dir}: {cfg.model.name} ({count_params(model):,} params) on {cfg.data.name} "
+        what = (f"{cfg.model.pretrained} ({getattr(model, 'arch', {}).get('name', 'pretrained')})"
+                if cfg.model.pretrained else cfg.model.name)  # model.name is unused when fine-tuning
+        log(f"run {run_dir}: {what} ({count_params(model):,} params) on {cfg.data.name} "
             f"({eval_split_count(data.train)} train / {eval_split_count(eval_split)} {eval_name}), "
             f"{info.num_classes} classes, {img_size[0]}x{img_size[1]}, {precision_note}, {compile_note}, "
             f"{dist.world_size} process(es), batch {cfg.run.batch_size}, lr {base_lr:.3g}")
@@ -492,6 +522,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     if cfg.sched.by_time and dist.enabled:
         raise UserError("sched.by_time runs in one process (each process's clock would give its own lr)")
     t_run = time.time()
+    paused = False  # stopped by run.stop_after, to be resumed
+    if main and not history:  # data, model and loaders built: what a user waits for before epoch 1
+        log(f"ready in {t_run - t_launch:.0f} s")
     for epoch in range(start_epoch, cfg.run.epochs):
         train_loader.set_epoch(epoch)
         train_model.train()
@@ -509,7 +542,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         for i, (images, labels) in enumerate(train_loader):
             where = step
             if cfg.sched.by_time:
-                where = total_steps * min(1.0, (time.time() - t_launch) / max(deadline - reserve - t_launch, 1e-9))
+                where = total_steps * clock_progress(time.time(), t_launch, wall_before, cfg.run.time_limit * 60,
+                                                     reserve)
             lr = lr_at(where, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps, cfg=cfg.sched)
             g = batch_generator(device, cfg.run.seed, epoch, i, dist.rank)
             # (a clock-run's last batch can sit at progress 1.0: with no clean tail it stays augmented)
@@ -639,6 +673,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             break
         if cfg.run.stop_after and epoch + 1 >= cfg.run.stop_after and epoch + 1 < cfg.run.epochs:
             log(f"stopping after epoch {epoch + 1} as asked (--run.stop_after); continue with --resume {run_dir}")
+            paused = True
             break
 
     # -- summary -------------------------------------------------------------------------
@@ -651,17 +686,21 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         last_tta = scored[-1].get(f"{eval_name}_acc_tta")
         tta = f" ({last_tta:.2f}% with flip TTA)" if last_tta is not None else ""
         total = history[-1]["wall_time"]
-        log(f"done: {len(history)} epochs in {total / 60:.1f} min; final {eval_name} acc "
+        log(f"{'paused' if paused else 'done'}: {len(history)} epochs in {total / 60:.1f} min; "
+            f"{'last' if paused else 'final'} {eval_name} acc "
             f"{scored[-1][f'{eval_name}_acc']:.2f}%{tta}, best {top[f'{eval_name}_acc']:.2f}% (epoch {top['epoch']}); "
             f"mean {np.mean([h['images_per_s'] for h in history]):.0f} img/s; run dir {run_dir}")
-    if data.val is not None and main and scored:
+    if data.val is not None and main and scored and not paused:  # (a paused run is scored when it ends)
+        t_test = time.time()
         best_model, _ = ckpt.load_model(run_dir / ckpt.WEIGHTS, map_location=device)
         test_loader = make_loader(data.test, max(local_batch, 256), train=False, seed=cfg.run.seed, device=device,
-                                  img_size=img_size, num_workers=cfg.data.num_workers, on_corrupt=cfg.data.on_corrupt)
+                                  img_size=img_size, num_workers=workers, on_corrupt=cfg.data.on_corrupt)
         res = evaluate(best_model, test_loader, eval_tf, device, amp_dtype, num_classes)
-        log(f"test accuracy of the best-by-val weights: {res['acc']:.2f}% (top5 {res['top5']:.2f}%)")
+        secs = time.time() - t_test
+        log(f"test accuracy of the best-by-val weights: {res['acc']:.2f}% (top5 {res['top5']:.2f}%; "
+            f"{res['n']} images in {secs:.0f} s)")
         atomic_write_text(run_dir / "test.json", json.dumps({"acc": res["acc"], "top5": res["top5"],
-                                                            "loss": res["loss"], "n": res["n"]}))
+                                                            "loss": res["loss"], "n": res["n"], "seconds": secs}))
     shutdown(dist)
     return run_dir
 

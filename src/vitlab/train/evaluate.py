@@ -38,29 +38,42 @@ def data_config_for(meta: dict, name: str | None, data_dir: str | None) -> DataC
     return cfg
 
 
-def run(args) -> int:
-    from ..data import build_data, build_eval_transform, make_loader
-    from .engine import evaluate, resolve_device, resolve_precision
+def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, device: str = "auto",
+          precision: str = "auto", tta: str = "none", batch_size: int = 256):
+    """Score a loaded model on a split, normalised as in its training (the checkpoint's mean/std).
 
-    weights = resolve_weights(args.checkpoint)
-    model, meta = load_model(weights)
-    device = resolve_device(args.device)
-    amp_dtype, _ = resolve_precision(args.precision, device)
-    data = build_data(data_config_for(meta, args.data, args.data_dir))
-    split = getattr(data, args.split)
-    if split is None:
-        raise UserError(f"{data.info.name} has no {args.split} split")
+    The one scoring path of `vitlab eval` and the benchmarks. -> (evaluate()'s result, the data's
+    info, the class names).
+    """
+    from ..data import build_data, build_eval_transform, make_loader
+    from .engine import evaluate, resolve_device, resolve_precision, resolve_workers
+
+    dev = resolve_device(device)
+    amp_dtype, _ = resolve_precision(precision, dev)
+    data = build_data(data_cfg)
+    part = getattr(data, split)
+    if part is None:
+        raise UserError(f"{data.info.name} has no {split} split")
     classes = meta.get("classes") or data.info.classes
     if len(classes) != model.num_classes:
         raise UserError(f"the model has {model.num_classes} classes but {data.info.name} has {len(classes)}")
     img_size = tuple(model.img_size)
-    loader = make_loader(split, args.batch_size, train=False, seed=0, device=device, img_size=img_size)
+    loader = make_loader(part, batch_size, train=False, seed=0, device=dev, img_size=img_size,
+                         num_workers=resolve_workers(data_cfg.num_workers, dev), on_corrupt=data_cfg.on_corrupt)
     info = data.info
     if meta.get("mean"):  # normalise exactly as in training
         info.mean, info.std = tuple(meta["mean"]), tuple(meta["std"])
-    res = evaluate(model.to(device), loader, build_eval_transform(info, img_size), device, amp_dtype,
-                   model.num_classes, separate_heads=getattr(model, "distilled", False),
-                   tta=args.tta)
+    res = evaluate(model.to(dev).eval(), loader, build_eval_transform(info, img_size), dev, amp_dtype,
+                   model.num_classes, separate_heads=getattr(model, "distilled", False), tta=tta)
+    return res, info, classes
+
+
+def run(args) -> int:
+    weights = resolve_weights(args.checkpoint)
+    model, meta = load_model(weights)
+    res, info, classes = score(model, meta, data_config_for(meta, args.data, args.data_dir), args.split,
+                               device=args.device, precision=args.precision, tta=args.tta,
+                               batch_size=args.batch_size)
     conf = res.pop("confusion").double()
     per_class = (conf.diag() / conf.sum(1).clamp(min=1) * 100).tolist()
     res["tta"] = args.tta

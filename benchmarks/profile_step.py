@@ -1,0 +1,88 @@
+"""Where a vitlab training step spends its time on this machine: torch.profiler's operator table.
+
+    python benchmarks/profile_step.py                                   # ViT-Tiny CIFAR, batch 128, bf16
+    python benchmarks/profile_step.py --precision fp32 --model vit_mini_patch4_32 --batch-size 64
+
+The eager step (forward under autocast, cross-entropy, backward, the engine's AdamW), warmed up,
+then profiled over --steps steps. Prints the operators by self time and writes the table, the
+matmul share and its achieved rate to --out (text and JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from vitlab.bench import arch_of, machine, vit_flops
+from vitlab.config import OptimConfig
+from vitlab.models import create_model
+from vitlab.train.optim import build_optimizer
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+CASTS = ("aten::copy_",)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_tiny_patch4_32")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results/profile")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = create_model(args.model)
+    opt = build_optimizer(model, OptimConfig(), lr=1e-4)
+    a = arch_of(args.model)
+    x = torch.randn(args.batch_size, a["in_chans"], a["img_size"], a["img_size"])
+    y = torch.randint(0, a["num_classes"], (args.batch_size,))
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+
+    def step():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)  # microseconds
+    share = {e.key: e.self_cpu_time_total / total for e in events}
+    mm_s = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e6
+    flops = vit_flops(a, True) * args.batch_size * args.steps
+    table = events.table(sort_by="self_cpu_time_total", row_limit=20)
+    top = sorted(share.items(), key=lambda kv: -kv[1])[:12]
+    res = dict(date=str(date.today()), machine=machine(), command="python benchmarks/profile_step.py " +
+               " ".join(argv if argv is not None else sys.argv[1:]), model=args.model, batch=args.batch_size,
+               precision=args.precision, steps=args.steps, images_per_s_profiled=args.batch_size * args.steps / wall,
+               matmul_share=sum(share.get(k, 0) for k in MATMULS), matmul_gflops=flops / mm_s / 1e9,
+               cast_share=sum(share.get(k, 0) for k in CASTS), top_self_time_share=dict(top))
+    print(table)
+    print(f"matmuls {100 * res['matmul_share']:.0f}% of self time at {res['matmul_gflops']:.0f} GFLOP/s; "
+          f"copies (dtype casts) {100 * res['cast_share']:.0f}%")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.model}-{args.precision}-b{args.batch_size}"
+    (out / f"{stem}.txt").write_text(table + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out / (stem + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
