@@ -12,8 +12,9 @@ final test pass are all real; the accuracy is meaningless and not reported.
     python benchmarks/finetune_speed.py --epochs 3 --out benchmarks/results/finetune_speed   # one H200: ~3 min
     python benchmarks/finetune_speed.py --scale 0.05 --epochs 1 --out /tmp/ft                 # a CPU smoke run
 
-Writes finetune_speed.json: seconds per epoch (from metrics.jsonl), the test
-pass (test.json), the whole command's wall time, and the machine.
+Writes finetune_speed.json: the start-up ("ready in N s"), seconds per epoch
+(metrics.jsonl), the test pass (test.json), the whole command's wall time, and
+the machine.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -104,8 +106,10 @@ def main(argv=None) -> int:
                "--run.name", "ft", *args.extra]
         print(" ".join(cmd), flush=True)
         t0 = time.time()
-        r = subprocess.run(cmd)
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         wall = time.time() - t0
+        print(r.stdout, end="")
+        ready = re.search(r"^ready in (\d+) s", r.stdout, re.M)  # the engine's start-up, as it logs it
         if r.returncode != 0:
             print(f"vitlab finetune failed with exit status {r.returncode}", file=sys.stderr)
             return 1
@@ -120,7 +124,8 @@ def main(argv=None) -> int:
                splits=sizes, epochs=args.epochs, setup_s=setup, wall_s=wall,
                epoch_train_s=[r["epoch_time"] for r in rows], train_images_per_s=[r["images_per_s"] for r in rows],
                epoch_wall_s=[b["wall_time"] - a["wall_time"] for a, b in zip(rows, rows[1:])],
-               first_epoch_wall_s=rows[0]["wall_time"], test_images=test["n"], test_pass_s=test.get("seconds"),
+               ready_s=int(ready.group(1)) if ready else None, first_epoch_wall_s=rows[0]["wall_time"],
+               test_images=test["n"], test_pass_s=test.get("seconds"),
                batch_size=next((int(line.split(":")[1]) for line in cfg.splitlines()
                                 if line.strip().startswith("batch_size:")), None))
     out = Path(args.out)

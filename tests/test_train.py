@@ -251,6 +251,20 @@ def test_a_pause_after_a_scored_epoch_says_paused_not_done(tmp_path, capsys):
     assert "paused: 1 epochs" in out and "last test acc" in out and "done:" not in out
 
 
+def test_a_paused_run_with_a_val_split_is_scored_on_test_only_when_it_ends(tmp_path, capsys):
+    from vitlab.train import engine
+
+    over = [*FAST, "--data.subset", "256", "--data.val_fraction", "0.25", "--epochs", "2", "--out", str(tmp_path),
+            "--run.name", "pv"]
+    engine.train(build_config(None, parse_overrides([*over, "--run.stop_after", "1"])))
+    run = tmp_path / "pv"
+    assert "test accuracy of the best-by-val weights" not in capsys.readouterr().out
+    assert not (run / "test.json").exists()
+    engine.train(build_config(None, parse_overrides(over)), resume=str(run))
+    assert "test accuracy of the best-by-val weights" in capsys.readouterr().out
+    assert json.loads((run / "test.json").read_text())["n"] > 0
+
+
 def _tta_case(model_name: str, seed: int):
     """A model, 40 shapes images in two batches, their eval transform, and the transformed images."""
     from vitlab.data import DatasetInfo, build_eval_transform, make_shapes
@@ -422,6 +436,17 @@ def test_two_processes_agree_with_one(tmp_path):
         assert math.isclose(a["train_loss"], b["train_loss"], rel_tol=1e-3)
         assert math.isclose(a["test_loss"], b["test_loss"], rel_tol=1e-3)
         assert abs(a["test_acc"] - b["test_acc"]) <= 0.5
+
+
+def test_auto_precision_on_a_gpu_wants_native_bf16_not_emulated(monkeypatch):
+    from vitlab.train.engine import resolve_precision
+
+    gpu = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    # a V100 / T4: torch's default answer counts bf16 emulation as support
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", gpu)[0] == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert resolve_precision("auto", gpu)[0] == torch.bfloat16
 
 
 def test_auto_precision_follows_the_measured_matmul_rates(monkeypatch):

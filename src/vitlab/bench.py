@@ -259,13 +259,14 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
     ftrain, finfer = vit_flops(a, True), vit_flops(a, False)
     dflt_dtype, note = default_precision(device)
     dname = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dflt_dtype]
-    # a GPU without bf16 defaults to fp16: its ceiling is measured too, so the default's MFU is against it
-    dtypes = {**DTYPES, "fp16": torch.float16} if dname == "fp16" else DTYPES
+    # a GPU without native bf16 (V100, T4) defaults to fp16: every setup is timed in fp16 instead of
+    # bf16 (without loss scaling, which does not change a step's time much), against an fp16 ceiling
+    dtypes = {"fp32": None, "fp16": torch.float16} if dname == "fp16" else DTYPES
     # Every implementation in both precisions (the peers' AdamW is torch's foreach kernel), then
     # what `vitlab train` runs by default for a long run: torch.compile (run.compile auto) in the
     # default precision with the engine's AdamW (fused), and, to tell the two gains apart, the
     # compiled step with foreach AdamW. All setups are held in memory at once (about 8 GB for ViT-B).
-    specs = [(impl, pname, dtype, False, "foreach") for impl in impls for pname, dtype in DTYPES.items()]
+    specs = [(impl, pname, dtype, False, "foreach") for impl in impls for pname, dtype in dtypes.items()]
     specs += [("vitlab", dname, dflt_dtype, True, "foreach"), ("vitlab", dname, dflt_dtype, True, "engine")]
     # (row index, "train" | "infer", set the module's mode, the timed call, warm-up calls); the matmul
     # ceiling of each dtype is timed in the same rounds, so the MFU's numerator and denominator see
@@ -308,7 +309,7 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
     # the ceiling is the best matmul over all rounds (as the machine can do at its fastest)
     ceilings = {name: 2 * MATMUL_SIZE[device.type]**3 / min(times[(name, "matmul")]) / 1e9 for name in dtypes}
     log(f"  matmul ceiling (best of {len(times[('fp32', 'matmul')])} in the same rounds): "
-        f"fp32 {ceilings['fp32']:.0f} GFLOP/s, bf16 {ceilings['bf16']:.0f} GFLOP/s")
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in ceilings.items()))
     rows = []
     for i, (impl, pname, dtype, compiled, opt) in enumerate(specs):
         tr, inf = (batch / statistics.median(times[(i, kind)]) for kind in ("train", "infer"))
@@ -364,8 +365,8 @@ def markdown_table(res: dict) -> str:
     a = res["arch"]
     lines = [f"{res['preset']} ({a['img_size']}x{a['img_size']}, patch {a['patch_size']}, {a['embed_dim']} dim, "
              f"{a['depth']} layers, {a['num_heads']} heads, MLP {a['mlp_dim']}), batch {res['batch']}; "
-             f"matmul ceiling here: fp32 {res['ceilings_gflops']['fp32']:.0f}, bf16 "
-             f"{res['ceilings_gflops']['bf16']:.0f} GFLOP/s",
+             "matmul ceiling here: " + ", ".join(f"{k} {v:.0f}" for k, v in res["ceilings_gflops"].items())
+             + " GFLOP/s",
              "",
              "| implementation | precision | train img/s | train MFU | infer img/s | infer MFU |",
              "|---|---|---:|---:|---:|---:|"]
@@ -627,9 +628,10 @@ def machine(device=CPU) -> str:
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-        # the same model name covers hosts with and without AMX, whose bf16 speeds differ ~4x
+        # the same model name covers hosts with and without AMX, whose bf16 speeds differ ~3x
         bf16 = [name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in flags]
-        cpu += f" ({', '.join(bf16) if bf16 else 'no bf16 matmul units'})"
+        if flags:  # (x86 /proc/cpuinfo; Arm lists "Features" and is left as it is)
+            cpu += f" ({', '.join(bf16) if bf16 else 'no bf16 matmul units'})"
     except OSError:
         pass
     if device.type == "cuda":

@@ -67,6 +67,13 @@ def resolve_workers(choice: int | None, device: torch.device, world_size: int = 
     return max(2, min(8, cores // max(world_size, 1) - 1))
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # an older torch without the argument: its answer is the native one
+        return bool(torch.cuda.is_bf16_supported())
+
+
 def cpu_has_bf16() -> bool:
     """True when oneDNN can run bf16 matmuls natively (AVX512-BF16 / AMX)."""
     try:
@@ -107,7 +114,8 @@ def resolve_precision(pref: str, device: torch.device) -> tuple[torch.dtype | No
     """-> (autocast dtype or None for fp32, a note for the log)."""
     if pref == "auto":
         if device.type == "cuda":
-            pref = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # native bf16 only (Ampere and later): torch's default also counts slow emulation (V100, T4)
+            pref = "bf16" if cuda_has_native_bf16(device) else "fp16"
         elif not cpu_has_bf16():
             return None, "fp32 (this CPU has no native bf16 matmul, so bf16 autocast would be slower)"
         else:
