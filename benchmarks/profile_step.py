@@ -67,8 +67,8 @@ def main(argv=None) -> int:
     flops = vit_flops(a, True) * args.batch_size * args.steps
     table = events.table(sort_by="self_cpu_time_total", row_limit=20)
     top = sorted(share.items(), key=lambda kv: -kv[1])[:12]
-    res = dict(date=str(date.today()), machine=machine(), command="python benchmarks/profile_step.py " +
-               " ".join(argv if argv is not None else sys.argv[1:]), model=args.model, batch=args.batch_size,
+    res = dict(date=str(date.today()), machine=machine(), command=" ".join(["python benchmarks/profile_step.py",
+                                 *(argv if argv is not None else sys.argv[1:])]), model=args.model, batch=args.batch_size,
                precision=args.precision, steps=args.steps, images_per_s_profiled=args.batch_size * args.steps / wall,
                matmul_share=sum(share.get(k, 0) for k in MATMULS), matmul_gflops=flops / mm_s / 1e9,
                cast_share=sum(share.get(k, 0) for k in CASTS), top_self_time_share=dict(top))

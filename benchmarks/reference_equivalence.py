@@ -214,12 +214,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reference_equivalence.json").write_text(json.dumps(res, indent=1) + "\n")
-    ran = rows
-    print(f"{sum(r['ok'] for r in ran)}/{len(ran)} cases agree; wrote {out / 'reference_equivalence.json'}")
-    if not ran:
+    print(f"{sum(r['ok'] for r in rows)}/{len(rows)} cases agree; wrote {out / 'reference_equivalence.json'}")
+    if not rows:
         print("nothing was compared: none of timm, torchvision and transformers imports here", file=sys.stderr)
         return 1
-    return 0 if all(r["ok"] for r in ran) else 1
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":

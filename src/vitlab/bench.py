@@ -247,6 +247,7 @@ def default_precision(device=CPU) -> tuple[torch.dtype | None, str]:
 # -- the comparison table -----------------------------------------------------------------
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtype -> row label
 
 
 def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=print, device=CPU) -> dict:
@@ -258,7 +259,7 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
     y = torch.randint(0, a["num_classes"], (batch,)).to(device)
     ftrain, finfer = vit_flops(a, True), vit_flops(a, False)
     dflt_dtype, note = default_precision(device)
-    dname = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dflt_dtype]
+    dname = DTYPE_NAMES[dflt_dtype]
     # a GPU without native bf16 (V100, T4) defaults to fp16: every setup is timed in fp16 instead of
     # bf16 (without loss scaling, which does not change a step's time much), against an fp16 ceiling
     dtypes = {"fp32": None, "fp16": torch.float16} if dname == "fp16" else DTYPES
@@ -619,6 +620,8 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print, ro
 # -- command ---------------------------------------------------------------------------------------
 
 def machine(device=CPU) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     cpu = platform.processor() or platform.machine()
     try:
         flags = set()
@@ -634,8 +637,6 @@ def machine(device=CPU) -> str:
             cpu += f" ({', '.join(bf16) if bf16 else 'no bf16 matmul units'})"
     except OSError:
         pass
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
@@ -698,9 +699,7 @@ def run(args) -> int:
 
     if args.device == "auto":
         raise UserError("--device is cpu or cuda[:N] (bench compares on one named device)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA device is available here")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, flag="--device")
     if args.impl and "hf" in args.impl and not have_transformers():
         raise UserError("--impl hf needs transformers (pip install transformers)")
     arch_of(args.model)  # an unknown or non-ViT model is an error before anything is printed
@@ -717,7 +716,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.scaling or args.all:
         dtype, _ = default_precision(device)
-        print(f"scaling (vitlab, default precision {'bf16' if dtype else 'fp32'}):")
+        print(f"scaling (vitlab, default precision {DTYPE_NAMES[dtype]}):")
         res["scaling"] = scaling(max(3, args.steps // 2), 1, dtype, device=device)
         plot_scaling(res["scaling"], out / "scaling.png", f"vitlab training step, {res['machine']}, {res['date']}")
         print(f"wrote {out / 'scaling.png'}")

@@ -37,15 +37,16 @@ from .optim import ModelEMA, build_optimizer, effective_lr, lr_at
 
 # -- device and precision -----------------------------------------------------
 
-def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
+def resolve_device(pref: str, local_rank: int = 0, flag: str = "--run.device") -> torch.device:
+    """auto | cpu | cuda | cuda:N -> a device; `flag` names the option in the error lines."""
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError("--run.device cuda was asked for but no CUDA device is available")
+            raise UserError(f"{flag} {pref}: no CUDA device is available here")
         return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
     if pref != "cpu":
-        raise UserError(f"unknown device {pref!r}; choose auto, cpu, cuda or cuda:N")
+        raise UserError(f"unknown device {pref!r} for {flag}; choose auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
 
 
@@ -67,7 +68,7 @@ def resolve_workers(choice: int | None, device: torch.device, world_size: int = 
     return max(2, min(8, cores // max(world_size, 1) - 1))
 
 
-def cuda_has_native_bf16(device: torch.device) -> bool:
+def cuda_has_native_bf16() -> bool:
     try:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # an older torch without the argument: its answer is the native one
@@ -115,7 +116,7 @@ def resolve_precision(pref: str, device: torch.device) -> tuple[torch.dtype | No
     if pref == "auto":
         if device.type == "cuda":
             # native bf16 only (Ampere and later): torch's default also counts slow emulation (V100, T4)
-            pref = "bf16" if cuda_has_native_bf16(device) else "fp16"
+            pref = "bf16" if cuda_has_native_bf16() else "fp16"
         elif not cpu_has_bf16():
             return None, "fp32 (this CPU has no native bf16 matmul, so bf16 autocast would be slower)"
         else:

@@ -48,7 +48,7 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
     from ..data import build_data, build_eval_transform, make_loader
     from .engine import evaluate, resolve_device, resolve_precision, resolve_workers
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, flag="--device")
     amp_dtype, _ = resolve_precision(precision, dev)
     data = build_data(data_cfg)
     part = getattr(data, split)
