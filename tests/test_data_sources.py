@@ -439,3 +439,11 @@ def test_file_loader_order_follows_the_epoch_with_persistent_workers(tmp_path):
         epochs.append(torch.cat([x[:, :, 0, 0].long() for x, _ in ld]))  # (N, 3) pixel colours in order
     assert torch.equal(epochs[0], epochs[2]) and not torch.equal(epochs[0], epochs[1])
     assert sorted(map(tuple, epochs[0].tolist())) == sorted(map(tuple, epochs[1].tolist()))
+    # close() stops the persistent workers at once (not at interpreter exit); iterating again restarts them
+    workers = list(ld._loader._iterator._workers)
+    assert workers and all(w.is_alive() for w in workers)
+    ld.close()
+    assert ld._loader is None and not any(w.is_alive() for w in workers)
+    ld.set_epoch(0)
+    assert torch.equal(torch.cat([x[:, :, 0, 0].long() for x, _ in ld]), epochs[0])
+    ld.close()

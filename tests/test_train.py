@@ -33,7 +33,7 @@ def metrics(run_dir):
 
 
 def comparable(rows):
-    drop = {"images_per_s", "epoch_time", "wall_time"}
+    drop = {"images_per_s", "epoch_time", "wall_time", "eval_time"}
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
@@ -81,6 +81,10 @@ def test_bad_config_key_exits_2_naming_the_closest(tmp_path):
     assert r.returncode == 2 and "did you mean 'vit_tiny_patch4_32'" in r.stderr
     r = cli("train", "--resume", str(tmp_path / "nope"))
     assert r.returncode == 2 and "last.ckpt" in r.stderr
+    # fewer training images than one batch: every epoch would be empty (it was a raw traceback)
+    r = cli("train", *FAST, "--data.subset", "40", "--out", str(tmp_path))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "40 images, fewer than one batch of 64" in r.stderr
 
 
 # -- real runs ------------------------------------------------------------------------------
@@ -96,7 +100,7 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == list(range(1, 6))
     for key in ["train_loss", "train_acc", "test_acc", "test_top5", "lr", "images_per_s", "wall_time", "test_acc_ema",
-                "test_acc_tta"]:
+                "test_acc_tta", "eval_time"]:
         assert key in rows[-1], key
     assert rows[-1]["test_acc"] > 70.0, rows[-1]  # chance is ~17%; this run reached 84% when written
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
@@ -114,8 +118,11 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     meta = load_model(run / "model.safetensors")[1]
     if meta["weights"] == "model":  # the saved epoch's flip-TTA score, as the run measured it
         assert ev["tta"] == "flip" and ev["acc"] == pytest.approx(rows[meta["epoch"] - 1]["test_acc_tta"], abs=0.2)
-    r = cli("eval", "--checkpoint", str(run), "--tta", "flip-shift", "--out", str(tmp_path / "tta10"))
+    r = cli("eval", "--checkpoint", str(run), "--tta", "flip-shift", "--out", str(tmp_path / "tta10"),
+            "--data.num_workers", "0")  # decoding in the main process: the same scores
     assert r.returncode == 0 and "test (flip-shift TTA): top-1" in r.stdout, r.stderr
+    r = cli("eval", "--checkpoint", str(run), "--data.num_workers", "-1")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "num_workers" in r.stderr, r.stderr
     assert json.loads((tmp_path / "tta10" / "eval.json").read_text())["tta"] == "flip-shift"
     # benchmarks/fashion_mnist.py's after-the-clock score reads the final weights (last.ckpt): without
     # TTA it is the last epoch's own test score
@@ -367,6 +374,15 @@ def test_clock_schedule_progress_carries_over_a_resume():
     assert clock_progress(t0, t0, 30.0, 60, 0.0) == 0.5
     assert clock_progress(t0 + 15, t0, 30.0, 60, 0.0) == 0.75
     assert clock_progress(t0 + 90, t0, 30.0, 60, 0.0) == 1.0  # capped at the end
+
+
+def test_a_resumed_time_limited_run_keeps_back_its_last_evaluation_time():
+    from vitlab.train.engine import eval_reserve
+
+    assert eval_reserve([]) == 0.0  # nothing measured yet
+    history = [{"epoch": 1, "eval_time": 4.0}, {"epoch": 2}, {"epoch": 3, "eval_time": 2.5}, {"epoch": 4}]
+    assert eval_reserve(history) == 3.5  # the latest evaluation (epoch 3), 1 s more
+    assert eval_reserve(history[:2]) == 5.0
 
 
 def test_decoding_workers_default_to_two_on_a_cpu_and_the_cores_per_process_with_a_gpu(monkeypatch):

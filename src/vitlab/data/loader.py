@@ -76,6 +76,9 @@ class TensorLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def close(self) -> None:
+        """Nothing to stop (no worker processes); FileLoader's counterpart stops its decoders."""
+
     def _indices(self) -> torch.Tensor:
         return epoch_indices(len(self.labels), train=self.train, seed=self.seed, epoch=self.epoch,
                              rank=self.rank, world_size=self.world_size, repeated_aug=self.repeated_aug)

@@ -385,6 +385,12 @@ def clock_progress(now: float, t_launch: float, wall_before: float, budget_s: fl
     return min(1.0, max(0.0, wall_before + now - t_launch) / max(budget_s - reserve, 1e-9))
 
 
+def eval_reserve(history: list[dict]) -> float:
+    """Seconds a time-limited run keeps back for its final evaluation: the last evaluation's
+    duration and 1 s more, so a resumed run keeps what its earlier part measured instead of 0."""
+    return next((h["eval_time"] + 1.0 for h in reversed(history) if "eval_time" in h), 0.0)
+
+
 def run_name(cfg: TrainConfig) -> str:
     data = cfg.data.name.replace(":", "-").replace("/", "_")[:40]
     return cfg.run.name or f"{cfg.model.name}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -452,6 +458,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     eval_loader = make_loader(eval_split, max(local_batch, 256), train=False, seed=cfg.run.seed, device=device,
                               img_size=img_size, rank=dist.rank, world_size=dist.world_size,
                               num_workers=workers, on_corrupt=cfg.data.on_corrupt)
+    if len(train_loader) == 0:  # every batch is full in training (drop_last): an epoch would be empty
+        raise UserError(f"the training split has {eval_split_count(data.train)} images, fewer than one batch of "
+                        f"{local_batch * dist.world_size} per step; use a smaller --batch-size")
     train_tf = build_train_transform(cfg.aug, info, img_size, num_classes)
     eval_tf = build_eval_transform(info, img_size)
 
@@ -523,7 +532,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     wall_before = history[-1]["wall_time"] if history else 0.0
     # The time limit covers the whole run: a resumed run gets what its earlier part left.
     deadline = t_launch + cfg.run.time_limit * 60 - wall_before if cfg.run.time_limit else None
-    reserve = 0.0  # seconds kept for the final evaluation (the last one's duration), so it ends in time
+    reserve = eval_reserve(history)  # seconds kept for the final evaluation, so it ends in time
     # sched.by_time: the schedule runs on the clock (progress = elapsed / budget), so warmup and the
     # cosine fit the time limit however fast the machine is; epochs is then an upper bound.
     if cfg.sched.by_time and deadline is None:
@@ -652,7 +661,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                 ckpt.save_model(run_dir / ckpt.WEIGHTS, best_model,
                                 {**meta, "epoch": epoch + 1, f"{eval_name}_acc": acc, "weights": which})
             best = max(best, acc)
-            reserve = time.time() - t_eval + 1.0
+            record["eval_time"] = time.time() - t_eval  # scoring (and the EMA's) and the best-weights save
+            reserve = record["eval_time"] + 1.0
         record["wall_time"] = wall_before + (time.time() - t_run)
         history.append(record)
         if main:
@@ -710,6 +720,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             f"{res['n']} images in {secs:.0f} s)")
         atomic_write_text(run_dir / "test.json", json.dumps({"acc": res["acc"], "top5": res["top5"],
                                                             "loss": res["loss"], "n": res["n"], "seconds": secs}))
+        test_loader.close()
+    train_loader.close()
+    eval_loader.close()
     shutdown(dist)
     return run_dir
 

@@ -22,12 +22,15 @@ def add_arguments(p):
     p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion_matrix.png (default: the run dir)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--data.num_workers", dest="num_workers", type=int, metavar="N",
+                   help="image-decoding worker processes (default: the run's setting, else 2 on a CPU and "
+                        "more with a GPU)")
     p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's; "
                         "flip-shift also averages both moved 1 px each way (10 views, 10x the cost)")
 
 
-def data_config_for(meta: dict, name: str | None, data_dir: str | None) -> DataConfig:
+def data_config_for(meta: dict, name: str | None, data_dir: str | None, num_workers: int | None = None) -> DataConfig:
     cfg = DataConfig()
     update_from_dict(cfg, (meta.get("config") or {}).get("data", {}), "")
     cfg.subset = None
@@ -35,6 +38,8 @@ def data_config_for(meta: dict, name: str | None, data_dir: str | None) -> DataC
         cfg.name = name
     if data_dir:
         cfg.dir = data_dir
+    if num_workers is not None:
+        cfg.num_workers = num_workers
     return cfg
 
 
@@ -71,7 +76,8 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
 def run(args) -> int:
     weights = resolve_weights(args.checkpoint)
     model, meta = load_model(weights)
-    res, info, classes = score(model, meta, data_config_for(meta, args.data, args.data_dir), args.split,
+    data_cfg = data_config_for(meta, args.data, args.data_dir, args.num_workers)
+    res, info, classes = score(model, meta, data_cfg, args.split,
                                device=args.device, precision=args.precision, tta=args.tta,
                                batch_size=args.batch_size)
     conf = res.pop("confusion").double()
