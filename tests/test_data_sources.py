@@ -447,3 +447,15 @@ def test_file_loader_order_follows_the_epoch_with_persistent_workers(tmp_path):
     ld.set_epoch(0)
     assert torch.equal(torch.cat([x[:, :, 0, 0].long() for x, _ in ld]), epochs[0])
     ld.close()
+    # a loader dropped without close() (a failed run inside a longer-lived process) stops its workers
+    # as soon as its last reference goes, not when the cycle collector runs
+    import gc
+
+    list(ld)
+    workers = list(ld._loader._iterator._workers)
+    gc.disable()
+    try:
+        del ld
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        gc.enable()

@@ -507,3 +507,27 @@ def test_time_budgeted_schedule_fits_the_limit(tmp_path):
     assert rows[-1]["lr"] < 0.1 * peak  # ...and came down to (near) the floor by the end
     r = cli("train", *FAST, "--sched.by_time", "--out", str(tmp_path))
     assert r.returncode == 2 and "--run.time_limit" in r.stderr
+
+
+def test_ablate_runs_the_ladder_and_writes_its_table_chart_and_record(tmp_path):
+    r = cli("ablate", "--data", "shapes", "--debug", "--epochs", "1", "--rungs", "2", "--run.precision", "fp32",
+            "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = next(tmp_path.glob("ablation-*"))
+    rec = json.loads((out / "ablation.json").read_text())
+    assert [g["rung"] for g in rec["rungs"]] == ["Baseline (SGD)", "+ AdamW"]
+    assert rec["rungs"][0]["settings"]["optim.name"] == "sgd" and rec["rungs"][1]["settings"]["optim.name"] == "adamw"
+    # each rung is a real run with the ladder's settings, scored on the test split
+    from vitlab.config import load_yaml
+
+    for k, name in enumerate(["sgd", "adamw"]):
+        cfg = load_yaml(out / f"rung{k}" / "config.yaml")
+        assert cfg["optim"]["name"] == name
+        assert rec["rungs"][k]["acc"] == metrics(out / f"rung{k}")[-1]["test_acc"]
+    table = (out / "ablation.md").read_text()
+    assert "| Baseline (SGD) |" in table and "| + AdamW |" in table
+    assert (out / "ablation.png").stat().st_size > 1000
+    # a second call reuses the finished rungs instead of training them again
+    r = cli("ablate", "--data", "shapes", "--debug", "--epochs", "1", "--rungs", "2", "--run.precision", "fp32",
+            "--out", str(tmp_path))
+    assert r.returncode == 0 and r.stdout.count("already done") + r.stderr.count("already done") == 2, r.stderr

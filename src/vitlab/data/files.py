@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -171,10 +172,23 @@ class FileLoader:
 
 
 class _EpochBatches:
-    """A batch sampler that asks its loader for the current epoch's batches each time it is iterated."""
+    """A batch sampler that asks its loader for the current epoch's batches each time it is iterated.
+
+    It holds the loader weakly: the loader owns the DataLoader that owns this sampler, and a strong
+    reference back would make a cycle, so a loader dropped without close() (a run that failed, in a
+    process that goes on: `vitlab ablate`, a sweep) would keep its worker processes until Python's
+    cycle collector ran, instead of stopping them as soon as the last reference goes.
+    """
 
     def __init__(self, loader: FileLoader):
-        self.loader = loader
+        self._loader = weakref.ref(loader)
+
+    @property
+    def loader(self) -> FileLoader:
+        loader = self._loader()
+        if loader is None:  # (cannot happen while the FileLoader iterates: it holds the DataLoader)
+            raise RuntimeError("the FileLoader of this batch sampler is gone")
+        return loader
 
     def __iter__(self):
         return iter(self.loader.batches())

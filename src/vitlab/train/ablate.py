@@ -70,6 +70,14 @@ def run(args) -> int:
     return 0
 
 
+def _settings_at(k: int) -> dict:
+    """The ladder's settings in force at rung k (before the user's own overrides)."""
+    settings: dict = {}
+    for _, delta in LADDER[: k + 1]:
+        settings.update(delta)
+    return settings
+
+
 def _done(run_dir: Path, epochs: int) -> bool:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return len(lines) >= epochs
@@ -90,6 +98,10 @@ def _write_report(rows: list[dict], out: Path, base) -> None:
         lines.append(f"| {r['rung']} | {r['acc']:.2f} | {delta} | {r['minutes']:.1f} |")
         prev = r["acc"]
     atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "ablation.json", json.dumps({
+        "model": base.model.name, "data": base.data.name, "epochs": base.run.epochs, "batch_size": base.run.batch_size,
+        "seed": base.run.seed, "rungs": [{**r, "settings": dict(_settings_at(k))} for k, r in enumerate(rows)]},
+        indent=1) + "\n")
     fig, ax = plt.subplots(figsize=(9, 3.8))
     accs = [r["acc"] for r in rows]
     bars = ax.bar(range(len(rows)), accs, color=["#999"] + ["#3b7dd8"] * (len(rows) - 1))

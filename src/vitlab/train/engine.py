@@ -459,8 +459,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                               img_size=img_size, rank=dist.rank, world_size=dist.world_size,
                               num_workers=workers, on_corrupt=cfg.data.on_corrupt)
     if len(train_loader) == 0:  # every batch is full in training (drop_last): an epoch would be empty
-        raise UserError(f"the training split has {eval_split_count(data.train)} images, fewer than one batch of "
-                        f"{local_batch * dist.world_size} per step; use a smaller --batch-size")
+        per = f"one batch of {local_batch * dist.world_size}"
+        if cfg.optim.accum_steps > 1:
+            per += f" (--batch-size {cfg.run.batch_size} in {cfg.optim.accum_steps} accumulation steps)"
+        raise UserError(f"the training split has {eval_split_count(data.train)} images, fewer than {per}; "
+                        f"use a smaller --batch-size")
     train_tf = build_train_transform(cfg.aug, info, img_size, num_classes)
     eval_tf = build_eval_transform(info, img_size)
 

@@ -68,8 +68,11 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
     info = data.info
     if meta.get("mean"):  # normalise exactly as in training
         info.mean, info.std = tuple(meta["mean"]), tuple(meta["std"])
-    res = evaluate(model.to(dev).eval(), loader, build_eval_transform(info, img_size), dev, amp_dtype,
-                   model.num_classes, separate_heads=getattr(model, "distilled", False), tta=tta)
+    try:
+        res = evaluate(model.to(dev).eval(), loader, build_eval_transform(info, img_size), dev, amp_dtype,
+                       model.num_classes, separate_heads=getattr(model, "distilled", False), tta=tta)
+    finally:
+        loader.close()  # one pass: its decoding workers are done
     return res, info, classes
 
 
