@@ -175,3 +175,17 @@ def test_loop_vs_step_alternates_and_counts_one_epochs_bookkeeping(monkeypatch, 
     assert calls == ["step", "loop", "step", "loop", "step"]
     assert res["loop_runs"] == [pytest.approx(50.0), pytest.approx(25.0)] and res["step"] == pytest.approx(130.0)
     assert res["ratio"] == pytest.approx(37.5 / 130.0)
+
+
+def test_machine_names_the_cpus_bf16_units_on_x86_and_arm():
+    from vitlab.bench import describe_cpu, machine
+
+    amx = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert describe_cpu(amx, "x86_64") == "Intel(R) Xeon(R) Processor (AVX-512 BF16, AMX)"
+    plain = "model name\t: Intel(R) Core(TM) i7\nflags\t\t: fpu avx2\n"
+    assert describe_cpu(plain, "x86_64") == "Intel(R) Core(TM) i7 (no bf16 matmul units)"
+    arm = "processor\t: 0\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd sve bf16 i8mm\nCPU part\t: 0xd4f\n"
+    assert describe_cpu(arm, "aarch64") == "aarch64 (Arm BF16)"
+    assert describe_cpu("Features\t: fp asimd\n", "aarch64") == "aarch64 (no bf16 matmul units)"
+    assert describe_cpu("", "arm64") == "arm64"  # nothing to read: the platform's own name
+    assert "threads, torch" in machine()  # this host: its /proc/cpuinfo, whichever kind

@@ -619,23 +619,36 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print, ro
 
 # -- command ---------------------------------------------------------------------------------------
 
+def describe_cpu(cpuinfo: str, fallback: str) -> str:
+    """/proc/cpuinfo's text -> the CPU's name and its bf16 matmul units, e.g.
+    "Intel(R) Xeon(R) Processor (AVX-512 BF16, AMX)". The same model name covers hosts with
+    and without AMX, whose bf16 speeds differ ~3x, so the units are named from the flags."""
+    name, x86, arm = fallback, None, None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name == fallback:
+            name = value.strip()
+        elif key == "flags" and x86 is None:  # x86
+            x86 = set(value.split())
+        elif key == "Features" and arm is None:  # Arm: no model name, one "Features" line per core
+            arm = set(value.split())
+    if x86 is not None:
+        units = [label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in x86]
+    elif arm is not None:
+        units = [label for flag, label in (("bf16", "Arm BF16"), ("sme", "SME")) if flag in arm]
+    else:
+        return name
+    return f"{name} ({', '.join(units) if units else 'no bf16 matmul units'})"
+
+
 def machine(device=CPU) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     cpu = platform.processor() or platform.machine()
     try:
-        flags = set()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-        # the same model name covers hosts with and without AMX, whose bf16 speeds differ ~3x
-        bf16 = [name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in flags]
-        if flags:  # (x86 /proc/cpuinfo; Arm lists "Features" and is left as it is)
-            cpu += f" ({', '.join(bf16) if bf16 else 'no bf16 matmul units'})"
-    except OSError:
+        cpu = describe_cpu(Path("/proc/cpuinfo").read_text(), cpu)
+    except OSError:  # not Linux
         pass
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
