@@ -121,9 +121,9 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     r = cli("eval", "--checkpoint", str(run), "--tta", "flip-shift", "--out", str(tmp_path / "tta10"),
             "--data.num_workers", "0")  # decoding in the main process: the same scores
     assert r.returncode == 0 and "test (flip-shift TTA): top-1" in r.stdout, r.stderr
+    assert json.loads((tmp_path / "tta10" / "eval.json").read_text())["tta"] == "flip-shift"
     r = cli("eval", "--checkpoint", str(run), "--data.num_workers", "-1")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "num_workers" in r.stderr, r.stderr
-    assert json.loads((tmp_path / "tta10" / "eval.json").read_text())["tta"] == "flip-shift"
     # benchmarks/fashion_mnist.py's after-the-clock score reads the final weights (last.ckpt): without
     # TTA it is the last epoch's own test score
     import importlib.util

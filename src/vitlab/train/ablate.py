@@ -64,18 +64,11 @@ def run(args) -> int:
             train(cfg, resume=str(run_dir) if (run_dir / "last.ckpt").is_file() else None)
         last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
         acc_key = "val_acc" if "val_acc" in last else "test_acc"
-        rows.append({"rung": label, "acc": last[acc_key], "minutes": last["wall_time"] / 60, "split": acc_key[:-4]})
+        rows.append({"rung": label, "acc": last[acc_key], "minutes": last["wall_time"] / 60, "split": acc_key[:-4],
+                     "settings": dict(settings)})  # the ladder's settings at this rung, before the user's overrides
     _write_report(rows, out, base)
     print(f"wrote {out / 'ablation.md'} and {out / 'ablation.png'}")
     return 0
-
-
-def _settings_at(k: int) -> dict:
-    """The ladder's settings in force at rung k (before the user's own overrides)."""
-    settings: dict = {}
-    for _, delta in LADDER[: k + 1]:
-        settings.update(delta)
-    return settings
 
 
 def _done(run_dir: Path, epochs: int) -> bool:
@@ -100,7 +93,7 @@ def _write_report(rows: list[dict], out: Path, base) -> None:
     atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "ablation.json", json.dumps({
         "model": base.model.name, "data": base.data.name, "epochs": base.run.epochs, "batch_size": base.run.batch_size,
-        "seed": base.run.seed, "rungs": [{**r, "settings": dict(_settings_at(k))} for k, r in enumerate(rows)]},
+        "seed": base.run.seed, "rungs": rows},
         indent=1) + "\n")
     fig, ax = plt.subplots(figsize=(9, 3.8))
     accs = [r["acc"] for r in rows]

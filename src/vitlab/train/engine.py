@@ -665,9 +665,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
                                 {**meta, "epoch": epoch + 1, f"{eval_name}_acc": acc, "weights": which})
             best = max(best, acc)
             record["eval_time"] = time.time() - t_eval  # scoring (and the EMA's) and the best-weights save
-            reserve = record["eval_time"] + 1.0
         record["wall_time"] = wall_before + (time.time() - t_run)
         history.append(record)
+        reserve = eval_reserve(history)
         if main:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
