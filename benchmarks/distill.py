@@ -27,7 +27,7 @@ from pathlib import Path
 from vitlab.bench import machine
 from vitlab.config import build_config, parse_overrides
 from vitlab.train.engine import train
-from vitlab.utils import atomic_write_text
+from vitlab.utils import atomic_write_text, tune_allocator
 
 
 def finished(run: Path, epochs: int) -> bool:
@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="benchmarks/runs/distill")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    tune_allocator()  # as every `vitlab` command does
     runs = Path(args.runs)
     # Every run starts from the plain-ViT Fashion-MNIST preset (configs/fashion_mnist_plain.yaml) with these changes.
     # Budgets here are epochs, not the preset's 15-minute clock: every student gets the same number of updates.

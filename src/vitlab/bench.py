@@ -689,7 +689,8 @@ def _print_markdown(res: dict) -> None:
     print(f"| train MFU (against the faster ceiling) | {100 * c['default_train_mfu']:.0f}% | 65% |")
     if "loop" in c:
         print(f"| full `vitlab train` loop / bare step | {100 * c['loop']['ratio']:.0f}% | 90% |")
-    print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`_")
+    alloc = f"; allocator: {res['allocator']}" if "allocator" in res else ""
+    print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`{alloc}_")
 
 
 def run(args) -> int:
@@ -720,6 +721,12 @@ def run(args) -> int:
     script = Path(sys.argv[0]).name == "throughput.py"
     cmd = ("python benchmarks/throughput.py " if script else "vitlab bench ") + " ".join(args.argv)
     res = {"date": str(date.today()), "machine": machine(device), "command": cmd.strip()}
+    from .utils import tune_allocator
+
+    # vitlab's allocator setting is process-wide, so the peers in this one process run with it too:
+    # the ratios compare the models, not the allocators (benchmarks/allocator.py times the setting)
+    res["allocator"] = ("glibc thresholds raised for every setup (vitlab.utils.tune_allocator)" if tune_allocator()
+                        else "the platform's default")
     print(f"training step and inference, {args.model}, batch {args.batch_size}:")
     res["compare"] = compare(args.model, args.batch_size, args.steps, args.warmup, args.impl, device=device)
     if args.loop or args.all:

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else f"; commands: {', '.join(COMMANDS)}"
         sys.stderr.write(f"vitlab: error: unknown command {command!r}{hint}\n")
         return 2
+    from .utils import tune_allocator
+
+    tune_allocator()  # before the command allocates its tensors (utils.tune_allocator says why)
     module = importlib.import_module(COMMANDS[command][0])
     parser = Parser(prog=f"vitlab {command}", description=COMMANDS[command][1])
     module.add_arguments(parser)
