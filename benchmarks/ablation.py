@@ -9,7 +9,6 @@ benchmarks/results/ablation-<data>/ with the record's provenance added to the JS
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -19,10 +18,11 @@ from datetime import date
 from pathlib import Path
 
 from vitlab.bench import machine
+from vitlab.cli import Parser
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--data-dir", default="../shared/data/fashion-mnist")
     p.add_argument("--runs", default="runs/ablation", help="where the rungs' run directories go")

@@ -30,6 +30,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from vitlab.cli import Parser
+
 WORKLOADS = ("tiny_train", "tiny_infer", "mini_train")
 
 
@@ -89,7 +91,7 @@ def run_child(workload: str, steps: int, tuned: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=5, help="child pairs (tuned, untuned) per workload")
     p.add_argument("--steps", type=int, default=None, help="timed calls per child (default: per workload)")
     p.add_argument("--out", default="benchmarks/results")

@@ -17,7 +17,6 @@ after --warmup untimed ones.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.bench import machine
+from vitlab.cli import Parser
 from vitlab.config import AugConfig
 from vitlab.data import DatasetInfo, TensorSplit, build_train_transform, make_loader, make_shapes
 from vitlab.data import augment as A
@@ -53,7 +53,7 @@ def median_ms(fn, iters: int, warmup: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--iters", type=int, default=30, help="timed repeats of each pipeline measurement")
     p.add_argument("--steps", type=int, default=10, help="timed training steps")

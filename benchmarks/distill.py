@@ -17,7 +17,6 @@ Runs that already finished are reused (delete benchmarks/runs/distill to start o
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from datetime import date
@@ -25,6 +24,7 @@ from pathlib import Path
 
 
 from vitlab.bench import machine
+from vitlab.cli import Parser
 from vitlab.config import build_config, parse_overrides
 from vitlab.train.engine import train
 from vitlab.utils import atomic_write_text, tune_allocator
@@ -41,7 +41,7 @@ def last_metrics(run: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="../shared/data/fashion-mnist")
     p.add_argument("--teacher", default="resnet18_cifar")
     p.add_argument("--student", default="deit_mini_distilled_patch7_28")

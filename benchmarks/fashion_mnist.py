@@ -16,7 +16,6 @@ Anything after the known flags is passed to `vitlab train` as overrides.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,13 +24,14 @@ from pathlib import Path
 
 
 from vitlab.bench import machine
+from vitlab.cli import Parser
 from vitlab.config import build_config, parse_overrides
 from vitlab.train.engine import train
 from vitlab.utils import atomic_write_text, tune_allocator
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="fashion_mnist")
     p.add_argument("--data-dir", default="../shared/data/fashion-mnist")
     p.add_argument("--seed", type=int, default=0)

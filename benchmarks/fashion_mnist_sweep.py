@@ -18,7 +18,6 @@ The winner is then run for real on the CPU by benchmarks/fashion_mnist.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import sys
@@ -26,6 +25,8 @@ import time
 import traceback
 from datetime import date
 from pathlib import Path
+
+from vitlab.cli import Parser
 
 MINI = dict(embed_dim=128, depth=4, num_heads=4, mlp_dim=256, in_chans=1, num_classes=10)
 HYBRID = dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64))  # the preset's model (rounds 3 and 4)
@@ -136,7 +137,7 @@ def _worker(args):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--measure", action="store_true", help="time each candidate's training step on this CPU")
     p.add_argument("--only", nargs="*", help="candidate names (default: all)")
     p.add_argument("--data-dir", default="../shared/data/fashion-mnist")

@@ -19,7 +19,6 @@ the machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -32,6 +31,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+
+from vitlab.cli import Parser
 
 SPLITS = {"trnid": 1020, "valid": 1020, "tstid": 6149}  # Flowers102's official split sizes
 CLASSES = 102
@@ -87,7 +88,7 @@ def write_vit_b16(d: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--scale", type=float, default=1.0, help="fraction of Flowers102's split sizes")
     p.add_argument("--out", default="benchmarks/results/finetune_speed")

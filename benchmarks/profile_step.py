@@ -10,7 +10,6 @@ matmul share and its achieved rate to --out (text and JSON).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from vitlab.bench import arch_of, machine, vit_flops
+from vitlab.cli import Parser
 from vitlab.config import OptimConfig
 from vitlab.models import create_model
 from vitlab.train.optim import build_optimizer
@@ -31,7 +31,7 @@ CASTS = ("aten::copy_",)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")

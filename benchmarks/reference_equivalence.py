@@ -18,7 +18,6 @@ none of the three libraries imports (nothing was compared).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))  # to_google_npz: the .npz layout as the unit tests write it
 
+from vitlab.cli import Parser  # noqa: E402
 from vitlab.models import build_from_arch  # noqa: E402
 from vitlab.models.pretrained import load_pretrained  # noqa: E402
 
@@ -181,7 +181,7 @@ def hf_cases(tmp: Path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/reference")
     args = p.parse_args(argv)
     torch.manual_seed(0)

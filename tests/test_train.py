@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vitlab.config import ScheduleConfig, build_config, parse_overrides
+from vitlab.data.loader import TensorLoader
 from vitlab.errors import RunFailed, UserError
 from vitlab.models import create_model
 from vitlab.train.optim import lr_at, param_groups
@@ -208,11 +209,14 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path, monkeyp
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(losses.DistillationLoss, "forward", poisoned)
+    closed = []  # the loaders are closed on the way out of a failed run too (FileLoader: its workers stop)
+    monkeypatch.setattr(TensorLoader, "close", lambda self: closed.append(self.train))
     cfg = build_config(None, parse_overrides([*FAST, "--epochs", "2", "--out", str(tmp_path), "--run.name", "nan"]))
     with pytest.raises(RunFailed, match=r"non-finite at epoch 1, batch 3"):
         engine.train(cfg)
     run = tmp_path / "nan"
     assert not (run / "model.safetensors").exists() and not (run / "last.ckpt").exists()
+    assert sorted(closed) == [False, True]  # the eval loader and the training loader
 
 
 def test_clean_head_and_tail_turn_augmentation_off_at_the_schedules_ends(tmp_path, monkeypatch, capsys):

@@ -400,6 +400,15 @@ def run_name(cfg: TrainConfig) -> str:
 
 def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     """Train (or resume) a run; returns the run directory."""
+    opened: list = []  # the run's data loaders: closed however it ends, so no decoding worker outlives it
+    try:
+        return _train(cfg, resume, opened)
+    finally:
+        for loader in opened:
+            loader.close()
+
+
+def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     from ..data import build_data, build_eval_transform, build_train_transform, make_loader
 
     t_launch = time.time()
@@ -458,6 +467,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     eval_loader = make_loader(eval_split, max(local_batch, 256), train=False, seed=cfg.run.seed, device=device,
                               img_size=img_size, rank=dist.rank, world_size=dist.world_size,
                               num_workers=workers, on_corrupt=cfg.data.on_corrupt)
+    opened += [train_loader, eval_loader]
     if len(train_loader) == 0:  # every batch is full in training (drop_last): an epoch would be empty
         per = f"one batch of {local_batch * dist.world_size}"
         if cfg.optim.accum_steps > 1:
@@ -717,15 +727,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         best_model, _ = ckpt.load_model(run_dir / ckpt.WEIGHTS, map_location=device)
         test_loader = make_loader(data.test, max(local_batch, 256), train=False, seed=cfg.run.seed, device=device,
                                   img_size=img_size, num_workers=workers, on_corrupt=cfg.data.on_corrupt)
+        opened.append(test_loader)
         res = evaluate(best_model, test_loader, eval_tf, device, amp_dtype, num_classes)
         secs = time.time() - t_test
         log(f"test accuracy of the best-by-val weights: {res['acc']:.2f}% (top5 {res['top5']:.2f}%; "
             f"{res['n']} images in {secs:.0f} s)")
         atomic_write_text(run_dir / "test.json", json.dumps({"acc": res["acc"], "top5": res["top5"],
                                                             "loss": res["loss"], "n": res["n"], "seconds": secs}))
-        test_loader.close()
-    train_loader.close()
-    eval_loader.close()
     shutdown(dist)
     return run_dir
 
