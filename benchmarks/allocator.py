@@ -6,20 +6,22 @@ This script measures it: each workload runs in a fresh child process, once with 
 without (VITLAB_TUNE_MALLOC=0), the two alternating pair by pair so that the machine's drift moves
 both alike; the figures are medians over the pairs.
 
-    python benchmarks/allocator.py                        # about 6 minutes
+    python benchmarks/allocator.py                        # about 5 minutes
     python benchmarks/allocator.py --pairs 1 --steps 2     # smoke test
 
 Workloads (their time is measured inside the child, after imports and a warm-up call):
   tiny_train  ViT-Tiny CIFAR (vit_tiny_patch4_32) training step, batch 128, bf16 autocast where
               the CPU has fast bf16 (as `vitlab train` picks), the engine's AdamW
   tiny_infer  the same model's inference, batch 128
-  mini_train  the Fashion-MNIST preset's hybrid model (vit_mini_convstem_patch8_32), batch 64, eager
+  mini_train  the Fashion-MNIST preset's hybrid model (vit_mini_convstem_patch8_32), batch 64, in
+              the same precision, not compiled
 Writes benchmarks/results/allocator.json (--out) and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -37,9 +39,6 @@ WORKLOADS = ("tiny_train", "tiny_infer", "mini_train")
 
 def child(workload: str, steps: int) -> dict:
     """Runs in the child: the setting (unless the environment turns it off), then the workload."""
-    from vitlab.utils import tune_allocator
-
-    tuned = tune_allocator()
     import torch
     import torch.nn.functional as F
 
@@ -47,14 +46,16 @@ def child(workload: str, steps: int) -> dict:
     from vitlab.config import OptimConfig
     from vitlab.models import create_model
     from vitlab.train.optim import build_optimizer
+    from vitlab.utils import tune_allocator
 
+    tuned = tune_allocator()  # before the workload's first tensor (torch's import allocates little)
     torch.manual_seed(0)
     dtype, _ = default_precision()
     name, batch, chans = (("vit_mini_convstem_patch8_32", 64, 1) if workload == "mini_train"
                           else ("vit_tiny_patch4_32", 128, 3))
     model = create_model(name, in_chans=chans)
     x, y = torch.randn(batch, chans, 32, 32), torch.randint(0, 10, (batch,))
-    ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else torch.enable_grad
+    ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else contextlib.nullcontext
     if workload == "tiny_infer":
         model.eval()
 

@@ -34,6 +34,7 @@ from vitlab.config import AugConfig
 from vitlab.data import DatasetInfo, TensorSplit, build_train_transform, make_loader, make_shapes
 from vitlab.data import augment as A
 from vitlab.data.mix import Mixer
+from vitlab.utils import tune_allocator
 
 RECIPE = AugConfig(crop_padding=4, pad_mode="reflect", hflip=0.5, randaugment_n=2, randaugment_m=9,
                    mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, switch_prob=0.5, erasing=0.25)
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    tune_allocator()  # as every `vitlab` command does
     if args.threads:
         torch.set_num_threads(args.threads)
     B = args.batch_size

@@ -27,6 +27,7 @@ from datetime import date
 from pathlib import Path
 
 from vitlab.cli import Parser
+from vitlab.utils import tune_allocator
 
 MINI = dict(embed_dim=128, depth=4, num_heads=4, mlp_dim=256, in_chans=1, num_classes=10)
 HYBRID = dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64))  # the preset's model (rounds 3 and 4)
@@ -127,6 +128,7 @@ def _worker(args):
     name, epochs, data_dir, device, seed, out, threads, compile_ = args
     log = Path(out) / f"{name}-seed{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    tune_allocator()  # as `vitlab train` does
     with open(log, "w") as f:
         sys.stdout = sys.stderr = f
         try:
@@ -153,8 +155,7 @@ def main(argv=None) -> int:
     names = args.only or list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
-        print(f"error: unknown candidate(s) {unknown}; known: {list(CANDIDATES)}", file=sys.stderr)
-        return 2
+        p.error(f"unknown candidate(s) {unknown}; known: {list(CANDIDATES)}")
     if args.measure:
         measure(names)
         return 0

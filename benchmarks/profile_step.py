@@ -25,6 +25,7 @@ from vitlab.cli import Parser
 from vitlab.config import OptimConfig
 from vitlab.models import create_model
 from vitlab.train.optim import build_optimizer
+from vitlab.utils import tune_allocator
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 CASTS = ("aten::copy_",)
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/profile")
     args = p.parse_args(argv)
+    tune_allocator()  # as every `vitlab` command does
     torch.manual_seed(0)
     model = create_model(args.model)
     opt = build_optimizer(model, OptimConfig(), lr=1e-4)

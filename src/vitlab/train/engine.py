@@ -464,10 +464,11 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
                                img_size=img_size, rank=dist.rank, world_size=dist.world_size,
                                repeated_aug=cfg.aug.repeated_aug, num_workers=workers,
                                on_corrupt=cfg.data.on_corrupt)
+    opened.append(train_loader)
     eval_loader = make_loader(eval_split, max(local_batch, 256), train=False, seed=cfg.run.seed, device=device,
                               img_size=img_size, rank=dist.rank, world_size=dist.world_size,
                               num_workers=workers, on_corrupt=cfg.data.on_corrupt)
-    opened += [train_loader, eval_loader]
+    opened.append(eval_loader)
     if len(train_loader) == 0:  # every batch is full in training (drop_last): an epoch would be empty
         per = f"one batch of {local_batch * dist.world_size}"
         if cfg.optim.accum_steps > 1:
