@@ -117,6 +117,14 @@ def summary(ra: list, rb: list, names: tuple[str, str]) -> dict:
                 pair_ratios=ratios, median_ratio=statistics.median(ratios))
 
 
+def report(res: dict, path: Path, header: str, rows: list[str]) -> None:
+    """Write the record and print its markdown table (the README's) with the provenance line."""
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print("\n" + "\n".join([header, *rows]))
+    print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`_")
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=5, help="child pairs (tuned, untuned) per workload")
@@ -148,15 +156,11 @@ def main(argv=None) -> int:
                             args.pairs)
             res["comparisons"][label] = dict(workload=w, steps=n, peer=peer, peer_precision=precision,
                                              **summary(ra, rb, ("vitlab", "peer")))
-        (out / "allocator_peers.json").write_text(json.dumps(res, indent=1) + "\n")
-        print("\n| vitlab (default precision, allocator set) | vitlab images/s | peer images/s | ratio (median of "
-              "pairs) | pair ratios |\n|---|---:|---:|---:|---|")
-        for label, r in res["comparisons"].items():
-            v, q = r["median"]["vitlab"], r["median"]["peer"]
-            print(f"| {label} | {v['images_per_s']:.0f} | {q['images_per_s']:.0f} | {r['median_ratio']:.2f}x | "
-                  f"{', '.join(f'{x:.2f}' for x in r['pair_ratios'])} |")
-        print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`_")
-        print(f"wrote {out / 'allocator_peers.json'}")
+        rows = [f"| {label} | {r['median']['vitlab']['images_per_s']:.0f} | {r['median']['peer']['images_per_s']:.0f} | "
+                f"{r['median_ratio']:.2f}x | {', '.join(f'{x:.2f}' for x in r['pair_ratios'])} |"
+                for label, r in res["comparisons"].items()]
+        report(res, out / "allocator_peers.json", "| vitlab (default precision, allocator set) | vitlab images/s | "
+               "peer images/s | ratio (median of pairs) | pair ratios |\n|---|---:|---:|---:|---|", rows)
         return 0
     res["workloads"] = {}
     for w in WORKLOADS:
@@ -165,16 +169,15 @@ def main(argv=None) -> int:
                         args.pairs)
         res["workloads"][w] = dict(steps=n, **summary(ra, rb, ("tuned", "untuned")),
                                    tuned_took=all(r["tuned"] for r in ra))
-    (out / "allocator.json").write_text(json.dumps(res, indent=1) + "\n")
-    print("\n| workload | images/s, tuned | images/s, glibc default | speed-up (median of pairs) | "
-          "page faults per step, tuned / default | peak RSS, tuned / default |\n|---|---:|---:|---:|---:|---:|")
+    rows = []
     for w, r in res["workloads"].items():
         t, u = r["median"]["tuned"], r["median"]["untuned"]
-        print(f"| {w} | {t['images_per_s']:.0f} | {u['images_per_s']:.0f} | {r['median_ratio']:.2f}x | "
-              f"{t['faults_per_step']:.0f} / {u['faults_per_step']:.0f} | "
-              f"{t['peak_rss_mib']:.0f} / {u['peak_rss_mib']:.0f} MiB |")
-    print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`_")
-    print(f"wrote {out / 'allocator.json'}")
+        rows.append(f"| {w} | {t['images_per_s']:.0f} | {u['images_per_s']:.0f} | {r['median_ratio']:.2f}x | "
+                    f"{t['faults_per_step']:.0f} / {u['faults_per_step']:.0f} | "
+                    f"{t['peak_rss_mib']:.0f} / {u['peak_rss_mib']:.0f} MiB |")
+    report(res, out / "allocator.json", "| workload | images/s, tuned | images/s, glibc default | speed-up (median "
+           "of pairs) | page faults per step, tuned / default | peak RSS, tuned / default |\n"
+           "|---|---:|---:|---:|---:|---:|", rows)
     return 0
 
 
