@@ -142,8 +142,10 @@ def main(argv=None) -> int:
         return 0
     if args.pairs < 1 or (args.steps is not None and args.steps < 1):
         p.error("--pairs and --steps must be positive")
-    from vitlab.bench import machine
+    from vitlab.bench import have_transformers, machine
 
+    if args.peers and not have_transformers():
+        p.error("--peers times Hugging Face's ViT: pip install transformers")
     res = {"date": str(date.today()), "machine": machine(),
            "command": " ".join(["python benchmarks/allocator.py", *(sys.argv[1:] if argv is None else argv)])}
     out = Path(args.out)
