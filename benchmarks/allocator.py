@@ -39,6 +39,7 @@ from datetime import date
 from pathlib import Path
 
 from vitlab.cli import Parser
+from vitlab.utils import atomic_write_text
 
 WORKLOADS = ("tiny_train", "tiny_infer", "mini_train")
 
@@ -119,7 +120,7 @@ def summary(ra: list, rb: list, names: tuple[str, str]) -> dict:
 
 def report(res: dict, path: Path, header: str, rows: list[str]) -> None:
     """Write the record and print its markdown table (the README's) with the provenance line."""
-    path.write_text(json.dumps(res, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(res, indent=1) + "\n")
     print("\n" + "\n".join([header, *rows]))
     print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`_")
     print(f"wrote {path}")

@@ -198,11 +198,11 @@ def test_machine_names_the_cpus_bf16_units_on_x86_and_arm():
 
 ALLOC_CHILD = """
 import ctypes, resource, sys, torch
-from vitlab.utils import tune_allocator
+from vitlab.utils import _M_MMAP_THRESHOLD, tune_allocator
 took = tune_allocator()
 # glibc before about 2.35 caps the mmap threshold at 32 MiB: then tune_allocator settles for that,
 # and re-asking for 512 MiB (what it set where allowed: a no-op) is refused
-big = took and ctypes.CDLL("libc.so.6").mallopt(-3, 512 << 20) == 1
+big = took and ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 512 << 20) == 1
 sizes = [int(mib) for mib in sys.argv[1].split(",")]
 def step():  # a step's worth of activation-sized buffers, each written, all freed at the end
     bufs = [torch.ones(i << 20, dtype=torch.uint8) for i in sizes]
