@@ -44,15 +44,25 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
     res = json.loads((tmp_path / "throughput.json").read_text())["compare"]
     assert {(r["impl"], r["precision"]) for r in res["rows"]} == {
         (i, p) for i in ("vitlab", "textbook") for p in ("fp32", "bf16")} | {
-        (i, res["default_precision"]) for i in ("vitlab compiled", "vitlab compiled, foreach AdamW")}
+        (i, res["default_precision"]) for i in ("vitlab compiled", "vitlab compiled, foreach AdamW", "vitlab frozen")}
     default = next(r for r in res["rows"] if r["impl"] == "vitlab compiled")
     assert res["default_train"] == default["train"]
-    assert all(r["train"] > 0 and 0 < r["train_mfu"] for r in res["rows"])
+    trains = [r for r in res["rows"] if r["impl"] != "vitlab frozen"]
+    assert all(r["train"] > 0 and 0 < r["train_mfu"] for r in trains)
+    # on a CPU the default inference is the frozen copy (`vitlab eval` on a long job); it cannot train
+    frozen = res["rows"][-1]
+    assert frozen["impl"] == "vitlab frozen" and frozen["train"] is None and frozen["infer"] > 0
+    assert res["default_infer_impl"] == "vitlab frozen" and res["default_infer"] == frozen["infer"]
+    textbook = max(r["infer"] for r in res["rows"] if r["impl"] == "textbook")
+    assert res["ratios"]["infer_vs_best_peer"] == pytest.approx(frozen["infer"] / textbook)
     assert "train_vs_textbook_bf16" in res["ratios"]
     out = capsys.readouterr().out
     assert "| vitlab" in out and "MFU" in out
     assert cli_main(["bench", "--markdown", "--out", str(tmp_path)]) == 0
-    assert "| textbook | bf16 |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "| textbook | bf16 |" in table
+    assert f"| vitlab frozen (default inference) | {res['default_precision']} | - | - |" in table
+    assert f"| vitlab compiled (default training) | {res['default_precision']} |" in table
 
 
 def test_bench_rejects_a_resnet_or_unknown_model_in_one_line_before_any_output(capsys):
@@ -82,7 +92,8 @@ def test_default_row_times_the_engines_fused_adamw_and_the_peers_foreach(monkeyp
                         log=lambda *a: None)
     # rows: vitlab fp32, vitlab bf16, textbook fp32, textbook bf16, the compiled step with foreach
     # AdamW (to tell compile's gain from the fused kernel's), then the default: compiled, fused
-    assert [r["impl"] for r in res["rows"]][-2:] == ["vitlab compiled, foreach AdamW", "vitlab compiled"]
+    assert [r["impl"] for r in res["rows"]][-3:] == ["vitlab compiled, foreach AdamW", "vitlab compiled",
+                                                    "vitlab frozen"]  # (inference only: no optimizer)
     assert built == ["foreach"] * 5 + ["fused"]
 
 
@@ -96,10 +107,11 @@ def test_timed_calls_are_interleaved_across_setups_so_a_drift_hits_all_alike(mon
     monkeypatch.setattr(bench, "_infer_step", lambda model, x, dtype: lambda: calls.append(("infer", id(model), model.training)))
     res = bench.compare("vit_mini_patch4_32", batch=2, steps=5, warmup=1, impls=["vitlab", "textbook"],
                         log=lambda *a: None)
-    n_units = 2 * len(res["rows"]) + 2  # a training and an inference unit per setup, a matmul per dtype
-    assert res["rounds"] == 5 and len(res["rows"]) == 6
-    # warm-up: one call per unit, but two for each of the two compiled setups' two units
-    n_warm = n_units + 4
+    # a training and an inference unit per setup, the frozen copy's inference, a matmul per dtype
+    n_units = 2 * (len(res["rows"]) - 1) + 1 + 2
+    assert res["rounds"] == 5 and len(res["rows"]) == 7
+    # warm-up: one call per unit, but two for each of the two compiled setups' two units and the frozen one
+    n_warm = n_units + 5
     timed = [(k, m) for k, m, _ in calls[n_warm:]]
     assert len(timed) == 5 * n_units
     rounds = [timed[r * n_units:(r + 1) * n_units] for r in range(5)]

@@ -123,6 +123,14 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
             "--data.num_workers", "0")  # decoding in the main process: the same scores
     assert r.returncode == 0 and "test (flip-shift TTA): top-1" in r.stdout, r.stderr
     assert json.loads((tmp_path / "tta10" / "eval.json").read_text())["tta"] == "flip-shift"
+    # the frozen, compiled copy (bf16 weights where bf16 is fast, else fp32): the same scores
+    # within bf16's rounding (the plain eval is the auto choice here: too little work to compile)
+    assert "eager (auto:" in cli("eval", "--checkpoint", str(run), "--out", str(tmp_path / "e")).stderr
+    r = cli("eval", "--checkpoint", str(run), "--compile", "true", "--out", str(tmp_path / "frozen"))
+    assert r.returncode == 0 and "frozen torch.compile" in r.stderr, r.stderr
+    frozen = json.loads((tmp_path / "frozen" / "eval.json").read_text())
+    plain = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert frozen["n"] == plain["n"] and abs(frozen["acc"] - plain["acc"]) <= 1.0, (frozen["acc"], plain["acc"])
     r = cli("eval", "--checkpoint", str(run), "--data.num_workers", "-1")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "num_workers" in r.stderr, r.stderr
     # benchmarks/fashion_mnist.py's after-the-clock score reads the final weights (last.ckpt): without

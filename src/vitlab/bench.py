@@ -282,6 +282,16 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
         wu = max(warmup, 2) if compiled else warmup
         units.append((i, "train", model.train, _train_step(model, x, y, dtype, opt), wu))
         units.append((i, "infer", model.eval, _infer_step(model, x, dtype), wu))
+    # On a CPU, vitlab's inference for a long job (`vitlab eval`, vitlab.train.inference): a frozen,
+    # compiled copy with its weights in the default precision. Inference only: it cannot train.
+    frozen = None
+    if device.type == "cpu":
+        from .train.inference import FrozenInference
+
+        torch.manual_seed(0)
+        frozen = len(specs)
+        fmodel = FrozenInference(build("vitlab", a), dflt_dtype)
+        units.append((frozen, "infer", fmodel.eval, _infer_step(fmodel, x, None), max(warmup, 2)))
     log(f"  warming up {len(specs)} setups ({warmup} calls each, 2 or more when compiled)")
     for i, kind, mode, fn, wu in units:
         mode()
@@ -321,7 +331,17 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
         log(f"  {row['impl']:9s} {pname:5s} train {tr:7.0f} img/s ({100 * row['train_mfu']:4.1f}% MFU)   "
             f"infer {inf:7.0f} img/s ({100 * row['infer_mfu']:4.1f}% MFU)")
         rows.append(row)
+    if frozen is not None:
+        inf = batch / statistics.median(times[(frozen, "infer")])
+        row = dict(impl="vitlab frozen", precision=dname, train=None, infer=inf, train_mfu=None,
+                   infer_mfu=inf * finfer / 1e9 / ceilings[dname])
+        log(f"  {row['impl']:9s} {dname:5s} train       - (inference only)     "
+            f"infer {inf:7.0f} img/s ({100 * row['infer_mfu']:4.1f}% MFU)")
+        rows.append(row)
     default = next(r for r in rows if r["impl"] == "vitlab compiled" and r["precision"] == dname)
+    # the default inference: the frozen copy on a CPU (what `vitlab eval` runs on a long job), else
+    # the compiled model in eval mode
+    default_infer = rows[frozen]["infer"] if frozen is not None else default["infer"]
     ratios = {}
     get = {(r["impl"], r["precision"]): r for r in rows}
     for impl, pname in [("hf", "bf16"), ("hf", "fp32"), ("textbook", "bf16"), ("textbook", "fp32")]:
@@ -330,11 +350,12 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
     peers = [r for r in rows if not r["impl"].startswith("vitlab")]
     if peers:
         best_peer = max(peers, key=lambda r: r["infer"])
-        ratios["infer_vs_best_peer"] = default["infer"] / best_peer["infer"]
+        ratios["infer_vs_best_peer"] = default_infer / best_peer["infer"]
         ratios["best_peer_infer"] = f"{best_peer['impl']} {best_peer['precision']}"
     return dict(preset=preset, device=device.type, arch=a, batch=batch, steps=steps, rounds=rounds, flops_train=ftrain, flops_infer=finfer,
                 ceilings_gflops=ceilings, rows=rows, default_precision=dname, default_note=note,
-                default_train=default["train"], default_infer=default["infer"],
+                default_train=default["train"], default_infer=default_infer,
+                default_infer_impl="vitlab frozen" if frozen is not None else "vitlab compiled",
                 # against the faster of the two ceilings: where bf16 is slower than fp32 (no AMX), the
                 # bf16 ceiling would flatter an fp32 step
                 default_train_mfu=default["train"] * ftrain / 1e9 / max(ceilings.values()), ratios=ratios)
@@ -371,9 +392,15 @@ def markdown_table(res: dict) -> str:
              "",
              "| implementation | precision | train img/s | train MFU | infer img/s | infer MFU |",
              "|---|---|---:|---:|---:|---:|"]
+    infer_default = res.get("default_infer_impl", "vitlab compiled")
     for r in res["rows"]:
-        star = " (default)" if r["impl"] == "vitlab compiled" and r["precision"] == res["default_precision"] else ""
-        lines.append(f"| {r['impl']}{star} | {r['precision']} | {r['train']:.0f} | {100 * r['train_mfu']:.0f}% | "
+        star = ""
+        if r["precision"] == res["default_precision"]:
+            star = {(True, True): " (default)", (True, False): " (default training)",
+                    (False, True): " (default inference)"}.get((r["impl"] == "vitlab compiled",
+                                                                r["impl"] == infer_default), "")
+        train = ("-", "-") if r["train"] is None else (f"{r['train']:.0f}", f"{100 * r['train_mfu']:.0f}%")
+        lines.append(f"| {r['impl']}{star} | {r['precision']} | {train[0]} | {train[1]} | "
                      f"{r['infer']:.0f} | {100 * r['infer_mfu']:.0f}% |")
     return "\n".join(lines)
 
@@ -682,7 +709,7 @@ def _print_markdown(res: dict) -> None:
                   f"{m['saved_activations_mib']:.0f} MiB |")
     c = res["compare"]
     targets = dict(TARGETS)
-    print("\n| vitlab default training step against | ratio | target |\n|---|---:|---:|")
+    print("\n| vitlab default (training step; inference as `vitlab eval` runs a long job) against | ratio | target |\n|---|---:|---:|")
     for key, value in c["ratios"].items():
         if key in targets:
             print(f"| {key.replace('_vs_', ' vs ').replace('_', ' ')} | {value:.2f}x | {targets[key]}x |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ def add_arguments(p):
     p.add_argument("--data.num_workers", dest="num_workers", type=int, metavar="N",
                    help="image-decoding worker processes (default: the run's setting, else 2 on a CPU and "
                         "more with a GPU)")
+    p.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                   help="score with a frozen, compiled copy of the model, bf16 weights where bf16 is fast "
+                        "(vitlab.train.inference: faster after ~10 s of compiling, README: Throughput); auto: "
+                        "only on a CPU with fast bf16 and for a long job (20 TFLOP of forward passes or more)")
     p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's; "
                         "flip-shift also averages both moved 1 px each way (10 views, 10x the cost)")
@@ -44,14 +49,17 @@ def data_config_for(meta: dict, name: str | None, data_dir: str | None, num_work
 
 
 def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, device: str = "auto",
-          precision: str = "auto", tta: str = "none", batch_size: int = 256):
+          precision: str = "auto", tta: str = "none", batch_size: int = 256, compile: bool | None = None,
+          log=None):
     """Score a loaded model on a split, normalised as in its training (the checkpoint's mean/std).
 
-    The one scoring path of `vitlab eval` and the benchmarks. -> (evaluate()'s result, the data's
-    info, the class names).
+    The one scoring path of `vitlab eval` and the benchmarks. compile: True / False, or None (auto)
+    for vitlab.train.inference's frozen path on a long CPU job; log, if given, gets a line saying
+    which path ran. -> (evaluate()'s result, the data's info, the class names).
     """
     from ..data import build_data, build_eval_transform, make_loader
-    from .engine import evaluate, resolve_device, resolve_precision, resolve_workers
+    from .engine import check_tta, evaluate, resolve_device, resolve_precision, resolve_workers, tta_views
+    from .inference import FrozenInference, forward_flops, resolve_inference_compile
 
     dev = resolve_device(device, flag="--device")
     amp_dtype, _ = resolve_precision(precision, dev)
@@ -68,11 +76,31 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
     info = data.info
     if meta.get("mean"):  # normalise exactly as in training
         info.mean, info.std = tuple(meta["mean"]), tuple(meta["std"])
+    check_tta(tta)
+    model = model.to(dev).eval()
+    separate = getattr(model, "distilled", False)
+    views = len(tta_views(torch.zeros(1, 1, 4, 4), tta))
+    if separate:  # evaluate() calls its features and heads apart, which the frozen copy does not expose
+        compile, note = False, "eager (a distilled model's two heads are scored separately; --compile is for one head)"
+    else:
+        x1 = torch.zeros(1, model.in_chans, *img_size, device=dev)
+        tflop = len(part.labels) * views * forward_flops(model, x1) / 1e12 if compile is None else 0.0
+        compile, note = resolve_inference_compile(compile, tflop, dev, amp_dtype)
+    scorer = model
+    if compile and dev.type == "cpu":
+        # the frozen copy holds its weights in the precision asked for and runs without autocast
+        scorer, amp_dtype = FrozenInference(model, amp_dtype), None
+    elif compile:
+        scorer = torch.compile(model)
+    if log:
+        log(f"scoring {len(part.labels):,} images x {views} view(s): {note}")
     try:
-        res = evaluate(model.to(dev).eval(), loader, build_eval_transform(info, img_size), dev, amp_dtype,
-                       model.num_classes, separate_heads=getattr(model, "distilled", False), tta=tta)
+        res = evaluate(scorer, loader, build_eval_transform(info, img_size), dev, amp_dtype,
+                       model.num_classes, separate_heads=separate, tta=tta)
     finally:
         loader.close()  # one pass: its decoding workers are done
+    if log and getattr(scorer, "note", None):
+        log(f"note: {scorer.note}")
     return res, info, classes
 
 
@@ -82,7 +110,8 @@ def run(args) -> int:
     data_cfg = data_config_for(meta, args.data, args.data_dir, args.num_workers)
     res, info, classes = score(model, meta, data_cfg, args.split,
                                device=args.device, precision=args.precision, tta=args.tta,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, compile={"auto": None, "true": True, "false": False}[args.compile],
+                               log=lambda m: print(m, file=sys.stderr))
     conf = res.pop("confusion").double()
     per_class = (conf.diag() / conf.sum(1).clamp(min=1) * 100).tolist()
     res["tta"] = args.tta

@@ -1,0 +1,104 @@
+"""The fast inference path: a frozen, compiled copy of a model with bf16 weights (CPU).
+
+Scoring a trained model is forward passes over fixed weights, and that lets the compiler do more than
+it can for training: with inductor's `freezing`, the weights become constants of the compiled
+graph, so it folds them ahead of time and packs each Linear's weight once into oneDNN's blocked
+layout (instead of re-reading and re-casting it every call, as autocast does). Holding the weights in
+bf16 makes the packed matmuls run on the CPU's bf16 units (AMX / AVX-512 BF16). On the dev CPU this
+scored ViT-Tiny at 1.1-1.6x eager autocast and 1.34-1.51x the fastest peer in two runs, with logits
+within about 1% of fp32 (benchmarks/throughput.py, the "vitlab frozen" row; README).
+
+The cost is compiling (about 10 s for ViT-Tiny, longer for bigger models), so `vitlab eval`
+chooses it by itself only for long jobs (`resolve_inference_compile`, AUTO_MIN_TFLOP). The caller's model is left
+untouched: the frozen copy is a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+# The work (forward FLOPs over all images and TTA views) from which compiling pays back on the dev
+# CPU: eager bf16 scores ViT-Tiny at about 300 GFLOP/s, so 20 TFLOP is about a minute of it, of which
+# the frozen path saves about 25 s for about 10 s of compiling. Small models gain less (they are
+# bound by per-call overhead, not matmuls), which a count of images would miss: Fashion-MNIST's
+# preset with 10-view TTA (100,000 forwards, 2 TFLOP) scores faster eagerly.
+AUTO_MIN_TFLOP = 20.0
+
+
+def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one image's forward pass (counted by torch on the first image of x)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # the math backend, because the counter has no formula for the CPU's fused attention kernel
+    # (it would count attention's two products as nothing)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    return float(counter.get_total_flops())
+
+
+def resolve_inference_compile(choice: bool | None, tflop: float, device: torch.device,
+                              amp_dtype) -> tuple[bool, str]:
+    """--compile true / false as asked; auto (None) freezes a long CPU job in bf16. -> (on, note).
+
+    tflop: the job's forward work, images x views x forward_flops, in TFLOP."""
+    if choice is not None:
+        if choice and device.type != "cpu":
+            return True, "torch.compile (weights not frozen: freezing is the CPU path)"
+        weights = "bf16" if amp_dtype is torch.bfloat16 else "fp32"
+        return bool(choice), (f"frozen torch.compile, {weights} weights" if choice else "eager")
+    if device.type != "cpu":
+        return False, "eager (auto: the frozen path is for CPUs)"
+    if amp_dtype is not torch.bfloat16:
+        return False, "eager (auto: freezing pays on CPUs with fast bf16)"
+    if tflop < AUTO_MIN_TFLOP:
+        return False, f"eager (auto: {tflop:.1f} TFLOP of forward passes is too little for compiling to pay back)"
+    return True, f"frozen torch.compile, bf16 weights (auto: {tflop:.0f} TFLOP of forward passes)"
+
+
+class FrozenInference(nn.Module):
+    """A compiled, frozen copy of `model` for inference; call it like the model.
+
+    dtype: the weights' dtype in the copy (bf16, or None to keep them). Inputs are cast to it and the
+    logits come back in fp32. A batch smaller than the first one seen (a loader's last batch) is padded
+    to that size, so the graph compiled once serves every batch instead of compiling a second one.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = torch.bfloat16):
+        super().__init__()
+        frozen = copy.deepcopy(model).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        self.dtype = dtype
+        self.model = frozen.to(dtype) if dtype is not None else frozen
+        self.num_classes = getattr(model, "num_classes", None)
+        self._compiled = torch.compile(self.model, dynamic=False)
+        self._batch = None
+        self.note = None  # set when compiling failed and the copy runs eagerly
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self._batch is None:
+            self._batch = n
+        if n < self._batch:
+            x = torch.cat([x, x.new_zeros((self._batch - n, *x.shape[1:]))])
+        if self.dtype is not None:
+            x = x.to(self.dtype)
+        # freezing is a global inductor setting that applies when a graph is compiled: it is set
+        # around every call, so a recompile (a bigger batch) is frozen too, and other compiles are not
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            try:
+                out = self._compiled(x)
+            except Exception as e:  # no C++ compiler, an unsupported op: score eagerly, just slower
+                from .engine import _is_compile_failure
+
+                if not _is_compile_failure(e):
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                self.note = f"torch.compile failed ({type(e).__name__}: {first}); scored eagerly"
+                self._compiled = self.model
+                out = self.model(x)
+        return out[:n].float()
