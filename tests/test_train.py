@@ -155,15 +155,27 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     from vitlab.data.shapes import SHAPES_CLASSES, make_shapes
     from PIL import Image
 
-    imgs, labels, _ = make_shapes(2, seed=123)
+    imgs, labels, _ = make_shapes(5, seed=123)
     paths = []
-    for i in range(2):
+    for i in range(5):
         p = tmp_path / f"img{i}.png"
         Image.fromarray(imgs[i].permute(1, 2, 0).numpy()).save(p)
         paths.append(str(p))
     r = cli("predict", *paths, "--checkpoint", str(run / "model.safetensors"), "--top-k", "3")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("%") == 6 and any(c in r.stdout for c in SHAPES_CLASSES)
+    assert r.stdout.count("%") == 15 and any(c in r.stdout for c in SHAPES_CLASSES)
+    # in chunks of 2 (2, 2, 1): the same answers, in the same order
+    chunked = cli("predict", *paths, "--checkpoint", str(run / "model.safetensors"), "--top-k", "3", "--batch-size", "2")
+    assert chunked.returncode == 0, chunked.stderr
+
+    def answers(out):  # [(line's class or file name, percent or None)]; percents within print rounding
+        return [(ln.split("%")[-1].strip(), float(ln.split("%")[0])) if "%" in ln else (ln, None)
+                for ln in out.splitlines()]
+    got, want = answers(chunked.stdout), answers(r.stdout)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert all(g[1] == w[1] or abs(g[1] - w[1]) <= 0.011 for g, w in zip(got, want))
+    r = cli("predict", *paths, "--checkpoint", str(run), "--batch-size", "0")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--batch-size" in r.stderr
     r = cli("predict", str(tmp_path / "missing.png"), "--checkpoint", str(run))
     assert r.returncode == 2 and "image not found" in r.stderr
 

@@ -16,6 +16,8 @@ def add_arguments(p):
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images read and classified at a time (memory grows with it, not with the image count)")
 
 
 def load_images(paths: list[str], in_chans: int, img_size: tuple[int, int], mean, std) -> torch.Tensor:
@@ -47,17 +49,23 @@ def load_images(paths: list[str], in_chans: int, img_size: tuple[int, int], mean
 
 
 def run(args) -> int:
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     model, meta = load_model(args.checkpoint)
     classes = meta.get("classes") or [str(i) for i in range(model.num_classes)]
     mean = meta.get("mean") or [0.5] * model.in_chans
     std = meta.get("std") or [0.5] * model.in_chans
-    x = load_images(args.images, model.in_chans, tuple(model.img_size), mean, std)
-    with torch.no_grad():
-        probs = F.softmax(model(x).float(), dim=-1)
-    k = max(1, min(args.top_k, probs.shape[-1]))
-    top = probs.topk(k, dim=-1)
-    for path, p, idx in zip(args.images, top.values, top.indices):
-        print(f"{Path(path).name}:")
-        for pi, ii in zip(p.tolist(), idx.tolist()):
-            print(f"  {pi * 100:6.2f}%  {classes[ii]}")
+    k = max(1, min(args.top_k, model.num_classes))
+    # a chunk at a time: a folder of thousands of images must not become one giant batch; each
+    # chunk's answers are printed as it finishes
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start:start + args.batch_size]
+        x = load_images(paths, model.in_chans, tuple(model.img_size), mean, std)
+        with torch.no_grad():
+            probs = F.softmax(model(x).float(), dim=-1)
+        top = probs.topk(k, dim=-1)
+        for path, p, idx in zip(paths, top.values, top.indices):
+            print(f"{Path(path).name}:")
+            for pi, ii in zip(p.tolist(), idx.tolist()):
+                print(f"  {pi * 100:6.2f}%  {classes[ii]}")
     return 0
