@@ -96,7 +96,7 @@ def score_final(run_dir: Path, cfg, tta: str) -> float:
     model, meta = ckpt.load_model(run_dir)  # the architecture; the weights are replaced by the final ones
     model.load_state_dict(ckpt.load_state(run_dir / ckpt.LAST)["model"])
     res, _, _ = score(model, meta, cfg.data, "test", device=cfg.run.device, precision=cfg.run.precision, tta=tta,
-                      batch_size=500)
+                      batch_size=500, compile=False)  # eager autocast, as the run's own evaluations
     return round(res["acc"], 2)
 
 

@@ -125,8 +125,8 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     assert json.loads((tmp_path / "tta10" / "eval.json").read_text())["tta"] == "flip-shift"
     # the frozen, compiled copy (bf16 weights where bf16 is fast, else fp32): the same scores
     # within bf16's rounding (the plain eval is the auto choice here: too little work to compile)
-    assert "eager (auto:" in cli("eval", "--checkpoint", str(run), "--out", str(tmp_path / "e")).stderr
-    r = cli("eval", "--checkpoint", str(run), "--compile", "true", "--out", str(tmp_path / "frozen"))
+    assert "eager (auto:" in cli("eval", "--checkpoint", str(run), "--out", str(tmp_path / "e"), "--device", "cpu").stderr
+    r = cli("eval", "--checkpoint", str(run), "--compile", "true", "--out", str(tmp_path / "frozen"), "--device", "cpu")
     assert r.returncode == 0 and "frozen torch.compile" in r.stderr, r.stderr
     frozen = json.loads((tmp_path / "frozen" / "eval.json").read_text())
     plain = json.loads((tmp_path / "e" / "eval.json").read_text())
@@ -174,6 +174,11 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     got, want = answers(chunked.stdout), answers(r.stdout)
     assert [g[0] for g in got] == [w[0] for w in want]
     assert all(g[1] == w[1] or abs(g[1] - w[1]) <= 0.011 for g, w in zip(got, want))
+    # a bad file in a later chunk fails the command before any answer is printed
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, then junk
+    r = cli("predict", *paths[:3], str(tmp_path / "bad.png"), "--checkpoint", str(run), "--batch-size", "2")
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
+    assert "cannot read image" in r.stderr and "bad.png" in r.stderr
     r = cli("predict", *paths, "--checkpoint", str(run), "--batch-size", "0")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--batch-size" in r.stderr
     r = cli("predict", str(tmp_path / "missing.png"), "--checkpoint", str(run))

@@ -27,9 +27,10 @@ def add_arguments(p):
                    help="image-decoding worker processes (default: the run's setting, else 2 on a CPU and "
                         "more with a GPU)")
     p.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
-                   help="score with a frozen, compiled copy of the model, bf16 weights where bf16 is fast "
-                        "(vitlab.train.inference: faster after ~10 s of compiling, README: Throughput); auto: "
-                        "only on a CPU with fast bf16 and for a long job (20 TFLOP of forward passes or more)")
+                   help="score with a frozen, compiled copy of the model, with bf16 weights when scoring in "
+                        "bf16 (vitlab.train.inference: faster after ~10 s of compiling; README: Throughput); "
+                        "auto: a ViT scored in bf16 on a CPU (--precision auto picks bf16 where it is fast) "
+                        "in a long job (40 TFLOP of forward passes or more)")
     p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's; "
                         "flip-shift also averages both moved 1 px each way (10 views, 10x the cost)")
@@ -59,6 +60,7 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
     """
     from ..data import build_data, build_eval_transform, make_loader
     from .engine import check_tta, evaluate, resolve_device, resolve_precision, resolve_workers, tta_views
+    from ..models import VisionTransformer
     from .inference import FrozenInference, forward_flops, resolve_inference_compile
 
     dev = resolve_device(device, flag="--device")
@@ -85,13 +87,14 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
     else:
         x1 = torch.zeros(1, model.in_chans, *img_size, device=dev)
         tflop = len(part.labels) * views * forward_flops(model, x1) / 1e12 if compile is None else 0.0
-        compile, note = resolve_inference_compile(compile, tflop, dev, amp_dtype)
+        compile, note = resolve_inference_compile(compile, tflop, dev, amp_dtype,
+                                                  is_vit=isinstance(model, VisionTransformer))
     scorer = model
     if compile and dev.type == "cpu":
         # the frozen copy holds its weights in the precision asked for and runs without autocast
         scorer, amp_dtype = FrozenInference(model, amp_dtype), None
-    elif compile:
-        scorer = torch.compile(model)
+    elif compile:  # a GPU: compiled (not frozen), under the usual autocast
+        scorer = FrozenInference(model, None, freeze=False)
     if log:
         log(f"scoring {len(part.labels):,} images x {views} view(s): {note}")
     try:

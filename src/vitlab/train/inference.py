@@ -21,11 +21,12 @@ import torch
 import torch.nn as nn
 
 # The work (forward FLOPs over all images and TTA views) from which compiling pays back on the dev
-# CPU: eager bf16 scores ViT-Tiny at about 300 GFLOP/s, so 20 TFLOP is about a minute of it, of which
-# the frozen path saves about 25 s for about 10 s of compiling. Small models gain less (they are
-# bound by per-call overhead, not matmuls), which a count of images would miss: Fashion-MNIST's
-# preset with 10-view TTA (100,000 forwards, 2 TFLOP) scores faster eagerly.
-AUTO_MIN_TFLOP = 20.0
+# CPU, for ViT-Tiny: the frozen copy saved 0.13 ms (first run) to 0.52 ms (second) per image over
+# eager autocast in benchmarks/throughput.py's two runs of 2026-11-27, against about 10 s of
+# compiling, which breaks even somewhere between 8 and 45 TFLOP (22,000-120,000 images x views).
+# Small models gain less (they are bound by per-call overhead, not matmuls), which a count of
+# images would miss: Fashion-MNIST's preset with 10-view TTA (100,000 forwards) is 2 TFLOP.
+AUTO_MIN_TFLOP = 40.0
 
 
 def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
@@ -40,11 +41,13 @@ def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def resolve_inference_compile(choice: bool | None, tflop: float, device: torch.device,
-                              amp_dtype) -> tuple[bool, str]:
-    """--compile true / false as asked; auto (None) freezes a long CPU job in bf16. -> (on, note).
+def resolve_inference_compile(choice: bool | None, tflop: float, device: torch.device, amp_dtype,
+                              is_vit: bool = True) -> tuple[bool, str]:
+    """--compile true / false as asked; auto (None) freezes a long bf16 job of a ViT on a CPU.
+    -> (on, note).
 
-    tflop: the job's forward work, images x views x forward_flops, in TFLOP."""
+    tflop: the job's forward work, images x views x forward_flops, in TFLOP. amp_dtype: the
+    precision chosen for scoring (`--precision auto` picks bf16 only on a CPU where it is fast)."""
     if choice is not None:
         if choice and device.type != "cpu":
             return True, "torch.compile (weights not frozen: freezing is the CPU path)"
@@ -53,7 +56,9 @@ def resolve_inference_compile(choice: bool | None, tflop: float, device: torch.d
     if device.type != "cpu":
         return False, "eager (auto: the frozen path is for CPUs)"
     if amp_dtype is not torch.bfloat16:
-        return False, "eager (auto: freezing pays on CPUs with fast bf16)"
+        return False, "eager (auto: the frozen path is chosen for bf16 scoring, and the precision here is fp32)"
+    if not is_vit:
+        return False, "eager (auto: the frozen path is measured for ViTs; --compile true to use it)"
     if tflop < AUTO_MIN_TFLOP:
         return False, f"eager (auto: {tflop:.1f} TFLOP of forward passes is too little for compiling to pay back)"
     return True, f"frozen torch.compile, bf16 weights (auto: {tflop:.0f} TFLOP of forward passes)"
@@ -63,21 +68,24 @@ class FrozenInference(nn.Module):
     """A compiled, frozen copy of `model` for inference; call it like the model.
 
     dtype: the weights' dtype in the copy (bf16, or None to keep them). Inputs are cast to it and the
-    logits come back in fp32. A batch smaller than the first one seen (a loader's last batch) is padded
-    to that size, so the graph compiled once serves every batch instead of compiling a second one.
+    logits come back in fp32. freeze=False (a GPU) compiles the copy without freezing; the caller's
+    autocast then applies as usual. A batch smaller than the first one seen (a loader's last batch)
+    is padded to that size, so the graph compiled once serves every batch instead of compiling a
+    second one. If compiling fails (no C++ compiler, an unsupported op) the copy runs eagerly and
+    `note` says why.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = torch.bfloat16):
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, freeze: bool = True):
         super().__init__()
         frozen = copy.deepcopy(model).eval()
         for p in frozen.parameters():
             p.requires_grad_(False)
-        self.dtype = dtype
+        self.dtype, self.freeze = dtype, freeze
         self.model = frozen.to(dtype) if dtype is not None else frozen
         self.num_classes = getattr(model, "num_classes", None)
         self._compiled = torch.compile(self.model, dynamic=False)
         self._batch = None
-        self.note = None  # set when compiling failed and the copy runs eagerly
+        self.note = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -87,12 +95,15 @@ class FrozenInference(nn.Module):
             x = torch.cat([x, x.new_zeros((self._batch - n, *x.shape[1:]))])
         if self.dtype is not None:
             x = x.to(self.dtype)
+        # the graph is compiled for one memory layout: TTA's shifted views are strided slices, which
+        # would otherwise compile (and pack the weights) a second time
+        x = x.contiguous()
         # freezing is a global inductor setting that applies when a graph is compiled: it is set
         # around every call, so a recompile (a bigger batch) is frozen too, and other compiles are not
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        with torch.no_grad(), torch._inductor.config.patch(freezing=self.freeze):
             try:
                 out = self._compiled(x)
-            except Exception as e:  # no C++ compiler, an unsupported op: score eagerly, just slower
+            except Exception as e:
                 from .engine import _is_compile_failure
 
                 if not _is_compile_failure(e):

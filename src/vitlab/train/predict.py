@@ -20,6 +20,21 @@ def add_arguments(p):
                    help="images read and classified at a time (memory grows with it, not with the image count)")
 
 
+def check_images(paths: list[str]) -> None:
+    """Every file exists and reads as an image (header and, where Pillow can, the data's integrity),
+    before any answer is printed: a bad file among thousands fails the command up front."""
+    from PIL import Image, UnidentifiedImageError
+
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except FileNotFoundError:
+            raise UserError(f"image not found: {p}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # verify() raises any of these
+            raise UserError(f"cannot read image {p}: {e}") from None
+
+
 def load_images(paths: list[str], in_chans: int, img_size: tuple[int, int], mean, std) -> torch.Tensor:
     """Image files -> normalised float batch (B, C, H, W) at the model's size.
 
@@ -56,6 +71,7 @@ def run(args) -> int:
     mean = meta.get("mean") or [0.5] * model.in_chans
     std = meta.get("std") or [0.5] * model.in_chans
     k = max(1, min(args.top_k, model.num_classes))
+    check_images(args.images)
     # a chunk at a time: a folder of thousands of images must not become one giant batch; each
     # chunk's answers are printed as it finishes
     for start in range(0, len(args.images), args.batch_size):
