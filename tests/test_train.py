@@ -174,6 +174,18 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     got, want = answers(chunked.stdout), answers(r.stdout)
     assert [g[0] for g in got] == [w[0] for w in want]
     assert all(g[1] == w[1] or abs(g[1] - w[1]) <= 0.011 for g, w in zip(got, want))
+    # a folder stands for its images, sorted: the same answers as the files named one by one
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for q in sorted(paths, reverse=True):
+        shutil.copy(q, folder / Path(q).name)
+    (folder / "notes.txt").write_text("not an image")
+    r = cli("predict", str(folder), "--checkpoint", str(run), "--top-k", "3")
+    assert r.returncode == 0, r.stderr
+    assert answers(r.stdout) == want
+    (tmp_path / "empty").mkdir()
+    r = cli("predict", str(tmp_path / "empty"), "--checkpoint", str(run))
+    assert r.returncode == 2 and "no image files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # a bad file in a later chunk fails the command before any answer is printed
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, then junk
     r = cli("predict", *paths[:3], str(tmp_path / "bad.png"), "--checkpoint", str(run), "--batch-size", "2")

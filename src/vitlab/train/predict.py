@@ -13,11 +13,28 @@ from .checkpoint import load_model
 
 
 def add_arguments(p):
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (their images, sorted)")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64,
                    help="images read and classified at a time (memory grows with it, not with the image count)")
+
+
+def expand_paths(args: list[str]) -> list[str]:
+    """IMAGE arguments -> image files: a folder stands for the image files directly in it, sorted."""
+    from ..data.sources import IMAGE_EXTS
+
+    out = []
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+            if not found:
+                raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTS))}) in the folder {a}")
+            out += found
+        else:
+            out.append(a)
+    return out
 
 
 def check_images(paths: list[str]) -> None:
@@ -71,11 +88,12 @@ def run(args) -> int:
     mean = meta.get("mean") or [0.5] * model.in_chans
     std = meta.get("std") or [0.5] * model.in_chans
     k = max(1, min(args.top_k, model.num_classes))
-    check_images(args.images)
+    images = expand_paths(args.images)
+    check_images(images)
     # a chunk at a time: a folder of thousands of images must not become one giant batch; each
     # chunk's answers are printed as it finishes
-    for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start:start + args.batch_size]
+    for start in range(0, len(images), args.batch_size):
+        paths = images[start:start + args.batch_size]
         x = load_images(paths, model.in_chans, tuple(model.img_size), mean, std)
         with torch.no_grad():
             probs = F.softmax(model(x).float(), dim=-1)
