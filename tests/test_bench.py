@@ -53,6 +53,7 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
     frozen = res["rows"][-1]
     assert frozen["impl"] == "vitlab frozen" and frozen["train"] is None and frozen["infer"] > 0
     assert res["default_infer_impl"] == "vitlab frozen" and res["default_infer"] == frozen["infer"]
+    assert res["frozen_first_call_s"] > 0  # the compile time a user pays once
     textbook = max(r["infer"] for r in res["rows"] if r["impl"] == "textbook")
     assert res["ratios"]["infer_vs_best_peer"] == pytest.approx(frozen["infer"] / textbook)
     assert "train_vs_textbook_bf16" in res["ratios"]

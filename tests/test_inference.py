@@ -9,12 +9,17 @@ from vitlab.train.inference import AUTO_MIN_TFLOP, FrozenInference, forward_flop
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_frozen_copy_scores_like_the_fp32_model_and_pads_a_short_last_batch():
+def mini_and_reference(batch):
+    """A seeded vit_mini in eval mode, a random batch and its fp32 logits."""
     torch.manual_seed(0)
     model = create_model("vit_mini_patch4_32", num_classes=10).eval()
-    x = torch.randn(6, 3, 32, 32)
+    x = torch.randn(batch, 3, 32, 32)
     with torch.no_grad():
-        ref = model(x)
+        return model, x, model(x)
+
+
+def test_frozen_copy_scores_like_the_fp32_model_and_pads_a_short_last_batch():
+    model, x, ref = mini_and_reference(6)
     frozen = FrozenInference(model, torch.bfloat16)
     out = frozen(x)
     assert out.dtype == torch.float32 and out.shape == (6, 10)
@@ -35,11 +40,7 @@ def test_frozen_copy_scores_like_the_fp32_model_and_pads_a_short_last_batch():
 
 
 def test_frozen_copy_keeps_fp32_weights_when_asked():
-    torch.manual_seed(0)
-    model = create_model("vit_mini_patch4_32", num_classes=10).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = model(x)
+    model, x, ref = mini_and_reference(2)
     frozen = FrozenInference(model, None)
     assert all(p.dtype == torch.float32 for p in frozen.model.parameters())
     torch.testing.assert_close(frozen(x), ref, atol=1e-4, rtol=1e-4)

@@ -293,10 +293,14 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
         fmodel = FrozenInference(build("vitlab", a), dflt_dtype)
         units.append((frozen, "infer", fmodel.eval, _infer_step(fmodel, x, None), max(warmup, 2)))
     log(f"  warming up {len(specs)} setups ({warmup} calls each, 2 or more when compiled)")
+    frozen_first_call = None  # seconds: the frozen copy's first call, which compiles it
     for i, kind, mode, fn, wu in units:
         mode()
-        for _ in range(wu):
+        for w in range(wu):
+            t0 = time.perf_counter()
             fn()
+            if i == frozen and w == 0:
+                frozen_first_call = time.perf_counter() - t0
     # This host's speed drifts by 10-30% within minutes, so the timed calls are interleaved: in each
     # of up to five rounds every setup runs its share of `steps` in turn, the order rotated by a
     # 1/rounds share of its length each round (so each unit runs early in one round, late in
@@ -336,7 +340,8 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
         row = dict(impl="vitlab frozen", precision=dname, train=None, infer=inf, train_mfu=None,
                    infer_mfu=inf * finfer / 1e9 / ceilings[dname])
         log(f"  {row['impl']:9s} {dname:5s} train       - (inference only)     "
-            f"infer {inf:7.0f} img/s ({100 * row['infer_mfu']:4.1f}% MFU)")
+            f"infer {inf:7.0f} img/s ({100 * row['infer_mfu']:4.1f}% MFU); first call (compiling) "
+            f"{frozen_first_call:.1f} s")
         rows.append(row)
     default = next(r for r in rows if r["impl"] == "vitlab compiled" and r["precision"] == dname)
     # the default inference: the frozen copy on a CPU (what `vitlab eval` runs on a long job), else
@@ -356,6 +361,7 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
                 ceilings_gflops=ceilings, rows=rows, default_precision=dname, default_note=note,
                 default_train=default["train"], default_infer=default_infer,
                 default_infer_impl="vitlab frozen" if frozen is not None else "vitlab compiled",
+                frozen_first_call_s=frozen_first_call,
                 # against the faster of the two ceilings: where bf16 is slower than fp32 (no AMX), the
                 # bf16 ceiling would flatter an fp32 step
                 default_train_mfu=default["train"] * ftrain / 1e9 / max(ceilings.values()), ratios=ratios)
@@ -716,6 +722,8 @@ def _print_markdown(res: dict) -> None:
     print(f"| train MFU (against the faster ceiling) | {100 * c['default_train_mfu']:.0f}% | 65% |")
     if "loop" in c:
         print(f"| full `vitlab train` loop / bare step | {100 * c['loop']['ratio']:.0f}% | 90% |")
+    if c.get("frozen_first_call_s"):
+        print(f"\nThe frozen copy's first call, which compiles it: {c['frozen_first_call_s']:.1f} s.")
     alloc = f"; allocator: {res['allocator']}" if "allocator" in res else ""
     print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`{alloc}_")
 

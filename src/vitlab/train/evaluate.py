@@ -28,7 +28,7 @@ def add_arguments(p):
                         "more with a GPU)")
     p.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
                    help="score with a frozen, compiled copy of the model, with bf16 weights when scoring in "
-                        "bf16 (vitlab.train.inference: faster after ~10 s of compiling; README: Throughput); "
+                        "bf16 (vitlab.train.inference: faster after several seconds of compiling; README: Throughput); "
                         "auto: a ViT scored in bf16 on a CPU (--precision auto picks bf16 where it is fast) "
                         "in a long job (40 TFLOP of forward passes or more)")
     p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default="none",

@@ -5,10 +5,10 @@ it can for training: with inductor's `freezing`, the weights become constants of
 graph, so it folds them ahead of time and packs each Linear's weight once into oneDNN's blocked
 layout (instead of re-reading and re-casting it every call, as autocast does). Holding the weights in
 bf16 makes the packed matmuls run on the CPU's bf16 units (AMX / AVX-512 BF16). On the dev CPU this
-scored ViT-Tiny at 1.1-1.6x eager autocast and 1.34-1.51x the fastest peer in two runs, with logits
-within about 1% of fp32 (benchmarks/throughput.py, the "vitlab frozen" row; README).
+scored ViT-Tiny at 1.1-1.6x eager autocast and 1.34-1.57x the fastest peer in three runs, with
+logits within about 1% of fp32 (benchmarks/throughput.py, the "vitlab frozen" row; README).
 
-The cost is compiling (about 10 s for ViT-Tiny, longer for bigger models), so `vitlab eval`
+The cost is compiling (7.5 s for ViT-Tiny, longer for bigger models), so `vitlab eval`
 chooses it by itself only for long jobs (`resolve_inference_compile`, AUTO_MIN_TFLOP). The caller's model is left
 untouched: the frozen copy is a deep copy.
 """
@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 # The work (forward FLOPs over all images and TTA views) from which compiling pays back on the dev
-# CPU, for ViT-Tiny: the frozen copy saved 0.13 ms (first run) to 0.52 ms (second) per image over
-# eager autocast in benchmarks/throughput.py's two runs of 2026-11-27, against about 10 s of
-# compiling, which breaks even somewhere between 8 and 45 TFLOP (22,000-120,000 images x views).
+# CPU, for ViT-Tiny: the frozen copy saved 0.08, 0.48 and 0.26 ms per image over eager autocast in
+# benchmarks/throughput.py's three runs of 2026-11-27, against 7.5 s of compiling, which breaks even
+# somewhere between 6 and 34 TFLOP (16,000-92,000 images x views); 40 TFLOP stays on the safe side.
 # Small models gain less (they are bound by per-call overhead, not matmuls), which a count of
 # images would miss: Fashion-MNIST's preset with 10-view TTA (100,000 forwards) is 2 TFLOP.
 AUTO_MIN_TFLOP = 40.0
