@@ -131,6 +131,7 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     frozen = json.loads((tmp_path / "frozen" / "eval.json").read_text())
     plain = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert frozen["n"] == plain["n"] and abs(frozen["acc"] - plain["acc"]) <= 1.0, (frozen["acc"], plain["acc"])
+    assert frozen["scoring"].startswith("frozen torch.compile") and plain["scoring"].startswith("eager (auto:")
     r = cli("eval", "--checkpoint", str(run), "--data.num_workers", "-1")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "num_workers" in r.stderr, r.stderr
     # benchmarks/fashion_mnist.py's after-the-clock score reads the final weights (last.ckpt): without

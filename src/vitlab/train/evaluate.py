@@ -102,8 +102,11 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
                        model.num_classes, separate_heads=separate, tta=tta)
     finally:
         loader.close()  # one pass: its decoding workers are done
-    if log and getattr(scorer, "note", None):
-        log(f"note: {scorer.note}")
+    if getattr(scorer, "note", None):
+        note += f"; {scorer.note}"
+        if log:
+            log(f"note: {scorer.note}")
+    res["scoring"] = note  # kept in eval.json: which path produced these numbers
     return res, info, classes
 
 
