@@ -400,11 +400,10 @@ def markdown_table(res: dict) -> str:
              "|---|---|---:|---:|---:|---:|"]
     infer_default = res.get("default_infer_impl", "vitlab compiled")
     for r in res["rows"]:
-        star = ""
-        if r["precision"] == res["default_precision"]:
-            star = {(True, True): " (default)", (True, False): " (default training)",
-                    (False, True): " (default inference)"}.get((r["impl"] == "vitlab compiled",
-                                                                r["impl"] == infer_default), "")
+        dflt = r["precision"] == res["default_precision"]
+        trains, infers = dflt and r["impl"] == "vitlab compiled", dflt and r["impl"] == infer_default
+        star = (" (default)" if trains and infers else " (default training)" if trains
+                else " (default inference)" if infers else "")
         train = ("-", "-") if r["train"] is None else (f"{r['train']:.0f}", f"{100 * r['train_mfu']:.0f}%")
         lines.append(f"| {r['impl']}{star} | {r['precision']} | {train[0]} | {train[1]} | "
                      f"{r['infer']:.0f} | {100 * r['infer_mfu']:.0f}% |")

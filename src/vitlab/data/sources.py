@@ -336,6 +336,12 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 DEFAULT_TEST_FRACTION = 0.1
 
 
+def image_files(d: Path, recursive: bool = True) -> list[str]:
+    """The image files (by extension, IMAGE_EXTS) in folder d, or under it when recursive; sorted."""
+    return [str(p) for p in sorted(d.rglob("*") if recursive else d.iterdir())
+            if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
+
+
 def _scan(d: Path, classes: list[str] | None = None):
     """Images in d/<class>/... -> (classes, paths, labels). `classes` fixes the class list."""
     found = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -349,10 +355,9 @@ def _scan(d: Path, classes: list[str] | None = None):
     for k, c in enumerate(classes):
         if not (d / c).is_dir():
             continue
-        for p in sorted((d / c).rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTS and p.is_file():
-                paths.append(str(p))
-                labels.append(k)
+        found = image_files(d / c)
+        paths += found
+        labels += [k] * len(found)
     return classes, paths, labels
 
 

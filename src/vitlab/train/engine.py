@@ -169,6 +169,12 @@ def _is_compile_failure(e: BaseException) -> bool:
         type(e).__module__.startswith("torch._inductor")
 
 
+def compile_failure_note(e: BaseException) -> str:
+    """A compile failure in one line: its type and the first line of its message."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"torch.compile failed ({type(e).__name__}: {first})"
+
+
 def _compiled_step(train_model, model, x, dist, log):
     """Forward through the compiled model. If compiling itself fails (at the first step, or at a
     recompile for a new batch shape) in a single process, go on in eager mode: a laptop without a
@@ -178,8 +184,7 @@ def _compiled_step(train_model, model, x, dist, log):
     except Exception as e:
         if dist.enabled or not _is_compile_failure(e):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        log(f"note: torch.compile failed ({type(e).__name__}: {first}); training without it")
+        log(f"note: {compile_failure_note(e)}; training without it")
         return model(x), model, False
 
 

@@ -104,12 +104,11 @@ class FrozenInference(nn.Module):
             try:
                 out = self._compiled(x)
             except Exception as e:
-                from .engine import _is_compile_failure
+                from .engine import _is_compile_failure, compile_failure_note
 
                 if not _is_compile_failure(e):
                     raise
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                self.note = f"torch.compile failed ({type(e).__name__}: {first}); scored eagerly"
+                self.note = f"{compile_failure_note(e)}; scored eagerly"
                 self._compiled = self.model
                 out = self.model(x)
         return out[:n].float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,13 @@ def add_arguments(p):
 
 def expand_paths(args: list[str]) -> list[str]:
     """IMAGE arguments -> image files: a folder stands for the image files directly in it, sorted."""
-    from ..data.sources import IMAGE_EXTS
+    from ..data.sources import IMAGE_EXTS, image_files
 
     out = []
     for a in args:
         p = Path(a)
         if p.is_dir():
-            found = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+            found = image_files(p, recursive=False)
             if not found:
                 raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTS))}) in the folder {a}")
             out += found
@@ -37,19 +38,27 @@ def expand_paths(args: list[str]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def reading(p: str):
+    """Pillow's errors while reading image p -> one UserError line naming the file."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise UserError(f"image not found: {p}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # verify() raises any of these
+        raise UserError(f"cannot read image {p}: {e}") from None
+
+
 def check_images(paths: list[str]) -> None:
     """Every file exists and reads as an image (header and, where Pillow can, the data's integrity),
     before any answer is printed: a bad file among thousands fails the command up front."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except FileNotFoundError:
-            raise UserError(f"image not found: {p}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # verify() raises any of these
-            raise UserError(f"cannot read image {p}: {e}") from None
+        with reading(p), Image.open(p) as im:
+            im.verify()
 
 
 def load_images(paths: list[str], in_chans: int, img_size: tuple[int, int], mean, std) -> torch.Tensor:
@@ -58,19 +67,14 @@ def load_images(paths: list[str], in_chans: int, img_size: tuple[int, int], mean
     Any Pillow mode is converted to RGB (or L for 1-channel models); images are
     resized to the model's input size (bilinear, antialiased).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     batch = []
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("L" if in_chans == 1 else "RGB")
-                im = im.resize((img_size[1], img_size[0]), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-        except FileNotFoundError:
-            raise UserError(f"image not found: {p}") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read image {p}: {e}") from None
+        with reading(p), Image.open(p) as im:
+            im = im.convert("L" if in_chans == 1 else "RGB")
+            im = im.resize((img_size[1], img_size[0]), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
         t = torch.from_numpy(arr)
         t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)  # (C, H, W)
         batch.append(t)
