@@ -24,6 +24,12 @@ FAST = ["--model", "vit_mini_patch4_32", "--data", "shapes", "--data.subset", "1
         "--run.precision", "fp32", "--run.log_every", "4", "--sched.warmup_epochs", "0.5"]
 
 
+# The same with the hybrid ViT (two convs, then 16 tokens): about 3x faster per image, for the tests
+# that train several times over; its BatchNorm statistics are buffers a resumed run must restore too.
+# (Not for the two-process test: BatchNorm normalises each process's half-batch on its own.)
+FAST_HYBRID = ["--model", "vit_mini_convstem_patch8_32", *FAST[2:]]
+
+
 def cli(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "vitlab.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
@@ -65,6 +71,24 @@ def test_weight_decay_groups_skip_biases_norms_tokens_and_positions():
     assert not d & nd and len(d) + len(nd) == len(list(model.parameters()))
 
 
+def test_ema_decay_warms_up_then_holds_and_averages_as_computed_by_hand():
+    from vitlab.train.optim import ModelEMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEMA(model, decay=0.99)
+    assert [ema.decay_at(n) for n in (0, 1, 10, 100, 889, 891, 10**6)] == pytest.approx(
+        [1 / 10, 2 / 11, 11 / 20, 101 / 110, 890 / 899, 0.99, 0.99])
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, 0)  # decay 0.1: mostly the new weights
+    assert torch.allclose(ema.module.weight, 0.1 * w0 + 0.9 * (w0 + 1.0))
+    before = ema.module.weight.clone()
+    ema.update(model, 1000)  # decay capped at 0.99
+    assert torch.allclose(ema.module.weight, 0.99 * before + 0.01 * (w0 + 1.0))
+    assert not ema.module.weight.requires_grad
+
+
 def test_seed_command_lines_parse():
     cfg = build_config(None, parse_overrides(["--model", "vit_small_patch4_32", "--mixup-alpha", "0.2",
                                               "--label-smoothing", "0.1", "--drop-path", "0.1", "--autoaugment"]))
@@ -91,7 +115,9 @@ def test_bad_config_key_exits_2_naming_the_closest(tmp_path):
 # -- real runs ------------------------------------------------------------------------------
 
 def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
-    r = cli("train", "--model", "vit_mini_patch4_32", "--data", "shapes", "--epochs", "5", "--batch-size", "128",
+    # the hybrid ViT (a two-conv stem, 16 tokens): it learns shapes in a few epochs, where the plain
+    # patch-4 ViT sat at chance for two of its five epochs and ended near 72% in four times the time
+    r = cli("train", "--model", "vit_mini_convstem_patch8_32", "--data", "shapes", "--epochs", "4", "--batch-size", "128",
             "--lr", "2e-3", "--sched.warmup_epochs", "0.5", "--aug.mixup_alpha", "0", "--drop-path", "0",
             "--run.name", "shapes", "--out", str(tmp_path), "--run.ema", "--run.tta", "--run.precision", "fp32")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -99,11 +125,13 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     for f in ["config.yaml", "metrics.jsonl", "model.safetensors", "last.ckpt", "curves.png"]:
         assert (run / f).is_file(), f
     rows = metrics(run)
-    assert [r["epoch"] for r in rows] == list(range(1, 6))
+    assert [r["epoch"] for r in rows] == list(range(1, 5))
     for key in ["train_loss", "train_acc", "test_acc", "test_top5", "lr", "images_per_s", "wall_time", "test_acc_ema",
                 "test_acc_tta", "eval_time"]:
         assert key in rows[-1], key
-    assert rows[-1]["test_acc"] > 70.0, rows[-1]  # chance is ~17%; this run reached 84% when written
+    assert rows[-1]["test_acc"] > 80.0, rows[-1]  # chance is ~17%; 3 epochs of seeds 0 / 1 reached 87.7 / 92.1%
+    # the EMA's warmed-up decay: after 312 steps it averages the last ~30, not the initialisation
+    assert rows[-1]["test_acc_ema"] > 70.0, rows[-1]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     # eval and predict from the run directory
     r = cli("eval", "--checkpoint", str(run))
@@ -198,8 +226,29 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     assert r.returncode == 2 and "image not found" in r.stderr
 
 
+def test_predicts_check_decodes_every_image_so_a_truncated_jpeg_fails_up_front(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from vitlab.train.predict import check_images
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    good, cut = tmp_path / "good.jpg", tmp_path / "cut.jpg"
+    good.write_bytes(buf.getvalue())
+    cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with Image.open(cut) as im:
+        im.verify()  # Pillow's integrity check passes the truncated file: a header check is not enough
+    check_images([str(good)], (32, 32))
+    with pytest.raises(UserError, match="cannot read image .*cut.jpg.*truncated"):
+        check_images([str(good), str(cut)], (32, 32))
+
+
 def test_resume_equals_uninterrupted(tmp_path):
-    common = [*FAST, "--epochs", "3", "--out", str(tmp_path), "--model.drop_path_rate", "0.1",
+    common = [*FAST_HYBRID, "--epochs", "3", "--out", str(tmp_path), "--model.drop_path_rate", "0.1",
               "--aug.mixup_alpha", "0.2", "--aug.hflip", "0.5"]
     r = cli("train", *common, "--run.name", "full")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -214,7 +263,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_sigkill_mid_epoch_then_resume_matches(tmp_path):
-    common = [*FAST, "--epochs", "3", "--out", str(tmp_path), "--data.subset", "2048"]
+    common = [*FAST_HYBRID, "--epochs", "3", "--out", str(tmp_path), "--data.subset", "2048"]
     r = cli("train", *common, "--run.name", "ref")
     assert r.returncode == 0, r.stderr[-2000:]
     proc = subprocess.Popen([sys.executable, "-m", "vitlab.cli", "train", *common, "--run.name", "killed"],

@@ -121,7 +121,7 @@ class RunConfig:
     compile: bool | None = None  # torch.compile the training step; none = auto: on for runs of 2,000+ steps
     threads: int | None = None  # CPU threads; default: all cores
     ema: bool = False
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # the ceiling: early updates use min(this, (1+n)/(10+n)) at step n
     eval_every: int = 1
     tta: bool = False  # also score each evaluation with flip test-time augmentation (<split>_acc_tta)
     log_every: int = 20  # steps between progress-bar refreshes (each costs a sync)

@@ -612,7 +612,7 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
-                    ema.update(model)
+                    ema.update(model, step)
                 step += 1
             logits = out[0] if isinstance(out, tuple) else out
             hard = targets if targets.ndim == 1 else targets.argmax(-1)
