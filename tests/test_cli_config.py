@@ -43,8 +43,79 @@ def test_dotted_overrides_and_aliases_are_typed():
 
 
 def test_negative_numbers_are_values_not_flags():
-    cfg = build_config(None, parse_overrides(["--optim.beta1", "-0.5"]))
-    assert cfg.optim.beta1 == -0.5
+    cfg = build_config(None, parse_overrides(["--run.seed", "-5"]))
+    assert cfg.run.seed == -5
+    with pytest.raises(ConfigError, match=r"--optim.beta1 must be a number in \[0, 1\), got -0.5"):
+        build_config(None, parse_overrides(["--optim.beta1", "-0.5"]))  # parsed as a value, then refused
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--lr", "-1"], "optim.lr"), (["--lr", "nan"], "optim.lr"), (["--optim.beta2", "1"], "optim.beta2"),
+    (["--drop-path", "1.5"], "model.drop_path_rate"), (["--epochs", "0"], "run.epochs"),
+    (["--run.eval_every", "0"], "run.eval_every"), (["--run.threads", "-1"], "run.threads"),
+    (["--sched.name", "bogus"], "sched.name"), (["--weight-decay", "-1"], "optim.weight_decay"),
+    (["--label-smoothing", "1"], "optim.label_smoothing"), (["--warmup-epochs", "-1"], "sched.warmup_epochs"),
+    (["--run.ema_decay", "2"], "run.ema_decay"), (["--optim.accum_steps", "0"], "optim.accum_steps"),
+    (["--model.num_classes", "0"], "model.num_classes"), (["--optim.clip_grad", "-1"], "optim.clip_grad"),
+    (["--data.on_corrupt", "bogus"], "data.on_corrupt"), (["--run.time_limit", "0"], "run.time_limit"),
+    (["--distill.kind", "soft", "--distill.tau", "0"], "distill.tau"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(args, key):
+    with pytest.raises(ConfigError, match=f"^--{key} must be "):
+        build_config(None, parse_overrides(args))
+
+
+def test_every_value_rule_names_a_real_field_and_accepts_the_default():
+    from vitlab.config import VALUE_RULES, all_keys, check_values
+
+    assert set(VALUE_RULES) <= set(all_keys())
+    check_values(TrainConfig())
+    with pytest.raises(ConfigError, match="--distill.kind is none"):  # a teacher that would be ignored
+        build_config(None, parse_overrides(["--distill.teacher", "runs/x"]))
+
+
+def test_a_bad_value_stops_train_in_one_line_before_a_run_directory_exists(tmp_path):
+    r = run_cli("train", "--data", "shapes", "--sched.name", "bogus", "--out", str(tmp_path), "--run.name", "x")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--sched.name must be one of" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_usage_errors_of_each_command_are_one_line_exit_2(capsys):
+    cases = [
+        ([], "name a command"),
+        (["ablate", "--rungs", "0"], "--rungs must be 1 to"),
+        (["ablate", "--rungs", "-1"], "--rungs must be 1 to"),
+        (["predict", "x.png", "--checkpoint", "x", "--top-k", "0"], "--top-k must be positive"),
+        (["export", "--checkpoint", "x", "--out", "y", "--num-heads", "0"], "--num-heads must be positive"),
+        (["bench", "--threads", "-1"], "--threads must be positive"),
+        (["finetune", "--pretrained", "x", "--model", "vit_tiny"], "--model is not used by finetune"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_a_config_file_that_is_not_text_is_one_error(tmp_path):
+    from vitlab.config import load_yaml
+
+    (tmp_path / "bin.yaml").write_bytes(b"\x00\xff\xfe\x80")
+    with pytest.raises(ConfigError, match="not a text"):
+        load_yaml(tmp_path / "bin.yaml")
+
+
+def test_an_output_path_that_cannot_be_a_folder_is_a_user_error(tmp_path):
+    from vitlab.errors import UserError
+    from vitlab.utils import atomic_write_text, make_dir
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        make_dir(tmp_path / "file")
+    with pytest.raises(UserError, match="cannot create the folder"):
+        make_dir(tmp_path / "file" / "sub")
+    with pytest.raises(UserError, match="file exists and is not a folder"):  # eval --out FILE, visualize, ...
+        atomic_write_text(tmp_path / "file" / "eval.json", "{}")
+    assert make_dir(tmp_path / "a" / "b").is_dir()
 
 
 def test_unknown_key_names_the_closest_valid_key():

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
-from .utils import atomic_write_text
+from .utils import atomic_write_text, make_dir
 
 
 # -- the textbook ViT ---------------------------------------------------------------
@@ -741,6 +741,8 @@ def run(args) -> int:
         return 0
     if args.batch_size < 1 or args.steps < 1:
         raise UserError("--batch-size and --steps must be positive")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be positive, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from .train.engine import resolve_device
@@ -767,7 +769,7 @@ def run(args) -> int:
         print("full training loop:")
         res["compare"]["loop"] = loop_vs_step(args.model, args.batch_size, args.steps, args.warmup, device=device)
     print_table(res["compare"])
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     if args.scaling or args.all:
         dtype, _ = default_precision(device)
         print(f"scaling (vitlab, default precision {DTYPE_NAMES[dtype]}):")

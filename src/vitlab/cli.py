@@ -64,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a usage error: the usage on stderr, as argparse does for a missing argument
+        print(f"vitlab: error: name a command: {', '.join(COMMANDS)} (see vitlab --help)", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         top.print_help()
-        return 0 if argv else 2
+        return 0
     if argv[0] in ("-V", "--version"):
         from . import __version__
 

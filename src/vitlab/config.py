@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -314,6 +315,8 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not a text (UTF-8) file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of sections")
     return data
@@ -376,4 +379,89 @@ def build_config(preset: str | None, overrides: dict[str, object]) -> TrainConfi
         update_from_dict(cfg, load_yaml(find_preset(preset)))
     for k, v in overrides.items():
         set_key(cfg, k, v)
+    check_values(cfg)
     return cfg
+
+
+# -- value ranges ---------------------------------------------------------------
+
+def _within(lo, hi, *, lo_open=False, hi_open=False, none_ok=False):
+    """A test for numbers in [lo, hi] (an end open where asked); NaN and infinities fail it."""
+    def test(v):
+        if v is None:
+            return none_ok
+        if not math.isfinite(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    ends = f"{'(' if lo_open else '['}{lo}, {'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
+    return test, (f"a number in {ends}" if hi is not None or lo_open else f"a number >= {lo}") + (
+        " or none" if none_ok else "")
+
+
+def _one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(str(c) for c in choices)
+
+
+_PROBABILITY = _within(0, 1)
+_RATE = _within(0, 1, hi_open=True)  # dropout-like rates: 1 would drop everything
+_COUNT = _within(1, None)
+_NONNEG = _within(0, None)
+
+# Each numeric or named field's allowed values, checked once the preset and the overrides are
+# merged: a bad value stops the command in one line before a run directory exists, instead of a
+# traceback from torch mid-run (a negative lr) or a run that silently does something else (0 epochs).
+# Fields checked where they are used (names of models, datasets, devices, precisions, optimizers,
+# augmentation strengths with their own messages) are not repeated here.
+VALUE_RULES: dict[str, tuple] = {
+    "model.num_classes": _within(1, None, none_ok=True),
+    "model.img_size": _within(1, None, none_ok=True),
+    "model.drop_rate": _RATE,
+    "model.attn_drop_rate": _RATE,
+    "model.drop_path_rate": _RATE,
+    "model.pos_embed_init": _one_of(None, "trunc_normal", "sincos"),
+    "data.img_size": _within(1, None, none_ok=True),
+    "data.on_corrupt": _one_of("skip", "fail"),
+    "aug.crop_padding": _NONNEG,
+    "aug.pad_mode": _one_of("reflect", "zeros"),
+    "aug.rrc_scale_min": _within(0, 1, lo_open=True),
+    "aug.hflip": _PROBABILITY,
+    "aug.color_jitter": _NONNEG,
+    "aug.randaugment_n": _NONNEG,
+    "aug.erasing": _PROBABILITY,
+    "aug.clean_head": _PROBABILITY,
+    "aug.clean_tail": _PROBABILITY,
+    "optim.lr": _within(0, None, lo_open=True),
+    "optim.weight_decay": _NONNEG,
+    "optim.momentum": _RATE,
+    "optim.beta1": _RATE,
+    "optim.beta2": _RATE,
+    "optim.clip_grad": _within(0, None, none_ok=True),  # 0 or none: no clipping
+    "optim.accum_steps": _COUNT,
+    "optim.label_smoothing": _RATE,
+    "sched.name": _one_of("cosine", "constant"),
+    "sched.warmup_epochs": _NONNEG,
+    "sched.warmup_lr": _NONNEG,
+    "sched.min_lr": _NONNEG,
+    "distill.kind": _one_of("none", "soft", "hard"),
+    "distill.alpha": _PROBABILITY,
+    "distill.tau": _within(0, None, lo_open=True),
+    "run.epochs": _COUNT,
+    "run.batch_size": _COUNT,
+    "run.threads": _within(1, None, none_ok=True),
+    "run.ema_decay": _RATE,
+    "run.eval_every": _COUNT,
+    "run.log_every": _COUNT,
+    "run.time_limit": _within(0, None, lo_open=True, none_ok=True),
+    "run.stop_after": _within(1, None, none_ok=True),
+}
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Every field in VALUE_RULES within its range; the first that is not is one ConfigError line."""
+    for key, (test, want) in VALUE_RULES.items():
+        section, leaf = key.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        if not test(value):
+            raise ConfigError(f"--{key} must be {want}, got {value!r}")
+    if cfg.distill.teacher and cfg.distill.kind == "none":
+        raise ConfigError("--distill.teacher is set but --distill.kind is none: add --distill.kind soft (or hard)")

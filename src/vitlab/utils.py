@@ -11,6 +11,21 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import UserError
+
+
+def make_dir(path: str | Path) -> Path:
+    """Create an output folder and its parents. A path that cannot be one (a file, a read-only
+    place) is bad input: one UserError line, not an OSError traceback."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {path}: {e.strerror or e}") from None
+    return path
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Write a file so that it is either complete or absent, never half-written.
@@ -20,8 +35,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     SIGKILL at any point leaves the previous file intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..utils import make_dir
 from .base import DataError
 
 CHUNK = 1 << 20
@@ -58,7 +59,7 @@ def download(url: str, dest: str | Path, md5: str) -> Path:
     dest = Path(dest)
     if dest.is_file() and file_hash(dest) == md5:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(dest.parent)
     fd, tmp = tempfile.mkstemp(prefix=f"{dest.name}.part-", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as out:

@@ -156,6 +156,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from .pretrained import load_pretrained
 
+    if args.num_heads is not None and args.num_heads < 1:
+        raise ExportError(f"--num-heads must be positive, got {args.num_heads}")
     extra = {"num_heads": args.num_heads} if args.num_heads else {}
     model, info = load_pretrained(args.checkpoint, **extra)
     out = export_hf(model, args.out, classes=info.get("classes"), mean=info["mean"], std=info["std"],

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from ..config import build_config, parse_overrides, set_key
-from ..utils import atomic_write, atomic_write_text
+from ..errors import UserError
+from ..utils import atomic_write, atomic_write_text, make_dir
 
 ACCEPTS_OVERRIDES = True
 
@@ -39,10 +40,12 @@ def run(args) -> int:
 
     from .engine import train
 
+    if not 1 <= args.rungs <= len(LADDER):
+        raise UserError(f"--rungs must be 1 to {len(LADDER)} (the ladder's length), got {args.rungs}")
     overrides = parse_overrides(args.overrides)
     base = build_config(args.config, overrides)
     out = Path(base.run.out) / f"ablation-{base.model.name}-{base.data.name.replace(':', '-').replace('/', '_')}"
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     settings: dict = {}
     rows = []
     for k, (label, delta) in enumerate(LADDER[: args.rungs]):

@@ -10,6 +10,7 @@ Every write goes through `atomic_write`, so a crash never leaves a half file.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -110,6 +111,8 @@ def load_state(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no resumable state at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols: the error line says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means a bad file
         raise CheckpointError(f"{path} is not a loadable training state ({type(e).__name__}: {str(e)[:120]})") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import all_keys, build_config, from_dict, load_yaml, parse_overrides, set_key
+from ..config import all_keys, build_config, check_values, from_dict, load_yaml, parse_overrides, set_key
 from ..errors import UserError
 
 ACCEPTS_OVERRIDES = True
@@ -42,6 +42,7 @@ def resolve(args):
         cfg.run.stop_after = None  # a pause point applies to the run that set it, not to its continuation
         for k, v in overrides.items():
             set_key(cfg, k, v)
+        check_values(cfg)
         return cfg
     return build_config(args.config, overrides)
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig, save_yaml, to_dict
 from ..errors import RunFailed, UserError
 from ..models import count_params, create_model, get_preset
-from ..utils import atomic_write_text, seed_everything
+from ..utils import atomic_write_text, make_dir, seed_everything
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, shutdown
 from .losses import DistillationLoss
@@ -520,7 +520,7 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
         if main:
             if (run_dir / ckpt.LAST).exists():
                 raise UserError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick --run.name")
-            run_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(run_dir)
     if main:
         save_yaml(cfg, run_dir / "config.yaml")
         # metrics.jsonl is rewritten from the checkpointed history, so a crash between

@@ -10,7 +10,7 @@ import torch
 
 from ..config import DataConfig, update_from_dict
 from ..errors import UserError
-from ..utils import atomic_write, atomic_write_text
+from ..utils import atomic_write, atomic_write_text, make_dir
 from .checkpoint import load_model, resolve_weights
 
 
@@ -70,8 +70,14 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
     if part is None:
         raise UserError(f"{data.info.name} has no {split} split")
     classes = meta.get("classes") or data.info.classes
-    if len(classes) != model.num_classes:
-        raise UserError(f"the model has {model.num_classes} classes but {data.info.name} has {len(classes)}")
+    if data.info.num_classes != model.num_classes:  # labels past the head's width, or a head never asked
+        raise UserError(f"the model has {model.num_classes} classes but {data.info.name} has {data.info.num_classes}")
+    if data.info.in_chans != model.in_chans:
+        raise UserError(f"the model takes {model.in_chans}-channel images but {data.info.name} has "
+                        f"{data.info.in_chans}-channel ones")
+    if log and meta.get("classes") and list(meta["classes"]) != list(data.info.classes):
+        log(f"note: {data.info.name}'s class names are not the model's; label i is scored as the "
+            f"model's class i ({classes[0]!r} for the data's {data.info.classes[0]!r}, ...)")
     img_size = tuple(model.img_size)
     loader = make_loader(part, batch_size, train=False, seed=0, device=dev, img_size=img_size,
                          num_workers=resolve_workers(data_cfg.num_workers, dev), on_corrupt=data_cfg.on_corrupt)
@@ -132,7 +138,7 @@ def run(args) -> int:
     for c, a, n in zip(classes, per_class, conf.sum(1).long().tolist()):
         print(f"  {c:{width}s}  {a:6.2f}%  (n={n})")
     out = Path(args.out) if args.out else weights.parent
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     atomic_write_text(out / "eval.json", json.dumps({**res, "split": args.split, "per_class": dict(zip(classes, per_class))}, indent=1))
     plot_confusion(conf, classes, out / "confusion_matrix.png", f"{info.name} {args.split}: top-1 {res['acc']:.2f}%{tta}")
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")

@@ -12,6 +12,7 @@ notebook's recipe, kept for comparison.
 
 from __future__ import annotations
 
+from ..config import parse_overrides
 from ..errors import UserError
 from . import command
 
@@ -40,6 +41,8 @@ def run(args) -> int:
     if args.list_keys:
         return command.run(args)
     cfg = command.resolve(args)
+    if "model.name" in parse_overrides(args.overrides) and cfg.model.pretrained:
+        raise UserError("--model is not used by finetune: the --pretrained weights set the architecture")
     if not cfg.model.pretrained:
         raise UserError("finetune needs weights to start from: --pretrained HUB_ID_OR_PATH "
                         "(e.g. google/vit-base-patch16-224 or a local Hugging Face directory)")

@@ -98,7 +98,7 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, cfg
 class ModelEMA:
     """Exponential moving average of the weights, evaluated alongside the model.
 
-    Buffers (none in a ViT; BatchNorm statistics in a ResNet) are copied, not averaged.
+    Buffers (none in a plain ViT; BatchNorm statistics in a ResNet or a hybrid ViT's stem) are copied, not averaged.
     The decay is warmed up, min(decay, (1 + n) / (10 + n)) at the n-th update (counting from 0),
     as TensorFlow's ExponentialMovingAverage does with num_updates: with a fixed 0.999 the
     average of a run shorter than a few thousand steps is still mostly the random

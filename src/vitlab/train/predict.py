@@ -52,37 +52,58 @@ def reading(p: str):
         raise UserError(f"cannot read image {p}: {e}") from None
 
 
-def check_images(paths: list[str], size: tuple[int, int]) -> None:
-    """Every file exists and decodes as an image, before any answer is printed: a bad file among
-    thousands fails the command up front. A full decode, because Pillow's verify() passes a
-    truncated JPEG; draft() lets a JPEG decode at a reduced scale near the model's input size
-    (its whole bitstream is still read, so truncation is still found), which keeps this pass cheap."""
+# Images decoded by the up-front check are kept (uint8, at the model's size) up to this many bytes,
+# so a typical call decodes each file once; past it (tens of thousands of 224-px images) the rest
+# are decoded again when their chunk comes.
+CACHE_BYTES = 256 * 2**20
+
+
+def crops_like_training(meta: dict, img_size: tuple[int, int]) -> bool:
+    """A model trained on image files (flowers102, imagefolder:PATH) saw them as 'resize the shorter
+    side to 256/224 of the input, centre crop' (vitlab.data.files): predict prepares them the same
+    way. The tensor datasets (CIFAR, MNIST, shapes) and imported checkpoints are whole images
+    resized to the input size, as Hugging Face's ViT image processor does."""
+    data = str(meta.get("data") or "")
+    return (data == "flowers102" or data.startswith("imagefolder:")) and img_size[0] == img_size[1]
+
+
+def read_image(p: str, in_chans: int, img_size: tuple[int, int], crop: bool) -> np.ndarray:
+    """One image file -> uint8 (H, W, C) at the model's size, prepared as in training. A bad file
+    (missing, not an image, truncated) is one UserError line naming it."""
     from PIL import Image
 
+    from ..data.files import decode, to_rgb
+
+    h, w = img_size
+    with reading(p):
+        if crop and in_chans == 3:
+            return decode(p, round(h * 256 / 224), h).permute(1, 2, 0).numpy()
+        with Image.open(p) as im:
+            im.draft("RGB", (w, h))  # JPEG: decode at the smallest scale still >= the input size
+            im = to_rgb(im)  # transparency on white, 16-bit greyscale scaled: as the training data path
+            if in_chans == 1:
+                im = im.convert("L")
+            im = im.resize((w, h), Image.BILINEAR)
+            a = np.asarray(im, dtype=np.uint8)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def check_images(paths: list[str], read) -> list[np.ndarray | None]:
+    """Decode every file before any answer is printed, so a bad file among thousands fails the
+    command up front (a full decode: Pillow's verify() passes a truncated JPEG). -> each image's
+    array, kept while they fit in CACHE_BYTES, else None (decoded again in its chunk)."""
+    kept, used = [], 0
     for p in paths:
-        with reading(p), Image.open(p) as im:
-            im.draft(None, (size[1], size[0]))  # JPEG only; other formats ignore it
-            im.load()
+        a = read(p)
+        fits = used + a.nbytes <= CACHE_BYTES
+        kept.append(a if fits else None)
+        used += a.nbytes if fits else 0
+    return kept
 
 
-def load_images(paths: list[str], in_chans: int, img_size: tuple[int, int], mean, std) -> torch.Tensor:
-    """Image files -> normalised float batch (B, C, H, W) at the model's size.
-
-    Any Pillow mode is converted to RGB (or L for 1-channel models); images are
-    resized to the model's input size (bilinear, antialiased).
-    """
-    from PIL import Image
-
-    batch = []
-    for p in paths:
-        with reading(p), Image.open(p) as im:
-            im = im.convert("L" if in_chans == 1 else "RGB")
-            im = im.resize((img_size[1], img_size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-        t = torch.from_numpy(arr)
-        t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)  # (C, H, W)
-        batch.append(t)
-    x = torch.stack(batch)
+def to_batch(arrays: list[np.ndarray], mean, std) -> torch.Tensor:
+    """uint8 (H, W, C) arrays -> normalised float batch (B, C, H, W)."""
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - m) / s
@@ -91,18 +112,27 @@ def load_images(paths: list[str], in_chans: int, img_size: tuple[int, int], mean
 def run(args) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be positive, got {args.top_k}")
     model, meta = load_model(args.checkpoint)
     classes = meta.get("classes") or [str(i) for i in range(model.num_classes)]
     mean = meta.get("mean") or [0.5] * model.in_chans
     std = meta.get("std") or [0.5] * model.in_chans
     k = max(1, min(args.top_k, model.num_classes))
     images = expand_paths(args.images)
-    check_images(images, tuple(model.img_size))
+    size = tuple(model.img_size)
+    crop = crops_like_training(meta, size)
+
+    def read(p):
+        return read_image(p, model.in_chans, size, crop)
+
+    kept = check_images(images, read)
     # a chunk at a time: a folder of thousands of images must not become one giant batch; each
     # chunk's answers are printed as it finishes
     for start in range(0, len(images), args.batch_size):
         paths = images[start:start + args.batch_size]
-        x = load_images(paths, model.in_chans, tuple(model.img_size), mean, std)
+        chunk = kept[start:start + args.batch_size]
+        x = to_batch([a if a is not None else read(p) for p, a in zip(paths, chunk)], mean, std)
         with torch.no_grad():
             probs = F.softmax(model(x).float(), dim=-1)
         top = probs.topk(k, dim=-1)

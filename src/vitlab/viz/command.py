@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..utils import make_dir
 from .attention import HEAD_FUSIONS, TOKENS
 
 
@@ -190,7 +191,7 @@ def run(args) -> int:
     pred = [classes[k] if k < len(classes) else str(k) for k in maps["pred"].tolist()]
 
     out = Path(args.out) if args.out else default_out(args.checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     how = f"rollout, heads {args.head_fusion}, discard {args.discard_ratio:g}, [{args.token.upper()}]"
     plots.save(plots.plot_summary(images, maps["rollout"], truth, pred, title=f"Attention {how}", boxes=boxes),
                out / "attention_map.png")
