@@ -314,6 +314,14 @@ def test_an_old_pickle_as_a_checkpoint_is_one_error_without_torchs_warnings(tmp_
     assert not seen, [str(w.message) for w in seen]
 
 
+def test_a_runs_last_ckpt_given_as_weights_points_to_the_run_folder(tmp_path):
+    from vitlab.train.checkpoint import load_model, save_state
+
+    save_state(tmp_path / "last.ckpt", {"step": 1})
+    with pytest.raises(UserError, match="resumable training state .*pass the run folder"):
+        load_model(tmp_path / "last.ckpt")
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     common = [*FAST_HYBRID, "--epochs", "3", "--out", str(tmp_path), "--model.drop_path_rate", "0.1",
               "--aug.mixup_alpha", "0.2", "--aug.hflip", "0.5", "--run.ema"]  # EMA: its decay follows the step
