@@ -165,6 +165,10 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     assert frozen["scoring"].startswith("frozen torch.compile") and plain["scoring"].startswith("eager (auto:")
     r = cli("eval", "--checkpoint", str(run), "--data.num_workers", "-1")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "num_workers" in r.stderr, r.stderr
+    (tmp_path / "a_file").write_text("x")  # --out naming a file: refused before any scoring or output
+    r = cli("eval", "--checkpoint", str(run), "--out", str(tmp_path / "a_file"))
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().count("\n") == 0, (r.stdout, r.stderr)
+    assert "exists and is not a folder" in r.stderr
     # benchmarks/fashion_mnist.py's after-the-clock score reads the final weights (last.ckpt): without
     # TTA it is the last epoch's own test score
     import importlib.util

@@ -119,6 +119,7 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
 def run(args) -> int:
     weights = resolve_weights(args.checkpoint)
     model, meta = load_model(weights)
+    out = make_dir(Path(args.out) if args.out else weights.parent)  # before scoring: a bad --out fails at once
     data_cfg = data_config_for(meta, args.data, args.data_dir, args.num_workers)
     res, info, classes = score(model, meta, data_cfg, args.split,
                                device=args.device, precision=args.precision, tta=args.tta,
@@ -137,8 +138,6 @@ def run(args) -> int:
     width = max(len(c) for c in classes)
     for c, a, n in zip(classes, per_class, conf.sum(1).long().tolist()):
         print(f"  {c:{width}s}  {a:6.2f}%  (n={n})")
-    out = Path(args.out) if args.out else weights.parent
-    make_dir(out)
     atomic_write_text(out / "eval.json", json.dumps({**res, "split": args.split, "per_class": dict(zip(classes, per_class))}, indent=1))
     plot_confusion(conf, classes, out / "confusion_matrix.png", f"{info.name} {args.split}: top-1 {res['acc']:.2f}%{tta}")
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")

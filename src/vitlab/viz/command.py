@@ -178,6 +178,7 @@ def run(args) -> int:
         truth.extend(classes[k] if k < len(classes) else str(k) for k in labels.tolist())
         boxes.extend([None] * len(imgs) if bx is None else list(bx))
     images = torch.stack(shown)  # uint8 (n, C, H, W)
+    out = make_dir(Path(args.out) if args.out else default_out(args.checkpoint))  # the inputs are good; before the maps
 
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -190,8 +191,6 @@ def run(args) -> int:
     maps = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     pred = [classes[k] if k < len(classes) else str(k) for k in maps["pred"].tolist()]
 
-    out = Path(args.out) if args.out else default_out(args.checkpoint)
-    make_dir(out)
     how = f"rollout, heads {args.head_fusion}, discard {args.discard_ratio:g}, [{args.token.upper()}]"
     plots.save(plots.plot_summary(images, maps["rollout"], truth, pred, title=f"Attention {how}", boxes=boxes),
                out / "attention_map.png")
