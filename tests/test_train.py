@@ -239,6 +239,7 @@ def test_predicts_check_decodes_every_image_so_a_truncated_jpeg_fails_up_front(t
     import numpy as np
     from PIL import Image
 
+    from vitlab.data.files import read_image_file
     from vitlab.train import predict
 
     rng = np.random.default_rng(0)
@@ -249,10 +250,10 @@ def test_predicts_check_decodes_every_image_so_a_truncated_jpeg_fails_up_front(t
     cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # Pillow's verify() passes this file
 
     def read(p):
-        return predict.read_image(p, 3, (32, 32), crop=False)
+        return read_image_file(p, 3, (32, 32), crop=False)
 
     kept = predict.check_images([str(good)] * 3, read)
-    assert [a.shape for a in kept] == [(32, 32, 3)] * 3 and all((a == kept[0]).all() for a in kept)
+    assert [tuple(a.shape) for a in kept] == [(3, 32, 32)] * 3 and all((a == kept[0]).all() for a in kept)
     with pytest.raises(UserError, match="cannot read image .*cut.jpg.*truncated"):
         predict.check_images([str(good), str(cut)], read)
     # past the cache budget the arrays are dropped (decoded again in their chunk), not kept
@@ -264,7 +265,11 @@ def test_predict_prepares_images_as_the_model_was_trained(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from vitlab.train.predict import crops_like_training, read_image
+    from vitlab.data.files import read_image_file
+    from vitlab.train.predict import crops_like_training
+
+    def read_image(path, in_chans, size, crop):  # (H, W, C) numpy, for the pixel checks below
+        return read_image_file(path, in_chans, size, crop).permute(1, 2, 0).numpy()
 
     # a wide image: blue, red, blue thirds of 32 columns each
     a = np.zeros((32, 96, 3), dtype=np.uint8)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,6 +67,31 @@ def decode(path: str, resize: int, crop: int) -> torch.Tensor:
         img = img.crop((left, top, left + crop, top + crop))
         a = np.asarray(img, dtype=np.uint8)  # (crop, crop, 3)
     return torch.from_numpy(a.copy()).permute(2, 0, 1)  # (3, crop, crop)
+
+
+def read_image_file(path: str, in_chans: int, size: tuple[int, int], crop: bool = False) -> torch.Tensor:
+    """A user's image file -> uint8 (C, H, W) at a model's input size, C = in_chans (RGB or L):
+    with crop, as `decode` prepares image-file datasets (shorter side to 256/224 of the size, centre
+    crop); else the whole image resized. A bad file (missing, not an image, truncated, absurdly
+    large) is one UserError naming it. Used by `vitlab predict` and `vitlab visualize`."""
+    from PIL import Image, UnidentifiedImageError
+
+    h, w = size
+    if not Path(path).is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        if crop and in_chans == 3 and h == w:
+            return decode(path, round(h * 256 / 224), h)
+        with Image.open(path) as img:
+            img.draft("RGB", (w, h))  # JPEG: decode at the smallest scale still >= the input size
+            img = to_rgb(img)  # any mode (palette, alpha on white, 16-bit) -> RGB first
+            if in_chans == 1:
+                img = img.convert("L")
+            a = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.uint8)  # (H, W) or (H, W, 3)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    x = torch.from_numpy(a.copy())
+    return x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
 
 
 class _Decode(Dataset):

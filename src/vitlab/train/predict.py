@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.files import read_image_file
 from ..errors import UserError
 from .checkpoint import load_model
 
@@ -38,20 +37,6 @@ def expand_paths(args: list[str]) -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def reading(p: str):
-    """Pillow's errors while reading image p -> one UserError line naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        yield
-    except FileNotFoundError:
-        raise UserError(f"image not found: {p}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,  # a bad or truncated file
-            Image.DecompressionBombError) as e:  # a header claiming an absurd size
-        raise UserError(f"cannot read image {p}: {e}") from None
-
-
 # Images decoded by the up-front check are kept (uint8, at the model's size) up to this many bytes,
 # so a typical call decodes each file once; past it (tens of thousands of 224-px images) the rest
 # are decoded again when their chunk comes.
@@ -67,43 +52,22 @@ def crops_like_training(meta: dict, img_size: tuple[int, int]) -> bool:
     return (data == "flowers102" or data.startswith("imagefolder:")) and img_size[0] == img_size[1]
 
 
-def read_image(p: str, in_chans: int, img_size: tuple[int, int], crop: bool) -> np.ndarray:
-    """One image file -> uint8 (H, W, C) at the model's size, prepared as in training. A bad file
-    (missing, not an image, truncated) is one UserError line naming it."""
-    from PIL import Image
-
-    from ..data.files import decode, to_rgb
-
-    h, w = img_size
-    with reading(p):
-        if crop and in_chans == 3:
-            return decode(p, round(h * 256 / 224), h).permute(1, 2, 0).numpy()
-        with Image.open(p) as im:
-            im.draft("RGB", (w, h))  # JPEG: decode at the smallest scale still >= the input size
-            im = to_rgb(im)  # transparency on white, 16-bit greyscale scaled: as the training data path
-            if in_chans == 1:
-                im = im.convert("L")
-            im = im.resize((w, h), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-    return a[:, :, None] if a.ndim == 2 else a
-
-
-def check_images(paths: list[str], read) -> list[np.ndarray | None]:
+def check_images(paths: list[str], read) -> list[torch.Tensor | None]:
     """Decode every file before any answer is printed, so a bad file among thousands fails the
-    command up front (a full decode: Pillow's verify() passes a truncated JPEG). -> each image's
-    array, kept while they fit in CACHE_BYTES, else None (decoded again in its chunk)."""
+    command up front (a full decode: Pillow's verify() passes a truncated JPEG). -> each image
+    (uint8 (C, H, W)), kept while they fit in CACHE_BYTES, else None (decoded again in its chunk)."""
     kept, used = [], 0
     for p in paths:
-        a = read(p)
-        fits = used + a.nbytes <= CACHE_BYTES
-        kept.append(a if fits else None)
-        used += a.nbytes if fits else 0
+        x = read(p)
+        fits = used + x.nbytes <= CACHE_BYTES
+        kept.append(x if fits else None)
+        used += x.nbytes if fits else 0
     return kept
 
 
-def to_batch(arrays: list[np.ndarray], mean, std) -> torch.Tensor:
-    """uint8 (H, W, C) arrays -> normalised float batch (B, C, H, W)."""
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+def to_batch(images: list[torch.Tensor], mean, std) -> torch.Tensor:
+    """uint8 (C, H, W) images -> normalised float batch (B, C, H, W)."""
+    x = torch.stack(images).float().div_(255)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - m) / s
@@ -124,7 +88,7 @@ def run(args) -> int:
     crop = crops_like_training(meta, size)
 
     def read(p):
-        return read_image(p, model.in_chans, size, crop)
+        return read_image_file(p, model.in_chans, size, crop)
 
     kept = check_images(images, read)
     # a chunk at a time: a folder of thousands of images must not become one giant batch; each

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.files import read_image_file
 from ..errors import UserError
 from ..utils import make_dir
 from .attention import HEAD_FUSIONS, TOKENS
@@ -56,33 +57,6 @@ def _device(spec: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {spec!r} asked for, but no CUDA GPU is available")
     return dev
-
-
-def load_image_file(path: str, in_chans: int, size: tuple[int, int]) -> torch.Tensor:
-    """An image file -> uint8 (C, H, W), C = in_chans (RGB or L), resized to the model's size."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ..data.files import to_rgb
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"image not found: {path}")
-    try:
-        with Image.open(p) as img:
-            img = to_rgb(img)  # any mode (palette, alpha, 16-bit) -> RGB first
-            if in_chans == 1:
-                img = img.convert("L")
-            img = img.resize((size[1], size[0]), Image.BILINEAR)  # PIL takes (W, H)
-            import numpy as np
-
-            a = np.asarray(img, dtype=np.uint8)  # (H, W) or (H, W, 3)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"cannot read image {path}: {type(e).__name__}: {str(e)[:100]}") from None
-    x = torch.from_numpy(a.copy())
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
-    if x.shape[0] != in_chans:
-        raise UserError(f"{path}: cannot bring the image to the model's {in_chans} channels")
-    return x
 
 
 def pick_samples(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -169,7 +143,7 @@ def run(args) -> int:
     # before any work, so a bad path fails fast with its name.
     shown, truth, boxes = [], [], []
     for path in args.images:
-        shown.append(load_image_file(path, C, size))
+        shown.append(read_image_file(path, C, size))
         truth.append(None)
         boxes.append(None)
     if args.samples:
