@@ -149,8 +149,8 @@ def test_every_shipped_preset_loads_names_a_real_model_and_states_command_time_a
         raw = load_yaml(f)
         assert all(isinstance(v, dict) for v in raw.values()), f"{f.name}: top level must be sections"
     # The 15-minute Fashion-MNIST preset is the hybrid ViT; its plain twin differs only in model and
-    # compile, and in the clean tail, flip-TTA logging and fifth-epoch scoring the hybrid gained after
-    # the plain runs were measured.
+    # compile, and in the clean tail, flip-TTA logging, fifth-epoch scoring and Muon the hybrid gained
+    # after the plain runs were measured.
     hybrid, plain = build_config("fashion_mnist", {}), build_config("fashion_mnist_plain", {})
     assert PRESETS[hybrid.model.name].kwargs.get("conv_stem") and not PRESETS[plain.model.name].kwargs.get("conv_stem")
     assert (hybrid.aug.clean_tail, hybrid.run.tta, hybrid.run.eval_every) == (0.25, True, 5)
@@ -160,4 +160,6 @@ def test_every_shipped_preset_loads_names_a_real_model_and_states_command_time_a
     set_key(plain, "aug.clean_tail", 0.25)
     set_key(plain, "run.tta", True)
     set_key(plain, "run.eval_every", 5)
+    assert (hybrid.optim.name, plain.optim.name) == ("muon", "adamw")
+    set_key(plain, "optim.name", "muon")
     assert plain == hybrid

@@ -1,5 +1,6 @@
 """The training engine: schedule, decay groups, a real run, resume, SIGKILL, NaN guard, DDP, eval/predict."""
 
+import io
 import json
 import math
 import os
@@ -69,6 +70,83 @@ def test_weight_decay_groups_skip_biases_norms_tokens_and_positions():
     assert {"pos_embed", "cls_token", "dist_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= nd
     assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "head.weight"} <= d
     assert not d & nd and len(d) + len(nd) == len(list(model.parameters()))
+
+
+def _muon_setup(weight_decay=0.0):
+    from vitlab.config import OptimConfig
+    from vitlab.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = create_model("vit_mini_patch4_32")
+    opt = build_optimizer(model, OptimConfig(name="muon", weight_decay=weight_decay), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model, opt
+
+
+def test_muon_orthogonalises_the_blocks_matrices_and_leaves_the_rest_to_adamw():
+    model, opt = _muon_setup()
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {name_of[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    assert on_muon == {n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks.")}
+    assert {"blocks.0.attn.qkv.weight", "blocks.3.mlp.fc2.weight"} <= on_muon
+    assert not on_muon & {"head.weight", "patch_embed.proj.weight", "pos_embed", "cls_token"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    params = dict(model.named_parameters())
+    for name in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc1.weight", "blocks.2.mlp.fc2.weight"):
+        step = params[name].detach() - before[name]
+        # by hand: the first update is (1 + momentum) * g; Muon moves W along -U V^T of it (g = U S V^T),
+        # by lr * 0.2 * sqrt(max(rows, cols)) (Moonshot's AdamW-matched scale), singular values near 1
+        u, _, vh = torch.linalg.svd(grads[name], full_matrices=False)
+        scale = 1e-2 * 0.2 * max(step.shape) ** 0.5
+        cos = torch.nn.functional.cosine_similarity(step.flatten(), (-u @ vh).flatten(), dim=0)
+        assert cos > 0.97, (name, cos)
+        sv = torch.linalg.svdvals(step) / scale
+        assert 0.6 < sv.min() and sv.max() < 1.3, (name, sv.min(), sv.max())
+    # AdamW's first step is lr * g / (|g| + eps): about lr * sign(g), whatever the gradient's size
+    step = params["head.weight"].detach() - before["head.weight"]
+    assert torch.allclose(step, -1e-2 * grads["head.weight"].sign(), atol=1e-5)
+
+
+def test_muon_takes_the_lr_weight_decay_and_state_of_one_optimizer():
+    model, opt = _muon_setup(weight_decay=0.5)
+    assert {g["weight_decay"] for g in opt.muon.param_groups} == {0.5}  # the matrices are decayed groups
+    for g in opt.param_groups:  # the engine sets the schedule's lr through param_groups
+        g["lr"] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for g in opt.param_groups:
+        g["lr"] = 1e-2
+    opt.step()
+    # a resumed optimizer continues exactly: state saved after step 2, loaded into a fresh one
+    model2 = create_model("vit_mini_patch4_32")
+    model2.load_state_dict(model.state_dict())
+    from vitlab.config import OptimConfig
+    from vitlab.train.optim import build_optimizer
+
+    opt2 = build_optimizer(model2, OptimConfig(name="muon", weight_decay=0.5), lr=1e-2)
+    buf = io.BytesIO()  # through bytes, as a checkpoint goes (a live state_dict shares the optimizer's tensors)
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        p2.grad = p.grad.clone()
+    opt.step()
+    opt2.step()
+    assert all(torch.equal(p, p2) for p, p2 in zip(model.parameters(), model2.parameters()))
+    with pytest.raises(ValueError, match="MuonAdamW"):
+        opt2.load_state_dict(torch.optim.AdamW(model2.parameters()).state_dict())
+
+
+def test_muon_on_a_model_without_transformer_blocks_is_a_user_error():
+    from vitlab.config import OptimConfig
+    from vitlab.train.optim import build_optimizer
+
+    with pytest.raises(UserError, match="use adamw"):
+        build_optimizer(create_model("resnet18_cifar"), OptimConfig(name="muon"), lr=1e-3)
 
 
 def test_ema_decay_warms_up_then_holds_and_averages_as_computed_by_hand():
@@ -421,6 +499,10 @@ def test_a_pause_before_the_first_evaluation_ends_cleanly_and_resumes(tmp_path, 
     assert "paused after 1 epochs, before the first evaluation" in capsys.readouterr().out
     run = tmp_path / "pause"
     assert [("test_acc" in r) for r in metrics(run)] == [False] and not (run / "model.safetensors").exists()
+    # resuming with another optimizer than the run's: one clear error, and the run is left as it was
+    with pytest.raises(UserError, match="does not fit optim.name 'muon'"):
+        engine.train(build_config(None, parse_overrides([*over, "--optim.name", "muon"])), resume=str(run))
+    assert len(metrics(run)) == 1
     engine.train(build_config(None, parse_overrides(over)), resume=str(run))
     assert [("test_acc" in r) for r in metrics(run)] == [False, False, True]  # the last epoch is scored
     assert (run / "model.safetensors").is_file()

@@ -79,7 +79,7 @@ class AugConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # adamw | sgd | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     lr: float = 3e-4  # at batch 128; scaled linearly with the batch size (see scale_lr)
     scale_lr: bool = True
     weight_decay: float = 0.05
@@ -87,6 +87,7 @@ class OptimConfig:
     nesterov: bool = True
     beta1: float = 0.9
     beta2: float = 0.999
+    muon_momentum: float = 0.95  # optim.name muon: the matrices' momentum (Nesterov)
     clip_grad: float | None = 1.0
     accum_steps: int = 1
     label_smoothing: float = 0.1
@@ -434,7 +435,9 @@ VALUE_RULES: dict[str, tuple] = {
     "optim.weight_decay": _NONNEG,
     "optim.momentum": _RATE,
     "optim.beta1": _RATE,
+    "optim.name": _one_of("adamw", "sgd", "muon"),
     "optim.beta2": _RATE,
+    "optim.muon_momentum": _RATE,
     "optim.clip_grad": _within(0, None, none_ok=True),  # 0 or none: no clipping
     "optim.accum_steps": _COUNT,
     "optim.label_smoothing": _RATE,

@@ -493,8 +493,10 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
         log(f"note: warmup shortened to {warmup_epochs:.2g} epochs (a third of this {cfg.run.epochs}-epoch run)")
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     base_lr = effective_lr(cfg.optim, cfg.run.batch_size)
-    optimizer = build_optimizer(model, cfg.optim, base_lr)
     amp_dtype, precision_note = resolve_precision(cfg.run.precision, device)
+    # Muon's Newton-Schulz matmuls in bf16 where the run computes in bf16 (where bf16 is fast), else fp32
+    optimizer = build_optimizer(model, cfg.optim, base_lr,
+                                ns_dtype=torch.bfloat16 if amp_dtype == torch.bfloat16 else torch.float32)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     ema = ModelEMA(model, cfg.run.ema_decay) if cfg.run.ema else None
     teacher = load_teacher(cfg.distill.teacher, device) if cfg.distill.teacher and cfg.distill.kind != "none" else None
@@ -508,7 +510,11 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     start_epoch, step, best, history = 0, 0, -1.0, []
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:  # e.g. --optim.name changed on --resume: the state is another optimizer's
+            raise UserError(f"--resume {resume}: the saved optimizer state does not fit optim.name "
+                            f"{cfg.optim.name!r} ({e}); resume with the run's own optimizer") from None
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         if scaler is not None and state.get("scaler") is not None:
@@ -544,7 +550,7 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
         log(f"run {run_dir}: {what} ({count_params(model):,} params) on {cfg.data.name} "
             f"({eval_split_count(data.train)} train / {eval_split_count(eval_split)} {eval_name}), "
             f"{info.num_classes} classes, {img_size[0]}x{img_size[1]}, {precision_note}, {compile_note}, "
-            f"{dist.world_size} process(es), batch {cfg.run.batch_size}, lr {base_lr:.3g}")
+            f"{dist.world_size} process(es), batch {cfg.run.batch_size}, {cfg.optim.name} lr {base_lr:.3g}")
 
     # -- epochs ----------------------------------------------------------------------
     log_every = max(cfg.run.log_every, 1)
