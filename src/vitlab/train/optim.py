@@ -191,15 +191,19 @@ class MuonAdamW:
             if mats:
                 muon_groups.append({**rest, "params": mats, "name": rest["name"] + "_muon"})
         if not muon_groups:
-            raise UserError("optim.name muon: this model has no transformer-block weight matrices for Muon "
-                            "to update; use adamw")
+            raise UserError("optim.name muon: this model has no trainable transformer-block weight matrices "
+                            "for Muon to update (none, or frozen); use adamw")
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in adam_groups for p in g["params"])
         self.adamw = (torch.optim.AdamW(adam_groups, lr=lr, betas=betas, **{"fused" if fused else "foreach": True})
                       if adam_groups else None)
         self.muon = Muon(muon_groups, lr=lr, momentum=momentum, ns_dtype=ns_dtype)
         self.optimizers = [o for o in (self.adamw, self.muon) if o is not None]
-        # the inner optimizers keep these very dicts, so an lr written here reaches them
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read afresh each time: load_state_dict gives the inner optimizers new group dicts, and an
+        # lr written into a list kept from before would no longer reach them (a resumed run's schedule)
+        return [g for o in self.optimizers for g in o.param_groups]
 
     @property
     def state(self):
