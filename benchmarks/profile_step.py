@@ -2,10 +2,13 @@
 
     python benchmarks/profile_step.py                                   # ViT-Tiny CIFAR, batch 128, bf16
     python benchmarks/profile_step.py --precision fp32 --model vit_mini_patch4_32 --batch-size 64
+    python benchmarks/profile_step.py --compile     # the compiled step, inductor's kernels by name
 
-The eager step (forward under autocast, cross-entropy, backward, the engine's AdamW), warmed up,
-then profiled over --steps steps. Prints the operators by self time and writes the table, the
-matmul share and its achieved rate to --out (text and JSON).
+The eager step (forward under autocast, cross-entropy, backward, the engine's AdamW), or with
+--compile the step `vitlab train` runs on a long run (torch.compile; each of inductor's generated
+kernels appears in the table under its own name), warmed up, then profiled over --steps steps.
+Prints the operators by self time and writes the table, the matmul share and its achieved rate
+to --out (text and JSON).
 """
 
 from __future__ import annotations
@@ -37,12 +40,19 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="profile the torch.compile'd step")
     p.add_argument("--out", default="benchmarks/results/profile")
     args = p.parse_args(argv)
     tune_allocator()  # as every `vitlab` command does
     torch.manual_seed(0)
     model = create_model(args.model)
     opt = build_optimizer(model, OptimConfig(), lr=1e-4)
+    run_model = model
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # each generated C++ kernel is a profiler event
+        run_model = torch.compile(model)
     a = arch_of(args.model)
     x = torch.randn(args.batch_size, a["in_chans"], a["img_size"], a["img_size"])
     y = torch.randint(0, a["num_classes"], (args.batch_size,))
@@ -50,12 +60,12 @@ def main(argv=None) -> int:
 
     def step():
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(run_model(x).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
+    for _ in range(3):  # with --compile the first compiles
         step()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -71,7 +81,8 @@ def main(argv=None) -> int:
     top = sorted(share.items(), key=lambda kv: -kv[1])[:12]
     res = dict(date=str(date.today()), machine=machine(), command=" ".join(["python benchmarks/profile_step.py",
                                  *(argv if argv is not None else sys.argv[1:])]), model=args.model, batch=args.batch_size,
-               precision=args.precision, steps=args.steps, images_per_s_profiled=args.batch_size * args.steps / wall,
+               precision=args.precision, compiled=args.compile, steps=args.steps,
+               images_per_s_profiled=args.batch_size * args.steps / wall,
                matmul_share=sum(share.get(k, 0) for k in MATMULS), matmul_gflops=flops / mm_s / 1e9,
                cast_share=sum(share.get(k, 0) for k in CASTS), top_self_time_share=dict(top))
     print(table)
@@ -79,7 +90,7 @@ def main(argv=None) -> int:
           f"copies (dtype casts) {100 * res['cast_share']:.0f}%")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.model}-{args.precision}-b{args.batch_size}"
+    stem = f"{args.model}-{args.precision}-b{args.batch_size}" + ("-compiled" if args.compile else "")
     (out / f"{stem}.txt").write_text(table + "\n")
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out / (stem + '.json')}")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitlab.bench import TextbookViT, arch_of, build, vit_flops
@@ -25,6 +27,65 @@ def test_flop_formula_matches_torch_flop_counter(preset):
         with FlopCounterMode(display=False) as fwd:
             model(x)
     assert vit_flops(a, training=False) == pytest.approx(fwd.get_total_flops(), rel=1e-9)
+
+
+class _Products(TorchDispatchMode):
+    """Records each matmul a piece of code runs: (op, [(shape, innermost-stride-1?) per operand])."""
+
+    OPS = {torch.ops.aten.mm.default: "mm", torch.ops.aten.addmm.default: "mm", torch.ops.aten.bmm.default: "bmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:  # addmm's bias is left out: mm and addmm are the same product
+            mats = args[1:] if func is torch.ops.aten.addmm.default else args
+            self.seen.append((self.OPS[func], tuple((tuple(m.shape), m.stride(-1) == 1) for m in mats)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("preset", ["vit_mini_patch4_32", "vit_tiny"])
+def test_matmuls_alone_replay_a_real_steps_products_layouts_included(preset):
+    """The "matmuls alone" units replay what a real training step multiplies: product for product
+    the same operand shapes and row- or column-major layouts, and all the step's matmul FLOPs
+    (everything but the patch projection, a convolution)."""
+    from collections import Counter
+
+    from vitlab.bench import _matmul_alone_steps
+
+    a = arch_of(preset)
+    torch.manual_seed(1)
+    model = VisionTransformer(**a)
+    x = torch.randn(2, a["in_chans"], a["img_size"], a["img_size"])
+    y = torch.randint(0, a["num_classes"], (2,))
+    with _Products() as real:
+        F.cross_entropy(model(x), y).backward()
+    train, infer = _matmul_alone_steps(a, 2, None, torch.device("cpu"))
+    with FlopCounterMode(display=False) as train_flops, _Products() as replayed:
+        train()
+    assert Counter(replayed.seen) == Counter(real.seen) and len(real.seen) > 10 * a["depth"]
+    patch = 2 * (a["img_size"] // a["patch_size"]) ** 2 * a["in_chans"] * a["patch_size"] ** 2 * a["embed_dim"]
+    assert train_flops.get_total_flops() == 2 * (vit_flops(a, training=True) - 3 * patch)
+    with FlopCounterMode(display=False) as infer_flops:
+        infer()
+    assert infer_flops.get_total_flops() == 2 * (vit_flops(a, training=False) - patch)
+    # in the step's dtype: under bf16 autocast every product is bf16
+    train_bf16, _ = _matmul_alone_steps(a, 2, torch.bfloat16, torch.device("cpu"))
+    with _DtypesOf() as seen:
+        train_bf16()
+    assert seen.dtypes == {torch.bfloat16}
+
+
+class _DtypesOf(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _Products.OPS:
+            self.dtypes |= {t.dtype for t in args if isinstance(t, torch.Tensor)}
+        return func(*args, **(kwargs or {}))
 
 
 def test_textbook_and_hf_peers_are_the_same_network():
@@ -57,6 +118,12 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
     textbook = max(r["infer"] for r in res["rows"] if r["impl"] == "textbook")
     assert res["ratios"]["infer_vs_best_peer"] == pytest.approx(frozen["infer"] / textbook)
     assert "train_vs_textbook_bf16" in res["ratios"]
+    # the textbook target sized against the default step's matmuls alone
+    need, alone = res["target_needs"]["train_vs_textbook_bf16"], res["matmuls_alone"][res["default_precision"]]
+    textbook_bf16 = next(r["train"] for r in res["rows"] if (r["impl"], r["precision"]) == ("textbook", "bf16"))
+    assert need["images_per_s"] == pytest.approx(1.3 * textbook_bf16)
+    assert need["of_matmuls"] == pytest.approx(need["images_per_s"] / alone["train"])
+    assert default["train_of_matmuls"] == pytest.approx(default["train"] / alone["train"])
     out = capsys.readouterr().out
     assert "| vitlab" in out and "MFU" in out
     assert cli_main(["bench", "--markdown", "--out", str(tmp_path)]) == 0
@@ -64,6 +131,7 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
     assert "| textbook | bf16 |" in table
     assert f"| vitlab frozen (default inference) | {res['default_precision']} | - | - |" in table
     assert f"| vitlab compiled (default training) | {res['default_precision']} |" in table
+    assert "the step's own matmuls alone" in table and "1.3x textbook bf16 = " in table
 
 
 def test_bench_rejects_a_resnet_or_unknown_model_in_one_line_before_any_output(capsys):
@@ -88,6 +156,7 @@ def test_default_row_times_the_engines_fused_adamw_and_the_peers_foreach(monkeyp
 
     monkeypatch.setattr(torch.optim, "AdamW", spy)
     monkeypatch.setattr(bench, "_matmul_step", lambda dtype, device=None: lambda: None)  # no 2048^2 matmuls in a test
+    monkeypatch.setattr(bench, "_matmul_alone_steps", lambda *a, **kw: (lambda: None, lambda: None))
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)  # plumbing only: compiling is not what's tested
     res = bench.compare("vit_mini_patch4_32", batch=2, steps=1, warmup=0, impls=["vitlab", "textbook"],
                         log=lambda *a: None)
@@ -103,13 +172,16 @@ def test_timed_calls_are_interleaved_across_setups_so_a_drift_hits_all_alike(mon
 
     calls = []
     monkeypatch.setattr(bench, "_matmul_step", lambda dtype, device=None: lambda: calls.append(("matmul", str(dtype), False)))
+    monkeypatch.setattr(bench, "_matmul_alone_steps", lambda a, batch, dtype, device: tuple(
+        (lambda kind=kind: calls.append(("matmuls alone", (str(dtype), kind), False))) for kind in ("train", "infer")))
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
     monkeypatch.setattr(bench, "_train_step", lambda model, x, y, dtype, opt="foreach": lambda: calls.append(("train", id(model), model.training)))
     monkeypatch.setattr(bench, "_infer_step", lambda model, x, dtype: lambda: calls.append(("infer", id(model), model.training)))
     res = bench.compare("vit_mini_patch4_32", batch=2, steps=5, warmup=1, impls=["vitlab", "textbook"],
                         log=lambda *a: None)
-    # a training and an inference unit per setup, the frozen copy's inference, a matmul per dtype
-    n_units = 2 * (len(res["rows"]) - 1) + 1 + 2
+    # a training and an inference unit per setup, the frozen copy's inference, a matmul per dtype,
+    # the step's matmuls alone per dtype for training and for inference
+    n_units = 2 * (len(res["rows"]) - 1) + 1 + 2 + 4
     assert res["rounds"] == 5 and len(res["rows"]) == 7
     # warm-up: one call per unit, but two for each of the two compiled setups' two units and the frozen one
     n_warm = n_units + 5
@@ -122,6 +194,7 @@ def test_timed_calls_are_interleaved_across_setups_so_a_drift_hits_all_alike(mon
     assert all(rounds[r] == rounds[0][r * shift:] + rounds[0][:r * shift] for r in range(5))
     assert all(tr == (k == "train") for k, _, tr in calls)  # train steps in train mode, inference in eval mode
     assert sum(k == "matmul" for k, _ in timed) == 2 * 5  # the ceilings are timed in the same rounds
+    assert sum(k == "matmuls alone" for k, _ in timed) == 4 * 5  # and the step's matmuls alone
 
 
 def test_each_figure_is_the_median_over_rounds_and_the_ceiling_the_best_matmul(monkeypatch):
@@ -146,6 +219,9 @@ def test_each_figure_is_the_median_over_rounds_and_the_ceiling_the_best_matmul(m
 
     monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(bench, "_matmul_step", lambda dtype, device=None: unit((lambda: next(fp32_mm)) if dtype == torch.float32 else 1.0))
+    # the matmuls alone: 0.1 s per training step in fp32, 0.05 s inference; bf16 twice as fast
+    monkeypatch.setattr(bench, "_matmul_alone_steps", lambda a, batch, dtype, device: tuple(
+        unit(seconds / (2 if dtype == torch.bfloat16 else 1)) for seconds in (0.1, 0.05)))
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
     monkeypatch.setattr(bench, "_train_step", train_step)
     monkeypatch.setattr(bench, "_infer_step", lambda model, x, dtype: unit(0.5))
@@ -158,6 +234,26 @@ def test_each_figure_is_the_median_over_rounds_and_the_ceiling_the_best_matmul(m
     assert (row["impl"], row["precision"]) == ("vitlab", "fp32")
     assert row["train"] == pytest.approx(4 / 0.2)  # median of 0.1, 0.2, 0.4, 0.2, 0.3, 0.2, 0.8
     assert row["infer"] == pytest.approx(4 / 0.5)
+    assert res["matmuls_alone"]["fp32"] == pytest.approx({"train": 40.0, "infer": 80.0})
+    assert res["matmuls_alone"]["bf16"] == pytest.approx({"train": 80.0, "infer": 160.0})
+    assert row["train_of_matmuls"] == pytest.approx(20 / 40) and row["infer_of_matmuls"] == pytest.approx(8 / 80)
+    # no peers here, so no training target to size; with the default's own rows only, none is asked
+    assert res["target_needs"] == {}
+
+
+def test_rate_from_the_median_call_or_from_the_total_time(monkeypatch):
+    from types import SimpleNamespace
+
+    import vitlab.bench as bench
+
+    clock, durations = [0.0], iter([9.0, 1.0, 1.0, 4.0] * 2)  # a warm-up call, then three timed
+
+    def fn():
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert bench._median_rate(fn, batch=6, steps=3, warmup=1) == pytest.approx(6 / 1.0)
+    assert bench._median_rate(fn, batch=6, steps=3, warmup=1, mean=True) == pytest.approx(6 * 3 / 6.0)
 
 
 def test_loop_vs_step_alternates_and_counts_one_epochs_bookkeeping(monkeypatch, tmp_path):
@@ -169,7 +265,9 @@ def test_loop_vs_step_alternates_and_counts_one_epochs_bookkeeping(monkeypatch, 
     calls = []
     step_rates = iter([100.0, 180.0, 110.0])  # mean 130; median 110, last 110
 
-    def fake_time_train(model, x, y, dtype, steps, warmup, opt):
+    def fake_time_train(model, x, y, dtype, steps, warmup, opt, mean=False):
+        # an epoch's worth of steps, timed in total as an epoch is
+        assert (opt, mean) == ("engine", True) and steps >= 30
         calls.append("step")
         return next(step_rates)
 

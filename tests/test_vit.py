@@ -393,3 +393,50 @@ def test_conv_stem_stride1_layers_and_their_arch_round_trip():
             _hybrid(conv_stem=bad)
     with pytest.raises(ValueError, match="shrinks the image 8x"):
         _hybrid(conv_stem=(8, 8, 8), patch_size=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_operator_is_atens_gelu_bit_for_bit(dtype):
+    """vitlab::gelu (what a compiled CPU training graph calls) gives F.gelu's values and gradient."""
+    from vitlab.models import ops
+
+    x = torch.randn(64, 48, dtype=dtype, requires_grad=True)
+    g = torch.randn(64, 48, dtype=dtype)
+    ref = F.gelu(x)
+    (ref_grad,) = torch.autograd.grad(ref, x, g)
+    out = ops.gelu(x)
+    (grad,) = torch.autograd.grad(out, x, g)
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
+    assert torch.equal(ops.gelu_backward(g.float(), x.detach()), ref_grad)  # a wider grad is cast to x's dtype
+    # the registrations torch.compile relies on: fake (meta) kernels, autograd, schema
+    torch.library.opcheck(ops.gelu, (x.detach().requires_grad_(),))
+    torch.library.opcheck(ops.gelu_backward, (g, x.detach()))
+
+
+def test_compiled_cpu_training_graph_calls_the_gelu_operator_and_inference_does_not():
+    from vitlab.models.vit import GELU, Mlp
+
+    graphs = []
+
+    def record(gm, example_inputs):  # a dynamo backend that keeps the traced graph and runs it as is
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    mlp = Mlp(8, 16)
+    x = torch.randn(2, 3, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, backend=record)
+    compiled(x).sum().backward()
+    with torch.no_grad():
+        compiled(x)
+    torch._dynamo.reset()
+    assert len(graphs) == 2
+    assert "vitlab.gelu.default" in graphs[0]  # training: ATen's kernels as one opaque operator
+    assert "vitlab.gelu.default" not in graphs[1] and any("gelu" in t for t in graphs[1])  # inference: F.gelu
+    assert torch.equal(mlp.act(x), F.gelu(x))  # eager: plain F.gelu
+    tanh = GELU(approximate="tanh")  # nn.GELU's option is honoured, never swapped for the erf operator
+    assert torch.equal(torch.compile(tanh, backend=record)(x.requires_grad_()), F.gelu(x, approximate="tanh"))
+    assert "vitlab.gelu.default" not in graphs[-1]
+    exported = torch.export.export(mlp, (x,))  # an exported graph must run without vitlab: plain GELU
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "vitlab.gelu.default" not in targets and any("gelu" in t for t in targets)

@@ -178,13 +178,96 @@ def _matmul_step(dtype: torch.dtype, device=CPU):
     return lambda: x @ y
 
 
+_MATMULS = ("mm", "addmm", "bmm")  # the aten ops a ViT's products reach
+
+
+def _record_matmuls(fn) -> list:
+    """Run fn, recording each matmul it reaches: (op, [(shape, stride, dtype) or a plain arg])."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = {getattr(torch.ops.aten, name).default for name in _MATMULS}
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                seen.append((func, [(tuple(x.shape), x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x
+                                    for x in args], dict(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    with Recorder():
+        fn()
+    return seen
+
+
+def _matmul_alone_steps(a: dict, batch: int, dtype: torch.dtype | None, device=CPU):
+    """vitlab's own matmuls, alone: (training closure, inference closure). What a step would
+    cost if everything else (norms, GELU, softmax, casts, copies, the optimizer) were free.
+
+    The square matmul of the ceiling fills the matrix units in a way ViT-Tiny's 192- and
+    768-wide products cannot, so "MFU against the ceiling" mixes two things: how fast this
+    machine multiplies matrices *of these shapes*, and how much of the step is not matmuls.
+    Here one real eager step of vitlab's ViT (forward under autocast in `dtype`, cross-entropy,
+    backward) is run once with every matmul it reaches recorded: the op, each operand's shape,
+    strides and dtype. The closures replay exactly those calls on random tensors of the same
+    shapes and layouts (a Linear's weight gradient, say, multiplies a transposed operand, as
+    autograd issues it), so a setup's rate over this one is the share of its time spent in
+    those products. The patch projection is a convolution, not among them (0.1% of ViT-Tiny's
+    FLOPs). Inference replays a forward in eval mode with the explicit attention products
+    (inference itself runs them inside the fused attention kernel). Not a hard floor: another
+    layout can run faster (benchmarks/step_anatomy.py), and operands of the same shape share
+    one tensor, which keeps them warmer in cache than a real step's.
+    """
+    from .models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(**a).to(device)
+    x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"], device=device)
+    y = torch.randint(0, a["num_classes"], (batch,), device=device)
+
+    def train_step():
+        with _ctx(dtype, device):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+
+    def forward():
+        with _ctx(dtype, device):
+            model(x)
+
+    model.train()
+    train_calls = _record_matmuls(train_step)
+    model.eval()  # grad stays enabled: the explicit attention path, as training takes on a CPU
+    infer_calls = _record_matmuls(forward)
+    del model, x, y
+    pool = {}  # one random tensor per (shape, strides, dtype)
+
+    def operand(spec):
+        if not (isinstance(spec, tuple) and len(spec) == 3 and isinstance(spec[2], torch.dtype)):
+            return spec  # a plain argument (addmm's beta or alpha)
+        if spec not in pool:
+            pool[spec] = torch.empty_strided(spec[0], spec[1], dtype=spec[2], device=device).normal_()
+        return pool[spec]
+
+    def replay(calls):
+        bound = [(func, [operand(x) for x in args], kwargs) for func, args, kwargs in calls]
+
+        def run():
+            for func, args, kwargs in bound:
+                func(*args, **kwargs)  # the product is dropped: only its time counts
+        return run
+
+    return replay(train_calls), replay(infer_calls)
+
+
 # -- timing ---------------------------------------------------------------------------------
 
 def _ctx(dtype, device=CPU):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _median_rate(fn, batch: int, steps: int, warmup: int, device=CPU) -> float:
+def _median_rate(fn, batch: int, steps: int, warmup: int, device=CPU, mean: bool = False) -> float:
+    """Images/s over `steps` calls after `warmup`: from the median call, or (mean=True) from the
+    total time, as an epoch's wall time counts every step, slow ones included."""
     for _ in range(warmup):
         fn()
     times = []
@@ -194,7 +277,7 @@ def _median_rate(fn, batch: int, steps: int, warmup: int, device=CPU) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times)
+    return batch * steps / sum(times) if mean else batch / statistics.median(times)
 
 
 def _train_step(model: nn.Module, x, y, dtype, optimizer: str = "foreach"):
@@ -232,10 +315,11 @@ def _infer_step(model: nn.Module, x, dtype):
     return fwd
 
 
-def time_train(model: nn.Module, x, y, dtype, steps: int, warmup: int, optimizer: str = "foreach") -> float:
-    """Images/s of a full training step (median of `steps` after `warmup`)."""
+def time_train(model: nn.Module, x, y, dtype, steps: int, warmup: int, optimizer: str = "foreach",
+               mean: bool = False) -> float:
+    """Images/s of a full training step (median of `steps` after `warmup`; mean=True: over their total time)."""
     model.train()
-    return _median_rate(_train_step(model, x, y, dtype, optimizer), x.shape[0], steps, warmup, x.device)
+    return _median_rate(_train_step(model, x, y, dtype, optimizer), x.shape[0], steps, warmup, x.device, mean)
 
 
 def default_precision(device=CPU) -> tuple[torch.dtype | None, str]:
@@ -274,6 +358,12 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
     # the same machine
     units = [(name, "matmul", lambda: None, _matmul_step(dt or torch.float32, device), 1)
              for name, dt in dtypes.items()]
+    # the step's own matmuls alone, per dtype (see _matmul_alone_steps): what a row's rate is
+    # measured against besides the square ceiling
+    for name, dt in dtypes.items():
+        train_mm, infer_mm = _matmul_alone_steps(a, batch, dt, device)
+        units += [(f"{name} matmuls", "train", lambda: None, train_mm, 1),
+                  (f"{name} matmuls", "infer", lambda: None, infer_mm, 1)]
     for i, (impl, pname, dtype, compiled, opt) in enumerate(specs):
         torch.manual_seed(0)
         model = build(impl, a).to(device)
@@ -325,20 +415,27 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
     ceilings = {name: 2 * MATMUL_SIZE[device.type]**3 / min(times[(name, "matmul")]) / 1e9 for name in dtypes}
     log(f"  matmul ceiling (best of {len(times[('fp32', 'matmul')])} in the same rounds): "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in ceilings.items()))
+    # images/s of the matmuls alone (median over the rounds, as every row)
+    alone = {name: {kind: batch / statistics.median(times[(f"{name} matmuls", kind)]) for kind in ("train", "infer")}
+             for name in dtypes}
+    log("  the step's matmuls alone: " + ", ".join(
+        f"{k} {v['train']:.0f} img/s training, {v['infer']:.0f} inference" for k, v in alone.items()))
     rows = []
     for i, (impl, pname, dtype, compiled, opt) in enumerate(specs):
         tr, inf = (batch / statistics.median(times[(i, kind)]) for kind in ("train", "infer"))
         ceil = ceilings[pname]
         label = impl + (" compiled" if compiled else "") + (", foreach AdamW" if compiled and opt == "foreach" else "")
         row = dict(impl=label, precision=pname, train=tr, infer=inf,
-                   train_mfu=tr * ftrain / 1e9 / ceil, infer_mfu=inf * finfer / 1e9 / ceil)
+                   train_mfu=tr * ftrain / 1e9 / ceil, infer_mfu=inf * finfer / 1e9 / ceil,
+                   train_of_matmuls=tr / alone[pname]["train"], infer_of_matmuls=inf / alone[pname]["infer"])
         log(f"  {row['impl']:9s} {pname:5s} train {tr:7.0f} img/s ({100 * row['train_mfu']:4.1f}% MFU)   "
             f"infer {inf:7.0f} img/s ({100 * row['infer_mfu']:4.1f}% MFU)")
         rows.append(row)
     if frozen is not None:
         inf = batch / statistics.median(times[(frozen, "infer")])
         row = dict(impl="vitlab frozen", precision=dname, train=None, infer=inf, train_mfu=None,
-                   infer_mfu=inf * finfer / 1e9 / ceilings[dname])
+                   infer_mfu=inf * finfer / 1e9 / ceilings[dname], train_of_matmuls=None,
+                   infer_of_matmuls=inf / alone[dname]["infer"])
         log(f"  {row['impl']:9s} {dname:5s} train       - (inference only)     "
             f"infer {inf:7.0f} img/s ({100 * row['infer_mfu']:4.1f}% MFU); first call (compiling) "
             f"{frozen_first_call:.1f} s")
@@ -349,16 +446,24 @@ def compare(preset: str, batch: int, steps: int, warmup: int, impls=None, log=pr
     default_infer = rows[frozen]["infer"] if frozen is not None else default["infer"]
     ratios = {}
     get = {(r["impl"], r["precision"]): r for r in rows}
+    # and what each training target asks for, as a share of the default precision's matmuls
+    # alone: above 100%, a step would have to run faster than its own matmuls as autograd issues them
+    needs, targets = {}, dict(TARGETS)
     for impl, pname in [("hf", "bf16"), ("hf", "fp32"), ("textbook", "bf16"), ("textbook", "fp32")]:
         if (impl, pname) in get:
-            ratios[f"train_vs_{impl}_{pname}"] = default["train"] / get[(impl, pname)]["train"]
+            key, peer = f"train_vs_{impl}_{pname}", get[(impl, pname)]["train"]
+            ratios[key] = default["train"] / peer
+            if key in targets:
+                need = targets[key] * peer
+                needs[key] = dict(images_per_s=need, of_matmuls=need / alone[dname]["train"])
     peers = [r for r in rows if not r["impl"].startswith("vitlab")]
     if peers:
         best_peer = max(peers, key=lambda r: r["infer"])
         ratios["infer_vs_best_peer"] = default_infer / best_peer["infer"]
         ratios["best_peer_infer"] = f"{best_peer['impl']} {best_peer['precision']}"
     return dict(preset=preset, device=device.type, arch=a, batch=batch, steps=steps, rounds=rounds, flops_train=ftrain, flops_infer=finfer,
-                ceilings_gflops=ceilings, rows=rows, default_precision=dname, default_note=note,
+                ceilings_gflops=ceilings, matmuls_alone=alone, target_needs=needs, rows=rows,
+                default_precision=dname, default_note=note,
                 default_train=default["train"], default_infer=default_infer,
                 default_infer_impl="vitlab frozen" if frozen is not None else "vitlab compiled",
                 frozen_first_call_s=frozen_first_call,
@@ -383,30 +488,54 @@ def print_table(res: dict, log=print) -> None:
             log(f"  {key:26s} {r[key]:5.2f}x   (target >= {target}x: {ok})")
     m = res["default_train_mfu"]
     log(f"  {'train MFU (best ceiling)':26s} {100 * m:5.1f}%   (target >= 65%: {'meets' if m >= 0.65 else 'MISSES'})")
+    for line in needs_lines(res):
+        log("  " + line)
     if "loop" in res:
         lp = res["loop"]
         log(f"  {'full loop / bare step':26s} {100 * lp['ratio']:5.1f}%   "
             f"(target >= 90%: {'meets' if lp['ratio'] >= 0.9 else 'MISSES'})")
 
 
+def needs_lines(res: dict) -> list[str]:
+    """What each training target asks of the default step, against its matmuls alone."""
+    d = res["default_precision"]
+    out = []
+    for key, need in res.get("target_needs", {}).items():
+        target = dict(TARGETS)[key]
+        out.append(f"{target}x {key.removeprefix('train_vs_').replace('_', ' ')} = {need['images_per_s']:.0f} img/s "
+                   f"= {100 * need['of_matmuls']:.0f}% of the {d} step's matmuls alone "
+                   f"({res['matmuls_alone'][d]['train']:.0f} img/s)")
+    return out
+
+
 def markdown_table(res: dict) -> str:
     a = res["arch"]
-    lines = [f"{res['preset']} ({a['img_size']}x{a['img_size']}, patch {a['patch_size']}, {a['embed_dim']} dim, "
-             f"{a['depth']} layers, {a['num_heads']} heads, MLP {a['mlp_dim']}), batch {res['batch']}; "
-             "matmul ceiling here: " + ", ".join(f"{k} {v:.0f}" for k, v in res["ceilings_gflops"].items())
-             + " GFLOP/s",
-             "",
-             "| implementation | precision | train img/s | train MFU | infer img/s | infer MFU |",
-             "|---|---|---:|---:|---:|---:|"]
+    alone = res.get("matmuls_alone")  # absent from results written before 2026-11-27's afternoon
+    head = (f"{res['preset']} ({a['img_size']}x{a['img_size']}, patch {a['patch_size']}, {a['embed_dim']} dim, "
+            f"{a['depth']} layers, {a['num_heads']} heads, MLP {a['mlp_dim']}), batch {res['batch']}; "
+            "matmul ceiling here: " + ", ".join(f"{k} {v:.0f}" for k, v in res["ceilings_gflops"].items()) + " GFLOP/s")
+    if alone:
+        head += "; the step's own matmuls alone: " + ", ".join(
+            f"{k} {v['train']:.0f} img/s training, {v['infer']:.0f} inference" for k, v in alone.items())
+    lines = [head, ""]
+    if alone:
+        lines += ["| implementation | precision | train img/s | train MFU | train / its matmuls alone "
+                  "| infer img/s | infer MFU | infer / its matmuls alone |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["| implementation | precision | train img/s | train MFU | infer img/s | infer MFU |",
+                  "|---|---|---:|---:|---:|---:|"]
     infer_default = res.get("default_infer_impl", "vitlab compiled")
     for r in res["rows"]:
         dflt = r["precision"] == res["default_precision"]
         trains, infers = dflt and r["impl"] == "vitlab compiled", dflt and r["impl"] == infer_default
         star = (" (default)" if trains and infers else " (default training)" if trains
                 else " (default inference)" if infers else "")
-        train = ("-", "-") if r["train"] is None else (f"{r['train']:.0f}", f"{100 * r['train_mfu']:.0f}%")
-        lines.append(f"| {r['impl']}{star} | {r['precision']} | {train[0]} | {train[1]} | "
-                     f"{r['infer']:.0f} | {100 * r['infer_mfu']:.0f}% |")
+        train = ["-", "-"] if r["train"] is None else [f"{r['train']:.0f}", f"{100 * r['train_mfu']:.0f}%"]
+        infer = [f"{r['infer']:.0f}", f"{100 * r['infer_mfu']:.0f}%"]
+        if alone:
+            train.append("-" if r["train"] is None else f"{100 * r['train_of_matmuls']:.0f}%")
+            infer.append(f"{100 * r['infer_of_matmuls']:.0f}%")
+        lines.append(f"| {r['impl']}{star} | {r['precision']} | " + " | ".join(train + infer) + " |")
     return "\n".join(lines)
 
 
@@ -605,7 +734,8 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print, ro
     first plot imports matplotlib). An epoch of 30 steps makes the per-epoch writes weigh more than
     in a real run's 400-step epochs, so the figure errs low. The host's speed drifts by 10% or more
     over a minute, so bare-step and loop timings alternate (step, loop, step, loop, step) and the
-    ratio is mean over mean.
+    ratio is mean over mean. Each bare-step figure is 30 or more consecutive steps' images over
+    their total time, as an epoch's figure is.
     """
     import tempfile
 
@@ -621,7 +751,10 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print, ro
         model = create_model(preset, num_classes=6).to(device)
         x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"]).to(device)
         y = torch.randint(0, 6, (batch,)).to(device)
-        return time_train(model, x, y, dtype, steps, warmup, "engine")  # the loop's own optimizer
+        # the loop's own optimizer; images over the total time of `steps` steps in a row, as the
+        # loop's figure is an epoch's images over its wall time (a median step would flatter the
+        # bare step on a host whose speed drifts: a slow step counts in an epoch, not in a median)
+        return time_train(model, x, y, dtype, max(steps, 30), warmup, "engine", mean=True)
 
     def loop() -> float:
         with tempfile.TemporaryDirectory() as tmp:
@@ -721,6 +854,10 @@ def _print_markdown(res: dict) -> None:
     print(f"| train MFU (against the faster ceiling) | {100 * c['default_train_mfu']:.0f}% | 65% |")
     if "loop" in c:
         print(f"| full `vitlab train` loop / bare step | {100 * c['loop']['ratio']:.0f}% | 90% |")
+    needs = needs_lines(c)
+    if needs:
+        print("\nWhat the training targets ask, against the step's own matmuls timed alone:\n")
+        print("\n".join(f"- {line}" for line in needs))
     if c.get("frozen_first_call_s"):
         print(f"\nThe frozen copy's first call, which compiles it: {c['frozen_first_call_s']:.1f} s.")
     alloc = f"; allocator: {res['allocator']}" if "allocator" in res else ""

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import ops
+
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(x, int):
@@ -162,13 +164,32 @@ class Attention(nn.Module):
         return (out, attn) if return_attn else out
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch releases before it had none)
+
+
+class GELU(nn.GELU):
+    """Exact (erf) GELU, as in the original ViT and every checkpoint.
+
+    nn.GELU, except inside a compiled CPU graph that trains through it: there it calls ATen's
+    kernels as one opaque operator, because inductor's own GELU loop is slower on a CPU
+    (ops.py). Inference keeps inductor's lowering, which a frozen graph folds into the Linear
+    before it; torch.export (and the ONNX exporter on top of it) sees plain GELU.
+    """
+
+    def forward(self, x):
+        if (self.approximate == "none" and x.requires_grad and x.device.type == "cpu"
+                and torch.compiler.is_compiling() and not _is_exporting()):
+            return ops.gelu(x)
+        return F.gelu(x, approximate=self.approximate)
+
+
 class Mlp(nn.Module):
     """Linear -> exact GELU -> dropout -> Linear -> dropout, applied per token."""
 
     def __init__(self, dim, hidden_dim, drop=0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()  # erf GELU, as in the original ViT and every checkpoint
+        self.act = GELU()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)

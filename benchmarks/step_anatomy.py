@@ -1,0 +1,182 @@
+"""Why the ViT-Tiny training step runs at the rate it does on this CPU: its parts, timed one by one.
+
+    python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; about a minute
+
+Four measurements, each a median over repeats (this host's speed drifts, so compare within a section):
+
+1. matmuls: each Linear's three products at the step's shapes (rows = batch x tokens): the forward
+   (addmm with bias), the input gradient (grad @ W) and the weight gradient both ways autograd
+   issues it (grad^T @ x for qkv, x^T @ grad for the other three: a transposed operand either
+   way), and grad^T @ x with its transposed operand made contiguous first (the copy included).
+2. attention: the core (q, k, v -> softmax(q k^T / sqrt(d)) v) forward and backward, per block: the
+   explicit bf16 path vitlab trains with on a CPU, the same in fp32, and torch's
+   scaled_dot_product_attention (flash kernel, and the math fallback).
+3. GELU at the MLP's shape, forward and backward: ATen's kernels against inductor's compiled loop.
+4. the compiled training step with GELU as vitlab's opaque operator (vitlab.models.ops) against the
+   same step with nn.GELU, which inductor compiles itself: steps alternate pair by pair, the speed-up
+   is the median of the pairs' ratios.
+
+Writes benchmarks/results/step_anatomy.json (--out).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitlab.bench import _median_rate, arch_of, machine
+from vitlab.cli import Parser
+from vitlab.config import OptimConfig
+from vitlab.models import create_model
+from vitlab.train.optim import build_optimizer
+from vitlab.utils import atomic_write_text, make_dir, tune_allocator
+
+
+def ms(fn, repeats: int = 20, warmup: int = 4) -> float:
+    """Median wall time of fn in milliseconds (the benchmark's timer: one call = one "image")."""
+    return 1e3 / _median_rate(fn, 1, repeats, warmup)
+
+
+def matmuls(a: dict, batch: int, dtype) -> list[dict]:
+    rows = batch * ((a["img_size"] // a["patch_size"]) ** 2 + 1)
+    d, m = a["embed_dim"], a["mlp_dim"]
+    out = []
+    for name, (k, n) in {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, m), "fc2": (m, d)}.items():
+        x, w, b, g = (torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype),
+                      torch.randn(rows, n, dtype=dtype))
+        gflop = 2 * rows * k * n / 1e9
+        t = dict(forward=ms(lambda: torch.addmm(b, x, w.t())), input_grad=ms(lambda: g @ w),
+                 weight_grad_gT_x=ms(lambda: g.t() @ x), weight_grad_xT_g=ms(lambda: x.t() @ g),
+                 weight_grad_gT_x_copied=ms(lambda: g.t().contiguous() @ x))
+        out.append(dict(linear=name, shape=[rows, k, n], ms=t, gflops={key: gflop / v * 1e3 for key, v in t.items()}))
+        print(f"  {name:4s} ({rows}x{k} -> {n}): " + ", ".join(f"{key} {gflop / v * 1e3:.0f}" for key, v in t.items())
+              + " GFLOP/s")
+    return out
+
+
+def attention(a: dict, batch: int) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    h, n = a["num_heads"], (a["img_size"] // a["patch_size"]) ** 2 + 1
+    hd = a["embed_dim"] // h
+    qkv = torch.randn(batch, n, 3, h, hd, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(batch, h, n, hd, dtype=torch.bfloat16)
+
+    def split(dtype):
+        return qkv.permute(2, 0, 3, 1, 4).to(dtype).unbind(0)  # 3 x (B, h, N, d)
+
+    def explicit(dtype):
+        def run():
+            q, k, v = split(dtype)
+            out = ((q * hd**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+            out.backward(grad.to(dtype))
+        return run
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(*split(torch.bfloat16)).backward(grad)
+        return run
+
+    res = {"explicit_bf16": ms(explicit(torch.bfloat16)), "explicit_fp32": ms(explicit(torch.float32)),
+           "sdpa_flash_bf16": ms(sdpa(SDPBackend.FLASH_ATTENTION)), "sdpa_math_bf16": ms(sdpa(SDPBackend.MATH))}
+    print("  attention core forward + backward per block (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
+    return res
+
+
+def gelu(a: dict, batch: int) -> dict:
+    rows = batch * ((a["img_size"] // a["patch_size"]) ** 2 + 1)
+    fwd = torch.compile(lambda t: F.gelu(t))
+    bwd = torch.compile(lambda t, u: torch.ops.aten.gelu_backward(u, t))
+    res = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        x, g = torch.randn(rows, a["mlp_dim"], dtype=dtype), torch.randn(rows, a["mlp_dim"], dtype=dtype)
+        res[name] = {"aten_forward": ms(lambda: F.gelu(x)), "inductor_forward": ms(lambda: fwd(x)),
+                     "aten_backward": ms(lambda: torch.ops.aten.gelu_backward(g, x)),
+                     "inductor_backward": ms(lambda: bwd(x, g))}
+        print(f"  GELU {rows}x{a['mlp_dim']} {name} (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res[name].items()))
+    return res
+
+
+def gelu_operator_step(preset: str, batch: int, pairs: int) -> dict:
+    """Compiled bf16 steps, vitlab's GELU operator against inductor's own GELU, alternating."""
+    a = arch_of(preset)
+    x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
+    y = torch.randint(0, a["num_classes"], (batch,))
+
+    def make(own_gelu: bool):
+        torch.manual_seed(0)
+        model = create_model(preset)
+        if not own_gelu:
+            for blk in model.blocks:
+                blk.mlp.act = nn.GELU()  # inductor lowers this one itself
+        opt = build_optimizer(model, OptimConfig(), lr=1e-4)
+        compiled = torch.compile(model)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(compiled(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    steps = {"inductor_gelu": make(False), "vitlab_gelu_op": make(True)}
+    for fn in steps.values():
+        for _ in range(3):  # compiles
+            fn()
+    times = {k: [] for k in steps}
+    for i in range(pairs):
+        for k in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
+            t0 = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - t0)
+    ratios = [b / a_ for a_, b in zip(times["vitlab_gelu_op"], times["inductor_gelu"])]
+    q = statistics.quantiles(ratios, n=4)
+    res = dict(pairs=pairs, images_per_s={k: batch / statistics.median(v) for k, v in times.items()},
+               speedup_median=statistics.median(ratios), speedup_quartiles=[q[0], q[2]])
+    print(f"  compiled bf16 step: inductor's GELU {res['images_per_s']['inductor_gelu']:.0f} img/s, "
+          f"vitlab's GELU operator {res['images_per_s']['vitlab_gelu_op']:.0f} img/s; speed-up "
+          f"{res['speedup_median']:.3f}x (median of {pairs} pairs, quartiles {q[0]:.3f}-{q[2]:.3f})")
+    return res
+
+
+def main(argv=None) -> int:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_tiny_patch4_32")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--pairs", type=int, default=30, help="alternating step pairs for the GELU operator's timing")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if args.pairs < 2:
+        p.error("--pairs must be 2 or more (the quartiles need two)")
+    tune_allocator()  # as every `vitlab` command does
+    a = arch_of(args.model)
+    print(f"step anatomy, {args.model}, batch {args.batch_size}, on {machine()}")
+    res = dict(date=str(date.today()), machine=machine(),
+               command=" ".join(["python benchmarks/step_anatomy.py", *(argv if argv is not None else sys.argv[1:])]),
+               model=args.model, batch=args.batch_size)
+    print("matmuls (bf16):")
+    res["matmuls_bf16"] = matmuls(a, args.batch_size, torch.bfloat16)
+    print("attention:")
+    res["attention_ms"] = attention(a, args.batch_size)
+    print("GELU:")
+    res["gelu_ms"] = gelu(a, args.batch_size)
+    print("the compiled step, GELU operator or not:")
+    res["gelu_operator_step"] = gelu_operator_step(args.model, args.batch_size, args.pairs)
+    out = make_dir(Path(args.out)) / "step_anatomy.json"
+    atomic_write_text(out, json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
