@@ -179,4 +179,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vitlab.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as e:  # an unknown model, say: one line, exit status 2
+        print(f"step_anatomy.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
