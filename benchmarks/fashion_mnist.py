@@ -129,10 +129,6 @@ def _plot(curve, path, record):
 
 
 if __name__ == "__main__":
-    from vitlab.errors import UserError
+    from vitlab.cli import run_script
 
-    try:
-        sys.exit(main())
-    except UserError as e:  # a bad preset name, key or data directory: one line, exit status 2
-        print(f"fashion_mnist.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "fashion_mnist.py")

@@ -98,10 +98,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from vitlab.errors import UserError
+    from vitlab.cli import run_script
 
-    try:
-        sys.exit(main())
-    except UserError as e:  # an unknown model, say: one line, exit status 2
-        print(f"profile_step.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "profile_step.py")

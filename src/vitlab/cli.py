@@ -109,5 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run_script(main_fn, name: str):
+    """A benchmark script's entry point: exit with main_fn's status; bad input (a UserError: an
+    unknown model or preset, a missing data directory) is one line on stderr and exit status 2."""
+    try:
+        sys.exit(main_fn())
+    except UserError as e:
+        sys.stderr.write(f"{name}: error: {e}\n")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     sys.exit(main())
