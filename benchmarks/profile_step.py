@@ -3,10 +3,13 @@
     python benchmarks/profile_step.py                                   # ViT-Tiny CIFAR, batch 128, bf16
     python benchmarks/profile_step.py --precision fp32 --model vit_mini_patch4_32 --batch-size 64
     python benchmarks/profile_step.py --compile     # the compiled step, inductor's kernels by name
+    python benchmarks/profile_step.py --frozen      # inference: the frozen copy `vitlab eval` scores with
 
 The eager step (forward under autocast, cross-entropy, backward, the engine's AdamW), or with
 --compile the step `vitlab train` runs on a long run (torch.compile; each of inductor's generated
 kernels appears in the table under its own name), warmed up, then profiled over --steps steps.
+With --frozen, a forward pass of the frozen, compiled copy with weights in --precision
+(vitlab.train.inference), profiled over 10 x --steps calls.
 Prints the operators by self time and writes the table, the matmul share and its achieved rate
 to --out (text and JSON).
 """
@@ -30,7 +33,8 @@ from vitlab.models import create_model
 from vitlab.train.optim import build_optimizer
 from vitlab.utils import tune_allocator
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+# (mkldnn::_linear_pointwise: a frozen graph's Linear, its weight packed once, bias and GELU fused)
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")
 CASTS = ("aten::copy_",)
 
 
@@ -41,48 +45,61 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="profile the torch.compile'd step")
+    p.add_argument("--frozen", action="store_true", help="profile inference: the frozen, compiled copy")
     p.add_argument("--out", default="benchmarks/results/profile")
     args = p.parse_args(argv)
+    if args.compile and args.frozen:
+        p.error("--frozen profiles a compiled copy already: give --compile or --frozen, not both")
     tune_allocator()  # as every `vitlab` command does
     torch.manual_seed(0)
     model = create_model(args.model)
     opt = build_optimizer(model, OptimConfig(), lr=1e-4)
     run_model = model
-    if args.compile:
+    if args.compile or args.frozen:
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True  # each generated C++ kernel is a profiler event
-        run_model = torch.compile(model)
+        if args.compile:
+            run_model = torch.compile(model)
     a = arch_of(args.model)
     x = torch.randn(args.batch_size, a["in_chans"], a["img_size"], a["img_size"])
     y = torch.randint(0, a["num_classes"], (args.batch_size,))
     dtype = torch.bfloat16 if args.precision == "bf16" else None
+    calls = args.steps * (10 if args.frozen else 1)
 
-    def step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(run_model(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    if args.frozen:
+        from vitlab.train.inference import FrozenInference
 
-    for _ in range(3):  # with --compile the first compiles
+        frozen = FrozenInference(model.eval(), dtype)
+
+        def step():  # inference: one forward pass of the frozen copy
+            frozen(x)
+    else:
+        def step():
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(run_model(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # with --compile or --frozen the first compiles
         step()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(args.steps):
+        for _ in range(calls):
             step()
     wall = time.perf_counter() - t0
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)  # microseconds
     share = {e.key: e.self_cpu_time_total / total for e in events}
     mm_s = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e6
-    flops = vit_flops(a, True) * args.batch_size * args.steps
+    flops = vit_flops(a, not args.frozen) * args.batch_size * calls
     table = events.table(sort_by="self_cpu_time_total", row_limit=20)
     top = sorted(share.items(), key=lambda kv: -kv[1])[:12]
     res = dict(date=str(date.today()), machine=machine(), command=" ".join(["python benchmarks/profile_step.py",
                                  *(argv if argv is not None else sys.argv[1:])]), model=args.model, batch=args.batch_size,
-               precision=args.precision, compiled=args.compile, steps=args.steps,
-               images_per_s_profiled=args.batch_size * args.steps / wall,
+               precision=args.precision, compiled=args.compile, steps=args.steps, frozen=args.frozen, calls=calls,
+               images_per_s_profiled=args.batch_size * calls / wall,
                matmul_share=sum(share.get(k, 0) for k in MATMULS), matmul_gflops=flops / mm_s / 1e9,
                cast_share=sum(share.get(k, 0) for k in CASTS), top_self_time_share=dict(top))
     print(table)
@@ -90,7 +107,8 @@ def main(argv=None) -> int:
           f"copies (dtype casts) {100 * res['cast_share']:.0f}%")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.model}-{args.precision}-b{args.batch_size}" + ("-compiled" if args.compile else "")
+    stem = (f"{args.model}-{args.precision}-b{args.batch_size}" + ("-frozen" if args.frozen else "")
+            + ("-compiled" if args.compile and not args.frozen else ""))
     (out / f"{stem}.txt").write_text(table + "\n")
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out / (stem + '.json')}")

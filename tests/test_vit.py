@@ -97,6 +97,58 @@ def test_fused_equals_explicit_in_train_mode_without_dropout():
     torch.testing.assert_close(model(x), model(x, return_attn=True)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_attention_kernel_rule(monkeypatch):
+    # explicit softmax(QK^T)V where it is faster on a CPU (training, bf16 inference), sdpa for fp32
+    # inference and for an inference batch whose (B, h, N, N) weights would be too big to hold
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    model = create_model("vit_mini_patch4_32").eval()
+    x, depth = small_input(model), len(model.blocks)
+
+    def fused_calls(fn):
+        calls.clear()
+        fn()
+        return len(calls)
+
+    assert fused_calls(lambda: model(x)) == 0  # grad enabled: the training path
+    with torch.no_grad():
+        assert fused_calls(lambda: model(x)) == depth  # fp32 inference
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fused_calls(lambda: model(x)) == 0  # bf16 inference
+    attn = model.blocks[0].attn
+    h, n, d = attn.num_heads, 65, attn.head_dim
+    q = torch.empty(1, h, n, d, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert attn._explicit(q, n)
+        big = q.expand(2**28 // (h * n * n) + 1, h, n, d)  # a view: nothing allocated
+        assert not attn._explicit(big, n)
+        attn.path = "explicit"  # the benchmark's override wins over the rule
+        assert attn._explicit(big, n)
+        attn.path = "sdpa"
+        assert not attn._explicit(q, n)
+
+
+def test_bf16_explicit_attention_matches_sdpa():
+    # the two kernels compute the same thing in bf16: within bf16's rounding of the logits
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4_32").eval()
+    x = small_input(model, batch=4)
+    with torch.no_grad():
+        ref = model(x)  # fp32
+        out = {}
+        for path in ("explicit", "sdpa"):
+            for m in model.modules():
+                if isinstance(m, Attention):
+                    m.path = path
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out[path] = model(x).float()
+    for path, o in out.items():
+        assert ((o - ref).norm() / ref.norm()).item() < 0.03, path
+    assert ((out["explicit"] - out["sdpa"]).norm() / ref.norm()).item() < 0.03
+
+
 def test_attention_against_hand_computation():
     torch.manual_seed(0)
     attn = Attention(dim=8, num_heads=2).eval()

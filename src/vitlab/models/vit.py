@@ -123,6 +123,10 @@ class Attention(nn.Module):
     is h * d (the seed notebook's choice), so qkv is D -> 3*h*d and proj h*d -> D.
     """
 
+    # "auto" (the rule in _explicit), "explicit" or "sdpa": which kernel computes attention when the
+    # weights are not asked for. Set per module to compare the two (benchmarks/attention_path.py).
+    path = "auto"
+
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
         self.num_heads = num_heads
@@ -136,6 +140,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.inner_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def _explicit(self, q: torch.Tensor, n: int) -> bool:
+        if self.path != "auto":
+            return self.path == "explicit"
+        if q.device.type != "cpu":
+            return False
+        if torch.is_grad_enabled():
+            return True
+        # inference: explicit in bf16, where torch's CPU kernels are slower; fp32 inference keeps
+        # sdpa (faster there), and so does a batch whose (B, h, N, N) weights would pass 2^28
+        # elements (512 MiB in bf16), which the fused kernels never hold
+        return q.dtype == torch.bfloat16 and q.shape[0] * self.num_heads * n * n <= 2**28
+
     def forward(self, x: torch.Tensor, return_attn: bool = False):
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
@@ -147,16 +163,16 @@ class Attention(nn.Module):
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
             attn = logits.float().softmax(dim=-1)
             out = F.dropout(attn, drop, self.training).to(v.dtype) @ v  # (B, h, N, d)
-        elif x.device.type == "cpu" and torch.is_grad_enabled():
-            # CPU training: for ViT-sized sequences (N ~ 50-200) two batched
-            # matmuls and a softmax beat the CPU flash kernel, whose backward
-            # pass was a third of the whole step (benchmarks/throughput.py).
+        elif self._explicit(q, N):
+            # CPU: for ViT-sized sequences (N ~ 50-600) two batched matmuls and a softmax beat
+            # torch's fused kernels in training (the flash backward was a third of the whole step)
+            # and in bf16 inference (benchmarks/throughput.py, benchmarks/attention_path.py)
             attn = None
             w = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
             out = F.dropout(w, drop, self.training) @ v  # (B, h, N, d)
         else:
-            # Fused path (GPU, and inference everywhere): never materialises
-            # the (N, N) matrix on the flash/efficient kernels.
+            # Fused path (GPU, fp32 inference on a CPU, a very large inference batch): never
+            # materialises the (N, N) matrix on the flash/efficient kernels.
             attn = None
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(B, N, self.inner_dim)  # (B, N, h*d)

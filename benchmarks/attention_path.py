@@ -1,0 +1,172 @@
+"""Which attention kernel vitlab's inference should use on a CPU: explicit softmax(QK^T)V or sdpa.
+
+    python benchmarks/attention_path.py            # four models, three inference modes; about 6 minutes
+
+vitlab trains with the explicit path on a CPU (benchmarks/step_anatomy.py: torch's fused backward is
+slow there). For inference the choice is open, so each model is timed both ways in three modes:
+
+- frozen: the compiled copy with bf16 weights that `vitlab eval` scores a long job with
+  (vitlab.train.inference.FrozenInference);
+- eager bf16: the model under bf16 autocast (`vitlab predict`, short jobs);
+- eager fp32.
+
+The two paths alternate call by call (this host's speed drifts within minutes); the speed-up is the
+median of the pairs' time ratios, sdpa / explicit, with its quartiles. Each bf16 mode's logits are
+also compared with the fp32 model's (relative error), for both paths. vitlab's rule (Attention._explicit)
+is read from the result: explicit where it is faster.
+
+The frozen copy's first call compiles it. Within one process the second path's compile reuses the
+first's kernels from inductor's cache, so the compile time is timed apart: the frozen copy's first
+call in a fresh process with an empty cache, once per path (--no-cold to skip it).
+
+Writes benchmarks/results/attention_path.json (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from vitlab.bench import machine
+from vitlab.cli import Parser
+from vitlab.models import create_model
+from vitlab.models.vit import Attention
+from vitlab.train.inference import FrozenInference
+from vitlab.utils import atomic_write_text, make_dir, tune_allocator
+
+# (label, preset, image size, batch): tokens from 65 to 577
+CASES = {
+    "tiny32": ("ViT-Tiny CIFAR (65 tokens), batch 128", "vit_tiny_patch4_32", 32, 128),
+    "small224": ("ViT-S/16 224 (197 tokens), batch 32", "vit_small_patch16_224", 224, 32),
+    "base224": ("ViT-B/16 224 (197 tokens), batch 16", "vit_base_patch16_224", 224, 16),
+    "small384": ("ViT-S/16 384 (577 tokens), batch 8", "vit_small_patch16_224", 384, 8),
+}
+MODES = ("frozen", "eager_bf16", "eager_fp32")
+
+
+def with_path(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.path = path
+    return model
+
+
+def runner(model: torch.nn.Module, mode: str):
+    """A call that scores the batch in `mode` and returns the logits in fp32."""
+    if mode == "frozen":
+        frozen = FrozenInference(model, torch.bfloat16)
+        return lambda x: frozen(x)
+
+    def eager(x):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "eager_bf16"):
+            return model(x).float()
+    return eager
+
+
+def one_case(preset: str, img: int, batch: int, pairs: int, log=print) -> dict:
+    torch.manual_seed(0)
+    base = create_model(preset, img_size=img).eval()
+    x = torch.randn(batch, 3, img, img)
+    with torch.inference_mode():
+        ref = with_path(base, "sdpa")(x).float()  # fp32, the reference for the bf16 modes' error
+    res = {}
+    for mode in MODES:
+        fns = {}
+        for p in ("explicit", "sdpa"):
+            m = create_model(preset, img_size=img).eval()
+            m.load_state_dict(base.state_dict())
+            fns[p] = runner(with_path(m, p), mode)
+        err = {}
+        for p, fn in fns.items():  # warm-up (the frozen copy compiles on its first call) and accuracy
+            t0 = time.perf_counter()
+            out = fn(x)
+            first = time.perf_counter() - t0
+            fn(x)
+            err[p] = ((out - ref).norm() / ref.norm()).item()
+            log(f"    {mode:10s} {p:8s} first call {first:5.1f} s, logits vs fp32: {100 * err[p]:.2f}% relative error")
+        times = {p: [] for p in fns}
+        for i in range(pairs):
+            for p in (("explicit", "sdpa") if i % 2 == 0 else ("sdpa", "explicit")):
+                t0 = time.perf_counter()
+                fns[p](x)
+                times[p].append(time.perf_counter() - t0)
+        ratios = [s / e for e, s in zip(times["explicit"], times["sdpa"])]
+        q = statistics.quantiles(ratios, n=4)
+        rate = {p: batch / statistics.median(t) for p, t in times.items()}
+        res[mode] = dict(images_per_s=rate, explicit_speedup=statistics.median(ratios),
+                         speedup_quartiles=[q[0], q[2]], logits_rel_error=err)
+        log(f"  {mode:10s} explicit {rate['explicit']:7.1f} img/s, sdpa {rate['sdpa']:7.1f} img/s: explicit "
+            f"{res[mode]['explicit_speedup']:.3f}x (quartiles {q[0]:.3f}-{q[2]:.3f}, {pairs} pairs)")
+    return res
+
+
+def cold_first_call(case: str, path: str) -> float:
+    """Seconds of the frozen copy's first call (the compile) in a fresh process, empty inductor cache."""
+    with tempfile.TemporaryDirectory() as cache:
+        out = subprocess.run([sys.executable, __file__, "--first-call", case, path], check=True, text=True,
+                             capture_output=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+    return float(out.stdout.split()[-1])
+
+
+def first_call(case: str, path: str) -> None:
+    _, preset, img, batch = CASES[case]
+    frozen = FrozenInference(with_path(create_model(preset, img_size=img).eval(), path), torch.bfloat16)
+    x = torch.randn(batch, 3, img, img)
+    t0 = time.perf_counter()
+    frozen(x)
+    print(time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--pairs", type=int, default=12, help="alternating call pairs per mode")
+    p.add_argument("--no-cold", action="store_true", help="skip the compile times in fresh processes")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--first-call", nargs=2, help=argparse.SUPPRESS)  # (the cold compile's child process)
+    args = p.parse_args(argv)
+    if args.first_call:
+        tune_allocator()
+        first_call(*args.first_call)
+        return 0
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown or not cases:
+        p.error(f"unknown case {', '.join(unknown) or '(none given)'}; choose from {', '.join(CASES)}")
+    if args.pairs < 2:
+        p.error("--pairs must be 2 or more (the quartiles need two)")
+    tune_allocator()  # as every `vitlab` command does
+    print(f"attention path for CPU inference, on {machine()}")
+    res = dict(date=str(date.today()), machine=machine(),
+               command=" ".join(["python benchmarks/attention_path.py", *(argv if argv is not None else sys.argv[1:])]),
+               cases={})
+    for c in cases:
+        label, preset, img, batch = CASES[c]
+        print(f"{label}:")
+        res["cases"][c] = dict(label=label, preset=preset, img_size=img, batch=batch,
+                               **one_case(preset, img, batch, args.pairs))
+        if not args.no_cold:
+            cold = {path: cold_first_call(c, path) for path in ("explicit", "sdpa")}
+            res["cases"][c]["frozen"]["cold_first_call_s"] = cold
+            print(f"  frozen copy's first call, fresh process and cache: explicit {cold['explicit']:.1f} s, "
+                  f"sdpa {cold['sdpa']:.1f} s")
+    out = make_dir(Path(args.out)) / "attention_path.json"
+    atomic_write_text(out, json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from vitlab.cli import run_script
+
+    run_script(main, "attention_path.py")
