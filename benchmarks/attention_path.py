@@ -19,6 +19,12 @@ The frozen copy's first call compiles it. Within one process the second path's c
 first's kernels from inductor's cache, so the compile time is timed apart: the frozen copy's first
 call in a fresh process with an empty cache, once per path (--no-cold to skip it).
 
+With --checkpoint RUN, a trained run's test set is also scored both ways, through `vitlab eval`'s
+own scoring (vitlab.train.evaluate.score): frozen bf16, eager bf16 and eager fp32, top-1 accuracy and
+loss per path, and how many test images the two paths label differently.
+
+    python benchmarks/attention_path.py --checkpoint runs/fm --data-dir ../shared/data/fashion-mnist
+
 Writes benchmarks/results/attention_path.json (--out).
 """
 
@@ -127,11 +133,38 @@ def first_call(case: str, path: str) -> None:
     print(time.perf_counter() - t0)
 
 
+def score_run(checkpoint: str, data_dir: str | None, log=print) -> dict:
+    """A trained run's test set scored with each path and mode: accuracy, loss, and how far apart
+    the two paths' confusion matrices are (half their L1 distance: at least that many images got
+    another label)."""
+    from vitlab.train.checkpoint import load_model, resolve_weights
+    from vitlab.train.evaluate import data_config_for, score
+
+    model, meta = load_model(resolve_weights(checkpoint))
+    cfg = data_config_for(meta, None, data_dir)
+    res = {}
+    for mode, precision, compile in (("frozen", "bf16", True), ("eager_bf16", "bf16", False),
+                                     ("eager_fp32", "fp32", False)):
+        conf, res[mode] = {}, {}
+        for path in ("explicit", "sdpa"):
+            r, *_ = score(with_path(model, path), meta, cfg, "test", precision=precision, compile=compile)
+            conf[path] = r["confusion"]
+            res[mode][path] = dict(acc=r["acc"], loss=r["loss"], n=r["n"])
+            log(f"  {mode:10s} {path:8s} top-1 {r['acc']:.2f}%  loss {r['loss']:.4f}  ({r['n']} images)")
+        moved = int((conf["explicit"] - conf["sdpa"]).abs().sum().item()) // 2
+        res[mode]["relabelled_at_least"] = moved
+        log(f"  {mode:10s} at least {moved} test images labelled differently by the two paths")
+    with_path(model, "auto")
+    return res
+
+
 def main(argv=None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--pairs", type=int, default=12, help="alternating call pairs per mode")
     p.add_argument("--no-cold", action="store_true", help="skip the compile times in fresh processes")
+    p.add_argument("--checkpoint", metavar="RUN_DIR_OR_FILE", help="also score this run's test set both ways")
+    p.add_argument("--data-dir", help="its data root (default: the run's)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--first-call", nargs=2, help=argparse.SUPPRESS)  # (the cold compile's child process)
     args = p.parse_args(argv)
@@ -141,10 +174,14 @@ def main(argv=None) -> int:
         return 0
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
-    if unknown or not cases:
+    if unknown or not (cases or args.checkpoint):
         p.error(f"unknown case {', '.join(unknown) or '(none given)'}; choose from {', '.join(CASES)}")
     if args.pairs < 2:
         p.error("--pairs must be 2 or more (the quartiles need two)")
+    if args.checkpoint:
+        from vitlab.train.checkpoint import resolve_weights
+
+        resolve_weights(args.checkpoint)  # a missing run fails now, not after the timings
     tune_allocator()  # as every `vitlab` command does
     print(f"attention path for CPU inference, on {machine()}")
     res = dict(date=str(date.today()), machine=machine(),
@@ -160,6 +197,9 @@ def main(argv=None) -> int:
             res["cases"][c]["frozen"]["cold_first_call_s"] = cold
             print(f"  frozen copy's first call, fresh process and cache: explicit {cold['explicit']:.1f} s, "
                   f"sdpa {cold['sdpa']:.1f} s")
+    if args.checkpoint:
+        print(f"{args.checkpoint}, test set:")
+        res["run"] = dict(checkpoint=args.checkpoint, **score_run(args.checkpoint, args.data_dir))
     out = make_dir(Path(args.out)) / "attention_path.json"
     atomic_write_text(out, json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
