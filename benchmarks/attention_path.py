@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,7 @@ import torch
 
 from vitlab.bench import machine
 from vitlab.cli import Parser
+from vitlab.errors import RunFailed
 from vitlab.models import create_model
 from vitlab.models.vit import Attention
 from vitlab.train.inference import FrozenInference
@@ -71,7 +73,13 @@ def runner(model: torch.nn.Module, mode: str):
     """A call that scores the batch in `mode` and returns the logits in fp32."""
     if mode == "frozen":
         frozen = FrozenInference(model, torch.bfloat16)
-        return lambda x: frozen(x)
+
+        def run(x):
+            out = frozen(x)
+            if frozen.note:  # it fell back to eager: these would not be the frozen copy's times
+                raise RunFailed(f"the frozen copy did not compile: {frozen.note}")
+            return out
+        return run
 
     def eager(x):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "eager_bf16"):
@@ -119,8 +127,11 @@ def one_case(preset: str, img: int, batch: int, pairs: int, log=print) -> dict:
 def cold_first_call(case: str, path: str) -> float:
     """Seconds of the frozen copy's first call (the compile) in a fresh process, empty inductor cache."""
     with tempfile.TemporaryDirectory() as cache:
-        out = subprocess.run([sys.executable, __file__, "--first-call", case, path], check=True, text=True,
+        out = subprocess.run([sys.executable, __file__, "--first-call", case, path], text=True,
                              capture_output=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RunFailed(f"the compile-time child process ({case}, {path}) failed: {last}")
     return float(out.stdout.split()[-1])
 
 
@@ -178,14 +189,18 @@ def main(argv=None) -> int:
         p.error(f"unknown case {', '.join(unknown) or '(none given)'}; choose from {', '.join(CASES)}")
     if args.pairs < 2:
         p.error("--pairs must be 2 or more (the quartiles need two)")
+    if args.data_dir and not args.checkpoint:
+        p.error("--data-dir is the data of --checkpoint's run: give --checkpoint too")
     if args.checkpoint:
         from vitlab.train.checkpoint import resolve_weights
 
-        resolve_weights(args.checkpoint)  # a missing run fails now, not after the timings
+        resolve_weights(args.checkpoint)  # a missing run or data fails now, not after the timings
+        if args.data_dir and not Path(args.data_dir).is_dir():
+            p.error(f"--data-dir {args.data_dir} is not a directory")
     tune_allocator()  # as every `vitlab` command does
     print(f"attention path for CPU inference, on {machine()}")
     res = dict(date=str(date.today()), machine=machine(),
-               command=" ".join(["python benchmarks/attention_path.py", *(argv if argv is not None else sys.argv[1:])]),
+               command=shlex.join(["python", "benchmarks/attention_path.py", *(argv if argv is not None else sys.argv[1:])]),
                cases={})
     for c in cases:
         label, preset, img, batch = CASES[c]

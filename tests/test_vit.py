@@ -116,14 +116,23 @@ def test_cpu_attention_kernel_rule(monkeypatch):
     with torch.no_grad():
         assert fused_calls(lambda: model(x)) == depth  # fp32 inference
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert fused_calls(lambda: model(x)) == 0  # bf16 inference
+            assert fused_calls(lambda: model(x)) == 0  # bf16 inference under autocast
+        bf16 = create_model("vit_mini_patch4_32").eval().to(torch.bfloat16)
+        assert fused_calls(lambda: bf16(x.bfloat16())) == 0  # bf16 weights (the frozen copy's case)
     attn = model.blocks[0].attn
-    h, n, d = attn.num_heads, 65, attn.head_dim
+    h, d = attn.num_heads, attn.head_dim
+    n = 64  # h * n * n divides 2^28 (h = 4 here), so the limit itself is a batch size
+    assert 2**28 % (h * n * n) == 0
     q = torch.empty(1, h, n, d, dtype=torch.bfloat16)
     with torch.no_grad():
         assert attn._explicit(q, n)
-        big = q.expand(2**28 // (h * n * n) + 1, h, n, d)  # a view: nothing allocated
-        assert not attn._explicit(big, n)
+        edge = 2**28 // (h * n * n)
+        assert attn._explicit(q.expand(edge, h, n, d), n)  # a view: nothing allocated
+        assert not attn._explicit(q.expand(edge + 1, h, n, d), n)
+        big = q.expand(edge + 1, h, n, d)
+        with pytest.raises(ValueError, match="'auto', 'explicit' or 'sdpa'"):
+            attn.path = "Explicit"
+            attn._explicit(q, n)
         attn.path = "explicit"  # the benchmark's override wins over the rule
         assert attn._explicit(big, n)
         attn.path = "sdpa"

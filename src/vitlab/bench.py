@@ -214,7 +214,7 @@ def _matmul_alone_steps(a: dict, batch: int, dtype: torch.dtype | None, device=C
     autograd issues it), so a setup's rate over this one is the share of its time spent in
     those products. The patch projection is a convolution, not among them (0.1% of ViT-Tiny's
     FLOPs). Inference replays a forward in eval mode with the explicit attention products
-    (inference itself runs them inside the fused attention kernel). Not a hard floor: another
+    (as vitlab's bf16 inference on a CPU runs them; fp32 inference runs sdpa's kernel). Not a hard floor: another
     layout can run faster (benchmarks/step_anatomy.py), and operands of the same shape share
     one tensor, which keeps them warmer in cache than a real step's.
     """

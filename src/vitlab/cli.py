@@ -111,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_script(main_fn, name: str):
     """A benchmark script's entry point: exit with main_fn's status; bad input (a UserError: an
-    unknown model or preset, a missing data directory) is one line on stderr and exit status 2."""
+    unknown model or preset, a missing data directory) is one line on stderr and exit status 2; a run
+    that cannot go on (RunFailed) one line and exit status 1."""
     try:
         sys.exit(main_fn())
     except UserError as e:
         sys.stderr.write(f"{name}: error: {e}\n")
         sys.exit(2)
+    except RunFailed as e:
+        sys.stderr.write(f"{name}: error: {e}\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

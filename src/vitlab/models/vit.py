@@ -142,14 +142,17 @@ class Attention(nn.Module):
 
     def _explicit(self, q: torch.Tensor, n: int) -> bool:
         if self.path != "auto":
+            if self.path not in ("explicit", "sdpa"):
+                raise ValueError(f"Attention.path is 'auto', 'explicit' or 'sdpa', got {self.path!r}")
             return self.path == "explicit"
         if q.device.type != "cpu":
             return False
         if torch.is_grad_enabled():
             return True
         # inference: explicit in bf16, where torch's CPU kernels are slower; fp32 inference keeps
-        # sdpa (faster there), and so does a batch whose (B, h, N, N) weights would pass 2^28
-        # elements (512 MiB in bf16), which the fused kernels never hold
+        # sdpa (no clear winner there, and it holds no (N, N) matrix), and so does a batch whose
+        # (B, h, N, N) logits would pass 2^28 elements (512 MiB in bf16; the softmax's output is
+        # alive beside them, about 1 GiB together), which the fused kernels never hold
         return q.dtype == torch.bfloat16 and q.shape[0] * self.num_heads * n * n <= 2**28
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):

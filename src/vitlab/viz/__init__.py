@@ -4,8 +4,8 @@
     maps = attention_maps(model, images)          # dict of tensors, see attention_maps
     fig = plot_rollout(raw_image, maps["rollout"][0])
 
-Works on models trained with fused attention: the weights are requested per
-call from the model's explicit attention path. Importing this package does
+Works on any model whatever attention kernel it trained or scores with: the weights
+are requested per call from the model's explicit attention path. Importing this package does
 not import matplotlib; the plotting names load it on first use.
 """
 
