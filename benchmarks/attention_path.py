@@ -1,6 +1,7 @@
 """Which attention kernel vitlab's inference should use on a CPU: explicit softmax(QK^T)V or sdpa.
 
-    python benchmarks/attention_path.py            # four models, three inference modes; about 6 minutes
+    python benchmarks/attention_path.py              # inference: four models, three modes; about 15 minutes
+    python benchmarks/attention_path.py --modes train_bf16,train_fp32 --pairs 8   # training; about 12
 
 vitlab trains with the explicit path on a CPU (benchmarks/step_anatomy.py: torch's fused backward is
 slow there). For inference the choice is open, so each model is timed both ways in three modes:
@@ -8,7 +9,9 @@ slow there). For inference the choice is open, so each model is timed both ways 
 - frozen: the compiled copy with bf16 weights that `vitlab eval` scores a long job with
   (vitlab.train.inference.FrozenInference);
 - eager bf16: the model under bf16 autocast (`vitlab predict`, short jobs);
-- eager fp32.
+- eager fp32;
+- and, to check the training rule (vitlab always takes the explicit path there), with --modes
+  train_bf16,train_fp32: an eager forward and backward under bf16 autocast or in fp32.
 
 The two paths alternate call by call (this host's speed drifts within minutes); the speed-up is the
 median of the pairs' time ratios, sdpa / explicit, with its quartiles. Each bf16 mode's logits are
@@ -43,6 +46,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from vitlab.bench import machine
 from vitlab.cli import Parser
@@ -59,7 +63,8 @@ CASES = {
     "base224": ("ViT-B/16 224 (197 tokens), batch 16", "vit_base_patch16_224", 224, 16),
     "small384": ("ViT-S/16 384 (577 tokens), batch 8", "vit_small_patch16_224", 384, 8),
 }
-MODES = ("frozen", "eager_bf16", "eager_fp32")
+MODES = ("frozen", "eager_bf16", "eager_fp32", "train_bf16", "train_fp32")
+INFERENCE = MODES[:3]  # the default
 
 
 def with_path(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -70,7 +75,19 @@ def with_path(model: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 def runner(model: torch.nn.Module, mode: str):
-    """A call that scores the batch in `mode` and returns the logits in fp32."""
+    """A call that runs the batch in `mode`: inference returns the logits in fp32; training (forward
+    and backward, eager, as `vitlab finetune` runs a big model on a CPU) returns the loss's logits."""
+    if mode.startswith("train"):
+        model.train()
+        target = torch.zeros(1, dtype=torch.long)
+
+        def train(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "train_bf16"):
+                out = model(x).float()
+            F.cross_entropy(out, target.expand(x.shape[0])).backward()
+            model.zero_grad(set_to_none=True)
+            return out.detach()
+        return train
     if mode == "frozen":
         frozen = FrozenInference(model, torch.bfloat16)
 
@@ -87,14 +104,14 @@ def runner(model: torch.nn.Module, mode: str):
     return eager
 
 
-def one_case(preset: str, img: int, batch: int, pairs: int, log=print) -> dict:
+def one_case(preset: str, img: int, batch: int, pairs: int, modes=INFERENCE, log=print) -> dict:
     torch.manual_seed(0)
     base = create_model(preset, img_size=img).eval()
     x = torch.randn(batch, 3, img, img)
     with torch.inference_mode():
         ref = with_path(base, "sdpa")(x).float()  # fp32, the reference for the bf16 modes' error
     res = {}
-    for mode in MODES:
+    for mode in modes:
         fns = {}
         for p in ("explicit", "sdpa"):
             m = create_model(preset, img_size=img).eval()
@@ -172,6 +189,7 @@ def score_run(checkpoint: str, data_dir: str | None, log=print) -> dict:
 def main(argv=None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--modes", default=",".join(INFERENCE), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--pairs", type=int, default=12, help="alternating call pairs per mode")
     p.add_argument("--no-cold", action="store_true", help="skip the compile times in fresh processes")
     p.add_argument("--checkpoint", metavar="RUN_DIR_OR_FILE", help="also score this run's test set both ways")
@@ -187,6 +205,9 @@ def main(argv=None) -> int:
     unknown = [c for c in cases if c not in CASES]
     if unknown or not (cases or args.checkpoint):
         p.error(f"unknown case {', '.join(unknown) or '(none given)'}; choose from {', '.join(CASES)}")
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        p.error(f"--modes takes a comma-separated list from {', '.join(MODES)}; got {args.modes!r}")
     if args.pairs < 2:
         p.error("--pairs must be 2 or more (the quartiles need two)")
     if args.data_dir and not args.checkpoint:
@@ -198,7 +219,7 @@ def main(argv=None) -> int:
         if args.data_dir and not Path(args.data_dir).is_dir():
             p.error(f"--data-dir {args.data_dir} is not a directory")
     tune_allocator()  # as every `vitlab` command does
-    print(f"attention path for CPU inference, on {machine()}")
+    print(f"attention path on a CPU (explicit or sdpa), on {machine()}")
     res = dict(date=str(date.today()), machine=machine(),
                command=shlex.join(["python", "benchmarks/attention_path.py", *(argv if argv is not None else sys.argv[1:])]),
                cases={})
@@ -206,8 +227,8 @@ def main(argv=None) -> int:
         label, preset, img, batch = CASES[c]
         print(f"{label}:")
         res["cases"][c] = dict(label=label, preset=preset, img_size=img, batch=batch,
-                               **one_case(preset, img, batch, args.pairs))
-        if not args.no_cold:
+                               **one_case(preset, img, batch, args.pairs, modes))
+        if not args.no_cold and "frozen" in modes:
             cold = {path: cold_first_call(c, path) for path in ("explicit", "sdpa")}
             res["cases"][c]["frozen"]["cold_first_call_s"] = cold
             print(f"  frozen copy's first call, fresh process and cache: explicit {cold['explicit']:.1f} s, "
