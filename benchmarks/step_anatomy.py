@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitlab.bench import _median_rate, arch_of, machine
+from vitlab.bench import _median_rate, alternate, arch_of, machine, speedup
 from vitlab.cli import Parser
 from vitlab.config import OptimConfig
 from vitlab.models import create_model
@@ -133,19 +132,13 @@ def gelu_operator_step(preset: str, batch: int, pairs: int) -> dict:
     for fn in steps.values():
         for _ in range(3):  # compiles
             fn()
-    times = {k: [] for k in steps}
-    for i in range(pairs):
-        for k in (list(steps) if i % 2 == 0 else list(steps)[::-1]):
-            t0 = time.perf_counter()
-            steps[k]()
-            times[k].append(time.perf_counter() - t0)
-    ratios = [b / a_ for a_, b in zip(times["vitlab_gelu_op"], times["inductor_gelu"])]
-    q = statistics.quantiles(ratios, n=4)
+    times = alternate(steps, pairs)
+    med, q = speedup(times, "vitlab_gelu_op", "inductor_gelu")
     res = dict(pairs=pairs, images_per_s={k: batch / statistics.median(v) for k, v in times.items()},
-               speedup_median=statistics.median(ratios), speedup_quartiles=[q[0], q[2]])
+               speedup_median=med, speedup_quartiles=q)
     print(f"  compiled bf16 step: inductor's GELU {res['images_per_s']['inductor_gelu']:.0f} img/s, "
           f"vitlab's GELU operator {res['images_per_s']['vitlab_gelu_op']:.0f} img/s; speed-up "
-          f"{res['speedup_median']:.3f}x (median of {pairs} pairs, quartiles {q[0]:.3f}-{q[2]:.3f})")
+          f"{res['speedup_median']:.3f}x (median of {pairs} pairs, quartiles {q[0]:.3f}-{q[1]:.3f})")
     return res
 
 

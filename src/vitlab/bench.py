@@ -280,6 +280,27 @@ def _median_rate(fn, batch: int, steps: int, warmup: int, device=CPU, mean: bool
     return batch * steps / sum(times) if mean else batch / statistics.median(times)
 
 
+def alternate(fns: dict, pairs: int) -> dict[str, list[float]]:
+    """Seconds per call of two closures run turn about, the order flipped every pair, so that a drift
+    of the host's speed hits both alike (benchmarks/step_anatomy.py, benchmarks/attention_path.py)."""
+    names = list(fns)
+    times = {k: [] for k in names}
+    for i in range(pairs):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def speedup(times: dict[str, list[float]], fast: str, slow: str) -> tuple[float, list[float]]:
+    """`fast`'s speed-up over `slow` from alternate()'s times: the median of the pairs' time ratios
+    and their quartiles."""
+    ratios = [s / f for f, s in zip(times[fast], times[slow])]
+    q = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), [q[0], q[2]]
+
+
 def _train_step(model: nn.Module, x, y, dtype, optimizer: str = "foreach"):
     """One full training step as a closure: forward, loss, backward, AdamW step.
 
