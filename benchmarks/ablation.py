@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vitlab.bench import machine
 from vitlab.cli import Parser
+from vitlab.utils import write_json
 
 
 def main(argv=None) -> int:
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     record = json.loads((src / "ablation.json").read_text())
     record.update(date=str(date.today()), machine=machine(), wall_minutes=round((time.time() - t0) / 60, 1),
                   command="python benchmarks/ablation.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    (out / "ablation.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_json(out / "ablation.json", record)
     print((out / "ablation.md").read_text())
     print(f"wrote {out}/ablation.md, ablation.png, ablation.json")
     return 0

@@ -27,7 +27,6 @@ its own, as a user's script would run them (glibc's defaults), pair by pair; all
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -39,7 +38,7 @@ from datetime import date
 from pathlib import Path
 
 from vitlab.cli import Parser
-from vitlab.utils import atomic_write_text
+from vitlab.utils import write_json
 
 WORKLOADS = ("tiny_train", "tiny_infer", "mini_train")
 
@@ -120,7 +119,7 @@ def summary(ra: list, rb: list, names: tuple[str, str]) -> dict:
 
 def report(res: dict, path: Path, header: str, rows: list[str]) -> None:
     """Write the record and print its markdown table (the README's) with the provenance line."""
-    atomic_write_text(path, json.dumps(res, indent=1) + "\n")
+    write_json(path, res)
     print("\n" + "\n".join([header, *rows]))
     print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`_")
     print(f"wrote {path}")

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import os
 import shlex
 import statistics
@@ -56,7 +55,7 @@ from vitlab.errors import RunFailed
 from vitlab.models import create_model
 from vitlab.models.vit import Attention
 from vitlab.train.inference import FrozenInference
-from vitlab.utils import atomic_write_text, make_dir, tune_allocator
+from vitlab.utils import tune_allocator, write_json
 
 # (label, preset, image size, batch): tokens from 65 to 577
 CASES = {
@@ -229,8 +228,7 @@ def main(argv=None) -> int:
     if args.checkpoint:
         print(f"{args.checkpoint}, test set:")
         res["run"] = dict(checkpoint=args.checkpoint, **score_run(args.checkpoint, args.data_dir))
-    out = make_dir(Path(args.out)) / "attention_path.json"
-    atomic_write_text(out, json.dumps(res, indent=1) + "\n")
+    out = write_json(Path(args.out) / "attention_path.json", res)
     print(f"wrote {out}")
     return 0
 

@@ -17,12 +17,10 @@ after --warmup untimed ones.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +32,7 @@ from vitlab.config import AugConfig
 from vitlab.data import DatasetInfo, TensorSplit, build_train_transform, make_loader, make_shapes
 from vitlab.data import augment as A
 from vitlab.data.mix import Mixer
-from vitlab.utils import tune_allocator
+from vitlab.utils import tune_allocator, write_json
 
 RECIPE = AugConfig(crop_padding=4, pad_mode="reflect", hflip=0.5, randaugment_n=2, randaugment_m=9,
                    mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, switch_prob=0.5, erasing=0.25)
@@ -134,8 +132,7 @@ def main(argv=None) -> int:
                       pipeline_ms=round(pipeline_ms, 3), pipeline_images_per_s=round(B / pipeline_ms * 1000, 1),
                       step_ms=round(step_ms, 3), share=round(share, 4), target_share=0.05,
                       recipe={k: getattr(RECIPE, k) for k in RECIPE.__dataclass_fields__})
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
 

@@ -27,7 +27,7 @@ from vitlab.bench import machine
 from vitlab.cli import Parser
 from vitlab.config import build_config, parse_overrides
 from vitlab.train.engine import train
-from vitlab.utils import atomic_write_text, tune_allocator
+from vitlab.utils import atomic_write_text, tune_allocator, write_json
 
 
 def finished(run: Path, epochs: int) -> bool:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
               "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "distill.json", json.dumps(record, indent=1) + "\n")
+    write_json(out / "distill.json", record)
     md = _markdown(record)
     atomic_write_text(out / "distill.md", md + "\n")
     _plot(record, out / "distill.png")

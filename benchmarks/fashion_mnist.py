@@ -27,7 +27,7 @@ from vitlab.bench import machine
 from vitlab.cli import Parser
 from vitlab.config import build_config, parse_overrides
 from vitlab.train.engine import train
-from vitlab.utils import atomic_write_text, tune_allocator
+from vitlab.utils import tune_allocator, write_json
 
 
 def main(argv=None) -> int:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         record["final_tta_seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{name}.json", json.dumps(record, indent=1))
+    write_json(out / f"{name}.json", record)
     _plot(curve, out / f"{name}.png", record)
     tta = f" ({record['final_test_acc_tta']:.2f}% with flip TTA)" if "final_test_acc_tta" in record else ""
     if args.final_tta != "none":

@@ -27,7 +27,7 @@ from datetime import date
 from pathlib import Path
 
 from vitlab.cli import Parser
-from vitlab.utils import tune_allocator
+from vitlab.utils import atomic_write_text, tune_allocator, write_json
 
 MINI = dict(embed_dim=128, depth=4, num_heads=4, mlp_dim=256, in_chans=1, num_classes=10)
 HYBRID = dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64))  # the preset's model (rounds 3 and 4)
@@ -191,8 +191,8 @@ def main(argv=None) -> int:
     record = {"benchmark": "fashion_mnist_sweep", "date": str(date.today()), "device": args.device,
               "minutes": args.minutes, "command": "python benchmarks/fashion_mnist_sweep.py " + " ".join(
                   sys.argv[1:] if argv is None else argv), "recipe": RECIPE, "results": results}
-    (out / f"{tag}.json").write_text(json.dumps(record, indent=1))
-    (out / f"{tag}.md").write_text(table + "\n")
+    write_json(out / f"{tag}.json", record)
+    atomic_write_text(out / f"{tag}.md", table + "\n")
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from vitlab.cli import Parser
+from vitlab.utils import write_json
 
 SPLITS = {"trnid": 1020, "valid": 1020, "tstid": 6149}  # Flowers102's official split sizes
 CLASSES = 102
@@ -129,9 +130,7 @@ def main(argv=None) -> int:
                test_images=test["n"], test_pass_s=test.get("seconds"),
                batch_size=next((int(line.split(":")[1]) for line in cfg.splitlines()
                                 if line.strip().startswith("batch_size:")), None))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune_speed.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(Path(args.out) / "finetune_speed.json", res)
     print(json.dumps(res, indent=1))
     return 0
 

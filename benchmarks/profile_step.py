@@ -16,7 +16,6 @@ to --out (text and JSON).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from datetime import date
@@ -31,7 +30,7 @@ from vitlab.cli import Parser
 from vitlab.config import OptimConfig
 from vitlab.models import create_model
 from vitlab.train.optim import build_optimizer
-from vitlab.utils import tune_allocator
+from vitlab.utils import atomic_write_text, tune_allocator, write_json
 
 # (mkldnn::_linear_pointwise: a frozen graph's Linear, its weight packed once, bias and GELU fused)
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")
@@ -93,7 +92,8 @@ def main(argv=None) -> int:
     total = sum(e.self_cpu_time_total for e in events)  # microseconds
     share = {e.key: e.self_cpu_time_total / total for e in events}
     mm_s = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e6
-    flops = vit_flops(a, not args.frozen) * args.batch_size * calls
+    # the FLOPs the model does: its last block for [CLS] alone, unless switched off
+    flops = vit_flops(a, not args.frozen, prefix_only=model.prefix_only_last_block) * args.batch_size * calls
     table = events.table(sort_by="self_cpu_time_total", row_limit=20)
     top = sorted(share.items(), key=lambda kv: -kv[1])[:12]
     res = dict(date=str(date.today()), machine=machine(), command=" ".join(["python benchmarks/profile_step.py",
@@ -106,12 +106,10 @@ def main(argv=None) -> int:
     print(f"matmuls {100 * res['matmul_share']:.0f}% of self time at {res['matmul_gflops']:.0f} GFLOP/s; "
           f"copies (dtype casts) {100 * res['cast_share']:.0f}%")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = (f"{args.model}-{args.precision}-b{args.batch_size}" + ("-frozen" if args.frozen else "")
             + ("-compiled" if args.compile and not args.frozen else ""))
-    (out / f"{stem}.txt").write_text(table + "\n")
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {out / (stem + '.json')}")
+    print(f"wrote {write_json(out / f'{stem}.json', res)}")
+    atomic_write_text(out / f"{stem}.txt", table + "\n")
     return 0
 
 

@@ -18,7 +18,6 @@ none of the three libraries imports (nothing was compared).
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import tempfile
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # to_google_npz: the .npz layout as the
 from vitlab.cli import Parser  # noqa: E402
 from vitlab.models import build_from_arch  # noqa: E402
 from vitlab.models.pretrained import load_pretrained  # noqa: E402
+from vitlab.utils import write_json  # noqa: E402
 
 TOL = 1e-4
 
@@ -211,10 +211,8 @@ def main(argv=None) -> int:
     res = dict(date=str(date.today()), machine=f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
                command="python benchmarks/reference_equivalence.py " + " ".join(argv or sys.argv[1:]),
                libraries=libs, tolerance=TOL, cases=rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reference_equivalence.json").write_text(json.dumps(res, indent=1) + "\n")
-    print(f"{sum(r['ok'] for r in rows)}/{len(rows)} cases agree; wrote {out / 'reference_equivalence.json'}")
+    path = write_json(Path(args.out) / "reference_equivalence.json", res)
+    print(f"{sum(r['ok'] for r in rows)}/{len(rows)} cases agree; wrote {path}")
     if not rows:
         print("nothing was compared: none of timm, torchvision and transformers imports here", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """Why the ViT-Tiny training step runs at the rate it does on this CPU: its parts, timed one by one.
 
-    python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; about a minute
+    python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; about two minutes
 
 Four measurements, each a median over repeats (this host's speed drifts, so compare within a section):
 
@@ -15,13 +15,15 @@ Four measurements, each a median over repeats (this host's speed drifts, so comp
 4. the compiled training step with GELU as vitlab's opaque operator (vitlab.models.ops) against the
    same step with nn.GELU, which inductor compiles itself: steps alternate pair by pair, the speed-up
    is the median of the pairs' ratios.
+5. the last block run for the prefix tokens alone (VisionTransformer.prefix_only_last_block, on by
+   default) against the full last block, alternating in the same way: the compiled bf16 training
+   step, and the frozen bf16 inference copy.
 
 Writes benchmarks/results/step_anatomy.json (--out).
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from datetime import date
@@ -36,7 +38,7 @@ from vitlab.cli import Parser
 from vitlab.config import OptimConfig
 from vitlab.models import create_model
 from vitlab.train.optim import build_optimizer
-from vitlab.utils import atomic_write_text, make_dir, tune_allocator
+from vitlab.utils import tune_allocator, write_json
 
 
 def ms(fn, repeats: int = 20, warmup: int = 4) -> float:
@@ -105,18 +107,17 @@ def gelu(a: dict, batch: int) -> dict:
     return res
 
 
-def gelu_operator_step(preset: str, batch: int, pairs: int) -> dict:
-    """Compiled bf16 steps, vitlab's GELU operator against inductor's own GELU, alternating."""
+def compiled_steps(preset: str, batch: int, variants: dict) -> dict:
+    """One compiled bf16 training step (AdamW included) per variant: {name: edit(model) or None}."""
     a = arch_of(preset)
     x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
     y = torch.randint(0, a["num_classes"], (batch,))
 
-    def make(own_gelu: bool):
+    def make(edit):
         torch.manual_seed(0)
         model = create_model(preset)
-        if not own_gelu:
-            for blk in model.blocks:
-                blk.mlp.act = nn.GELU()  # inductor lowers this one itself
+        if edit is not None:
+            edit(model)
         opt = build_optimizer(model, OptimConfig(), lr=1e-4)
         compiled = torch.compile(model)
 
@@ -128,17 +129,59 @@ def gelu_operator_step(preset: str, batch: int, pairs: int) -> dict:
             opt.zero_grad(set_to_none=True)
         return step
 
-    steps = {"inductor_gelu": make(False), "vitlab_gelu_op": make(True)}
+    return {name: make(edit) for name, edit in variants.items()}
+
+
+def paired(steps: dict, fast: str, slow: str, batch: int, pairs: int, what: str) -> dict:
+    """Warm both (compiling), alternate them pair by pair, report `fast`'s speed-up over `slow`."""
     for fn in steps.values():
         for _ in range(3):  # compiles
             fn()
     times = alternate(steps, pairs)
-    med, q = speedup(times, "vitlab_gelu_op", "inductor_gelu")
+    med, q = speedup(times, fast, slow)
     res = dict(pairs=pairs, images_per_s={k: batch / statistics.median(v) for k, v in times.items()},
                speedup_median=med, speedup_quartiles=q)
-    print(f"  compiled bf16 step: inductor's GELU {res['images_per_s']['inductor_gelu']:.0f} img/s, "
-          f"vitlab's GELU operator {res['images_per_s']['vitlab_gelu_op']:.0f} img/s; speed-up "
-          f"{res['speedup_median']:.3f}x (median of {pairs} pairs, quartiles {q[0]:.3f}-{q[1]:.3f})")
+    print(f"  {what}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in res["images_per_s"].items())
+          + f"; {fast} {med:.3f}x (median of {pairs} pairs, quartiles {q[0]:.3f}-{q[1]:.3f})")
+    return res
+
+
+def gelu_operator_step(preset: str, batch: int, pairs: int) -> dict:
+    """Compiled bf16 steps, vitlab's GELU operator against inductor's own GELU, alternating."""
+    def inductor_gelu(model):
+        for blk in model.blocks:
+            blk.mlp.act = nn.GELU()  # inductor lowers this one itself
+
+    steps = compiled_steps(preset, batch, {"inductor_gelu": inductor_gelu, "vitlab_gelu_op": None})
+    return paired(steps, "vitlab_gelu_op", "inductor_gelu", batch, pairs, "compiled bf16 step")
+
+
+def prefix_only_last_block(preset: str, batch: int, pairs: int) -> dict:
+    """The last block for the prefix tokens alone (VisionTransformer.prefix_only_last_block, the
+    default) against the full last block: the default training step, and the frozen bf16 copy
+    that long inference jobs use."""
+    from vitlab.train.inference import FrozenInference
+
+    def full(model):
+        model.prefix_only_last_block = False
+
+    res = {}
+    steps = compiled_steps(preset, batch, {"full_last_block": full, "prefix_only": None})
+    res["train_compiled_bf16"] = paired(steps, "prefix_only", "full_last_block", batch, pairs,
+                                        "compiled bf16 training step")
+    del steps
+    a = arch_of(preset)
+    x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
+    base = create_model(preset).eval()
+    fulls = create_model(preset).eval()
+    fulls.load_state_dict(base.state_dict())
+    full(fulls)
+    copies = {"full_last_block": FrozenInference(fulls, torch.bfloat16), "prefix_only": FrozenInference(base, torch.bfloat16)}
+    res["logits_max_abs_diff_frozen"] = (copies["full_last_block"](x) - copies["prefix_only"](x)).abs().max().item()
+    steps = {k: (lambda f=f: f(x)) for k, f in copies.items()}
+    res["infer_frozen_bf16"] = paired(steps, "prefix_only", "full_last_block", batch, 3 * pairs,
+                                      "frozen bf16 inference")
+    print(f"  frozen copies' logits differ by at most {res['logits_max_abs_diff_frozen']:.3g}")
     return res
 
 
@@ -146,7 +189,7 @@ def main(argv=None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--pairs", type=int, default=30, help="alternating step pairs for the GELU operator's timing")
+    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4 and 5 (inference: 3x as many)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     if args.pairs < 2:
@@ -165,8 +208,9 @@ def main(argv=None) -> int:
     res["gelu_ms"] = gelu(a, args.batch_size)
     print("the compiled step, GELU operator or not:")
     res["gelu_operator_step"] = gelu_operator_step(args.model, args.batch_size, args.pairs)
-    out = make_dir(Path(args.out)) / "step_anatomy.json"
-    atomic_write_text(out, json.dumps(res, indent=1) + "\n")
+    print("the last block for the prefix tokens only, or the full last block:")
+    res["prefix_only_last_block"] = prefix_only_last_block(args.model, args.batch_size, args.pairs)
+    out = write_json(Path(args.out) / "step_anatomy.json", res)
     print(f"wrote {out}")
     return 0
 

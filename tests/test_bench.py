@@ -18,15 +18,20 @@ from vitlab.cli import main as cli_main
 from vitlab.models import VisionTransformer
 
 
+@pytest.mark.parametrize("prefix_only", [True, False])
 @pytest.mark.parametrize("preset", ["vit_tiny_patch4_32", "vit_tiny", "vit_base_patch16_224"])
-def test_flop_formula_matches_torch_flop_counter(preset):
+def test_flop_formula_matches_torch_flop_counter(preset, prefix_only):
     a = arch_of(preset)
     with torch.device("meta"):
         model = VisionTransformer(**a)
+        model.prefix_only_last_block = prefix_only
         x = torch.empty(1, a["in_chans"], a["img_size"], a["img_size"])
         with FlopCounterMode(display=False) as fwd:
             model(x)
-    assert vit_flops(a, training=False) == pytest.approx(fwd.get_total_flops(), rel=1e-9)
+    assert vit_flops(a, training=False, prefix_only=prefix_only) == pytest.approx(fwd.get_total_flops(), rel=1e-9)
+    # the last block for [CLS] alone saves most of one block in depth: ViT-Tiny/CIFAR's is 13.8%
+    saved = 1 - vit_flops(a, False, prefix_only=True) / vit_flops(a, False)
+    assert 0.7 / a["depth"] < saved < 1 / a["depth"]
 
 
 class _Products(TorchDispatchMode):
@@ -66,10 +71,15 @@ def test_matmuls_alone_replay_a_real_steps_products_layouts_included(preset):
         train()
     assert Counter(replayed.seen) == Counter(real.seen) and len(real.seen) > 10 * a["depth"]
     patch = 2 * (a["img_size"] // a["patch_size"]) ** 2 * a["in_chans"] * a["patch_size"] ** 2 * a["embed_dim"]
-    assert train_flops.get_total_flops() == 2 * (vit_flops(a, training=True) - 3 * patch)
+    assert train_flops.get_total_flops() == 2 * (vit_flops(a, training=True, prefix_only=True) - 3 * patch)
     with FlopCounterMode(display=False) as infer_flops:
         infer()
-    assert infer_flops.get_total_flops() == 2 * (vit_flops(a, training=False) - patch)
+    assert infer_flops.get_total_flops() == 2 * (vit_flops(a, training=False, prefix_only=True) - patch)
+    # full=True: the products of a model that computes every token's output in its last block (the peers')
+    train_full, _ = _matmul_alone_steps(a, 2, None, torch.device("cpu"), full=True)
+    with FlopCounterMode(display=False) as full_flops:
+        train_full()
+    assert full_flops.get_total_flops() == 2 * (vit_flops(a, training=True) - 3 * patch)
     # in the step's dtype: under bf16 autocast every product is bf16
     train_bf16, _ = _matmul_alone_steps(a, 2, torch.bfloat16, torch.device("cpu"))
     with _DtypesOf() as seen:
@@ -124,6 +134,13 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
     assert need["images_per_s"] == pytest.approx(1.3 * textbook_bf16)
     assert need["of_matmuls"] == pytest.approx(need["images_per_s"] / alone["train"])
     assert default["train_of_matmuls"] == pytest.approx(default["train"] / alone["train"])
+    # a peer computes its last block for every token: its share is of the full block's matmuls alone
+    full = res["matmuls_alone_full_last_block"][res["default_precision"]]
+    textbook_row = next(r for r in res["rows"] if (r["impl"], r["precision"]) == ("textbook", res["default_precision"]))
+    assert textbook_row["train_of_matmuls"] == pytest.approx(textbook_row["train"] / full["train"])
+    ceiling = res["ceilings_gflops"][res["default_precision"]]
+    assert textbook_row["train_mfu"] == pytest.approx(textbook_row["train"] * res["flops_train"] / 1e9 / ceiling)
+    assert default["train_mfu"] == pytest.approx(default["train"] * res["flops_train_vitlab"] / 1e9 / ceiling)
     out = capsys.readouterr().out
     assert "| vitlab" in out and "MFU" in out
     assert cli_main(["bench", "--markdown", "--out", str(tmp_path)]) == 0
@@ -132,6 +149,8 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
     assert f"| vitlab frozen (default inference) | {res['default_precision']} | - | - |" in table
     assert f"| vitlab compiled (default training) | {res['default_precision']} |" in table
     assert "the step's own matmuls alone" in table and "1.3x textbook bf16 = " in table
+    peer_mfu = default["train"] * res["flops_train"] / 1e9 / max(res["ceilings_gflops"].values())
+    assert f"| the same, counting the peers' FLOPs per image (full last block) | {100 * peer_mfu:.0f}% |" in table
 
 
 def test_bench_rejects_a_resnet_or_unknown_model_in_one_line_before_any_output(capsys):
@@ -172,16 +191,16 @@ def test_timed_calls_are_interleaved_across_setups_so_a_drift_hits_all_alike(mon
 
     calls = []
     monkeypatch.setattr(bench, "_matmul_step", lambda dtype, device=None: lambda: calls.append(("matmul", str(dtype), False)))
-    monkeypatch.setattr(bench, "_matmul_alone_steps", lambda a, batch, dtype, device: tuple(
-        (lambda kind=kind: calls.append(("matmuls alone", (str(dtype), kind), False))) for kind in ("train", "infer")))
+    monkeypatch.setattr(bench, "_matmul_alone_steps", lambda a, batch, dtype, device, full=False: tuple(
+        (lambda kind=kind: calls.append(("matmuls alone", (str(dtype), kind, full), False))) for kind in ("train", "infer")))
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
     monkeypatch.setattr(bench, "_train_step", lambda model, x, y, dtype, opt="foreach": lambda: calls.append(("train", id(model), model.training)))
     monkeypatch.setattr(bench, "_infer_step", lambda model, x, dtype: lambda: calls.append(("infer", id(model), model.training)))
     res = bench.compare("vit_mini_patch4_32", batch=2, steps=5, warmup=1, impls=["vitlab", "textbook"],
                         log=lambda *a: None)
     # a training and an inference unit per setup, the frozen copy's inference, a matmul per dtype,
-    # the step's matmuls alone per dtype for training and for inference
-    n_units = 2 * (len(res["rows"]) - 1) + 1 + 2 + 4
+    # the step's matmuls alone per dtype for training and for inference, vitlab's and the peers'
+    n_units = 2 * (len(res["rows"]) - 1) + 1 + 2 + 8
     assert res["rounds"] == 5 and len(res["rows"]) == 7
     # warm-up: one call per unit, but two for each of the two compiled setups' two units and the frozen one
     n_warm = n_units + 5
@@ -194,7 +213,7 @@ def test_timed_calls_are_interleaved_across_setups_so_a_drift_hits_all_alike(mon
     assert all(rounds[r] == rounds[0][r * shift:] + rounds[0][:r * shift] for r in range(5))
     assert all(tr == (k == "train") for k, _, tr in calls)  # train steps in train mode, inference in eval mode
     assert sum(k == "matmul" for k, _ in timed) == 2 * 5  # the ceilings are timed in the same rounds
-    assert sum(k == "matmuls alone" for k, _ in timed) == 4 * 5  # and the step's matmuls alone
+    assert sum(k == "matmuls alone" for k, _ in timed) == 8 * 5  # and the step's matmuls alone
 
 
 def test_each_figure_is_the_median_over_rounds_and_the_ceiling_the_best_matmul(monkeypatch):
@@ -219,9 +238,10 @@ def test_each_figure_is_the_median_over_rounds_and_the_ceiling_the_best_matmul(m
 
     monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(bench, "_matmul_step", lambda dtype, device=None: unit((lambda: next(fp32_mm)) if dtype == torch.float32 else 1.0))
-    # the matmuls alone: 0.1 s per training step in fp32, 0.05 s inference; bf16 twice as fast
-    monkeypatch.setattr(bench, "_matmul_alone_steps", lambda a, batch, dtype, device: tuple(
-        unit(seconds / (2 if dtype == torch.bfloat16 else 1)) for seconds in (0.1, 0.05)))
+    # the matmuls alone: 0.1 s per training step in fp32, 0.05 s inference; bf16 twice as fast;
+    # with the full last block (the peers' products) 0.125 s and 0.0625 s
+    monkeypatch.setattr(bench, "_matmul_alone_steps", lambda a, batch, dtype, device, full=False: tuple(
+        unit(seconds * (1.25 if full else 1) / (2 if dtype == torch.bfloat16 else 1)) for seconds in (0.1, 0.05)))
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
     monkeypatch.setattr(bench, "_train_step", train_step)
     monkeypatch.setattr(bench, "_infer_step", lambda model, x, dtype: unit(0.5))
@@ -236,7 +256,12 @@ def test_each_figure_is_the_median_over_rounds_and_the_ceiling_the_best_matmul(m
     assert row["infer"] == pytest.approx(4 / 0.5)
     assert res["matmuls_alone"]["fp32"] == pytest.approx({"train": 40.0, "infer": 80.0})
     assert res["matmuls_alone"]["bf16"] == pytest.approx({"train": 80.0, "infer": 160.0})
+    assert res["matmuls_alone_full_last_block"]["fp32"] == pytest.approx({"train": 32.0, "infer": 64.0})
     assert row["train_of_matmuls"] == pytest.approx(20 / 40) and row["infer_of_matmuls"] == pytest.approx(8 / 80)
+    # vitlab's MFU counts the FLOPs its forward does (the last block for [CLS] alone)
+    a = bench.arch_of("vit_mini_patch4_32")
+    assert res["flops_train_vitlab"] == bench.vit_flops(a, True, prefix_only=True) < res["flops_train"]
+    assert row["train_mfu"] == pytest.approx(20 * res["flops_train_vitlab"] / 1e9 / res["ceilings_gflops"]["fp32"])
     # no peers here, so no training target to size; with the default's own rows only, none is asked
     assert res["target_needs"] == {}
 

@@ -118,6 +118,22 @@ def test_an_output_path_that_cannot_be_a_folder_is_a_user_error(tmp_path):
     assert make_dir(tmp_path / "a" / "b").is_dir()
 
 
+def test_write_json_makes_its_folder_and_leaves_no_partial_file(tmp_path):
+    import json
+
+    from vitlab.errors import UserError
+    from vitlab.utils import write_json
+
+    path = write_json(tmp_path / "new" / "deeper" / "r.json", {"a": [1, 2.5], "b": None})
+    assert json.loads(path.read_text()) == {"a": [1, 2.5], "b": None} and path.read_text().endswith("}\n")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a folder"):  # a benchmark's --out FILE
+        write_json(tmp_path / "file" / "r.json", {})
+    with pytest.raises(TypeError):  # not JSON: nothing is written, the old record stays whole
+        write_json(path, {"x": object()})
+    assert json.loads(path.read_text())["a"] == [1, 2.5]
+
+
 def test_unknown_key_names_the_closest_valid_key():
     with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
         parse_overrides(["--optim.lrr", "1"])

@@ -49,9 +49,12 @@ def test_frozen_copy_keeps_fp32_weights_when_asked():
 def test_forward_flops_counts_one_image():
     model = create_model("vit_mini_patch4_32", num_classes=10).eval()
     one = forward_flops(model, torch.zeros(3, 3, 32, 32))
-    # by hand: 4 blocks of 65 tokens at 128 wide (qkv 3x, proj 1x, MLP 2 x 256) plus attention's
-    # two (65 x 65 x 128) products, the patch projection (64 patches, 48 -> 128) and the head
-    blocks = 4 * 2 * 65 * (128 * 384 + 128 * 128 + 2 * 128 * 256) + 4 * 2 * 2 * 65 * 65 * 128
+    # by hand: 3 blocks of 65 tokens at 128 wide (qkv 3x, proj 1x, MLP 2 x 256) plus attention's
+    # two (65 x 65 x 128) products; the last block for [CLS] alone (keys and values of all 65 tokens,
+    # [CLS]'s query, proj and MLP, its row of attention); the patch projection (64 patches, 48 -> 128)
+    # and the head
+    blocks = 3 * 2 * 65 * (128 * 384 + 128 * 128 + 2 * 128 * 256) + 3 * 2 * 2 * 65 * 65 * 128
+    blocks += 2 * 65 * 128 * 256 + 2 * (128 * 128 + 128 * 128 + 2 * 128 * 256) + 2 * 2 * 65 * 128
     assert one == pytest.approx(blocks + 2 * 64 * 48 * 128 + 2 * 128 * 10, rel=1e-6)
 
 

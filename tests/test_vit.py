@@ -272,6 +272,66 @@ def test_avg_pool_uses_patch_tokens_only():
     torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats[:, 1:].mean(1))
 
 
+@pytest.mark.parametrize("name, kw", [("vit_tiny_patch4_32", {"drop_path_rate": 0.2}),
+                                      ("deit_tiny_distilled_patch4_32", {}),
+                                      ("vit_mini_patch4_32", {"layer_scale": 0.1, "qkv_bias": False})])
+def test_last_block_for_the_prefix_tokens_alone_gives_the_same_logits_and_gradients(name, kw):
+    """forward() runs the last block for [CLS] (and [DIST]) alone: the same logits and gradients as
+    the full block, in training (stochastic depth, gradient checkpointing) and eval."""
+    torch.manual_seed(0)
+    model = create_model(name, **kw)
+    x = small_input(model, batch=3)
+    fc1_rows = []
+    model.blocks[-1].mlp.fc1.register_forward_hook(lambda m, i, o: fc1_rows.append(i[0].shape[1]))
+
+    def run(prefix_only, train, checkpointing=False):
+        model.train(train)
+        model.prefix_only_last_block = prefix_only
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same stochastic-depth draws both ways
+        out = model(x)
+        out = torch.cat(out, 1) if isinstance(out, tuple) else out
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    n, prefix = model.pos_embed.shape[1], model.num_prefix_tokens
+    for train in (True, False):
+        ref_out, ref_grads = run(False, train)
+        assert fc1_rows[-1] == n
+        for checkpointing in (False, True):
+            out, grads = run(True, train, checkpointing)
+            assert fc1_rows[-1] == prefix  # the last block's MLP saw the prefix tokens only
+            torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+            for k, g in ref_grads.items():
+                torch.testing.assert_close(grads[k], g, atol=2e-5, rtol=1e-4)
+    # what reads every token still gets every token
+    assert model.forward_features(x).shape[1] == n
+    logits, attns = model(x, return_attn=True)
+    assert attns[-1].shape[-2:] == (n, n) and fc1_rows[-1] == n
+    torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_avg_pool_runs_the_full_last_block():
+    model = create_model("vit_mini_patch4_32", global_pool="avg").eval()
+    rows = []
+    model.blocks[-1].mlp.fc1.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    model(small_input(model))
+    assert rows == [model.pos_embed.shape[1]]
+
+
+def test_attention_for_the_first_queries_equals_the_full_attentions_first_rows():
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=3).eval()
+    x = torch.randn(2, 17, 48)
+    full = attn(x)
+    for path in ("explicit", "sdpa"):
+        attn.path = path
+        torch.testing.assert_close(attn(x, queries=2), full[:, :2], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="return_attn"):
+        attn(x, return_attn=True, queries=1)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch4_32", drop_path_rate=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -65,6 +66,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
 
     atomic_write(path, _w)
+
+
+def write_json(path: str | Path, record) -> Path:
+    """A benchmark's or a run's record as indented JSON: its folder made (a bad one is one UserError
+    line), the file written whole or not at all. -> the path."""
+    path = Path(path)
+    make_dir(path.parent)
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    return path
 
 
 def seed_everything(seed: int) -> None:

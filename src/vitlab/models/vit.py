@@ -151,14 +151,27 @@ class Attention(nn.Module):
             return True
         # inference: explicit in bf16, where torch's CPU kernels are slower; fp32 inference keeps
         # sdpa (no clear winner there, and it holds no (N, N) matrix), and so does a batch whose
-        # (B, h, N, N) logits would pass 2^28 elements (512 MiB in bf16; the softmax's output is
+        # (B, h, M, N) logits would pass 2^28 elements (512 MiB in bf16; the softmax's output is
         # alive beside them, about 1 GiB together), which the fused kernels never hold
-        return q.dtype == torch.bfloat16 and q.shape[0] * self.num_heads * n * n <= 2**28
+        return q.dtype == torch.bfloat16 and q.shape[0] * self.num_heads * q.shape[2] * n <= 2**28
 
-    def forward(self, x: torch.Tensor, return_attn: bool = False):
+    def forward(self, x: torch.Tensor, return_attn: bool = False, queries: int | None = None):
+        """(B, N, D) -> (B, N, D); with `queries`, the outputs of the first `queries` tokens only,
+        (B, queries, D): they attend to every token, the others' own outputs are not computed."""
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
+        if queries is None:
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
+        else:
+            if return_attn:
+                raise ValueError("return_attn needs every token's queries; queries must be None")
+            # the (q|k|v) rows of the fused weight, split: queries for the first tokens, keys and values for all
+            i, w, b = self.inner_dim, self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, :queries], w[:i], None if b is None else b[:i])  # (B, M, h*d), M = queries
+            q = q.reshape(B, queries, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, M, d)
+            kv = F.linear(x, w[i:], None if b is None else b[i:]).reshape(B, N, 2, self.num_heads, self.head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, N, d)
+        M = q.shape[2]  # query rows: N, or `queries`
         drop = self.attn_drop if self.training else 0.0
         if return_attn:
             # Explicit path: the weights are materialised and handed back.
@@ -171,15 +184,15 @@ class Attention(nn.Module):
             # torch's fused kernels in training (the flash backward was a third of the whole step)
             # and in bf16 inference (benchmarks/throughput.py, benchmarks/attention_path.py)
             attn = None
-            w = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, N, N)
-            out = F.dropout(w, drop, self.training) @ v  # (B, h, N, d)
+            w = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, M, N)
+            out = F.dropout(w, drop, self.training) @ v  # (B, h, M, d)
         else:
             # Fused path (GPU, fp32 inference on a CPU, a very large inference batch): never
             # materialises the (N, N) matrix on the flash/efficient kernels.
             attn = None
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)  # (B, h, N, d)
-        out = out.transpose(1, 2).reshape(B, N, self.inner_dim)  # (B, N, h*d)
-        out = self.proj_drop(self.proj(out))  # (B, N, D)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)  # (B, h, M, d)
+        out = out.transpose(1, 2).reshape(B, M, self.inner_dim)  # (B, M, h*d)
+        out = self.proj_drop(self.proj(out))  # (B, M, D)
         return (out, attn) if return_attn else out
 
 
@@ -265,11 +278,14 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, return_attn: bool = False):  # (B, N, D) -> (B, N, D)
+    def forward(self, x: torch.Tensor, return_attn: bool = False, queries: int | None = None):
+        """(B, N, D) -> (B, N, D), or (B, queries, D): the first `queries` tokens' outputs alone."""
         if return_attn:
             y, attn = self.attn(self.norm1(x), return_attn=True)
         else:
-            y, attn = self.attn(self.norm1(x)), None
+            y, attn = self.attn(self.norm1(x), queries=queries), None  # every token's keys and values
+        if queries is not None:
+            x = x[:, :queries]  # (B, queries, D): from here on the other tokens are not needed
         x = x + self.drop_path1(self.ls1(y))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return (x, attn) if return_attn else x
@@ -467,21 +483,29 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1)  # (B, N, D), N = prefix + patches
         return self.pos_drop(x + pos)
 
-    def forward_features(self, x: torch.Tensor, return_attn: bool = False):
+    def forward_features(self, x: torch.Tensor, return_attn: bool = False, prefix_only: bool = False):
         """(B, C, H, W) -> normalised tokens (B, N, D); with return_attn also
-        the list of per-layer attention weights, each (B, h, N, N)."""
+        the list of per-layer attention weights, each (B, h, N, N).
+
+        prefix_only: the last block computes the outputs of the prefix tokens ([CLS], [DIST])
+        alone, (B, prefix, D), what a [CLS]-pooled head reads (see forward).
+        """
+        if prefix_only and return_attn:
+            raise ValueError("return_attn returns every token; prefix_only must be False")
         grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
         x = self.patch_embed(x)  # (B, N_patches, D)
         x = self._pos_embed(x, grid)  # (B, N, D)
         attns = []
-        for blk in self.blocks:
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            queries = self.num_prefix_tokens if prefix_only and i == last else None
             if return_attn:
                 x, a = blk(x, return_attn=True)
                 attns.append(a)
             elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, False, queries, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, queries=queries)  # (B, N, D); after the last block with prefix_only (B, prefix, D)
         x = self.norm(x)
         return (x, attns) if return_attn else x
 
@@ -505,8 +529,20 @@ class VisionTransformer(nn.Module):
             return logits, dist_logits
         return (logits + dist_logits) / 2
 
-    def forward(self, x: torch.Tensor, return_attn: bool = False):
+    # With [CLS] pooling the head reads only the prefix tokens of the last block's output, so
+    # forward() runs that block for them alone: its keys and values still come from every token, but
+    # its queries, attention rows, output projection and MLP shrink from N tokens to 1 (2 with
+    # [DIST]). That is nearly 1/depth of the model's FLOPs (14% of ViT-Tiny/CIFAR's, 7% of ViT-B/16's),
+    # forward and backward, for the same logits and gradients (tests/test_vit.py). forward_features,
+    # which returns every token, and return_attn run the full block. False: the full block always
+    # (benchmarks/step_anatomy.py times both).
+    prefix_only_last_block = True
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False, separate: bool = False):
+        """(B, C, H, W) -> logits (B, K); with return_attn also the per-layer attention weights.
+        separate: a distilled model's two heads' logits, not their average (see forward_head)."""
         if return_attn:
             feats, attns = self.forward_features(x, return_attn=True)
-            return self.forward_head(feats), attns
-        return self.forward_head(self.forward_features(x))
+            return self.forward_head(feats, separate=separate), attns
+        prefix_only = self.global_pool == "token" and self.prefix_only_last_block and len(self.blocks) > 0
+        return self.forward_head(self.forward_features(x, prefix_only=prefix_only), separate=separate)

@@ -320,7 +320,7 @@ def evaluate(model: nn.Module, loader, transform, device, amp_dtype, num_classes
         x = transform(images)
         with autocast(device, amp_dtype):
             if distilled:
-                cls_logits, dist_logits = model.forward_head(model.forward_features(x), separate=True)
+                cls_logits, dist_logits = model(x, separate=True)
                 logits = (cls_logits.float() + dist_logits.float()) / 2
                 correct[2] += (cls_logits.argmax(-1) == labels).sum()
                 dist_correct += (dist_logits.argmax(-1) == labels).sum()
