@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vitlab.bench import machine
 from vitlab.cli import Parser
-from vitlab.utils import write_json
+from vitlab.utils import make_dir, write_json
 
 
 def main(argv=None) -> int:
@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="default: benchmarks/results/ablation-<data>")
     p.add_argument("overrides", nargs="*", help="`vitlab ablate` overrides, after --")
     args = p.parse_args(argv)
+    # made now: a bad --out is one line before the hour of rungs, not after it
+    out = make_dir(args.out or f"benchmarks/results/ablation-{args.data.replace(':', '-').replace('/', '_')}")
     cmd = [sys.executable, "-m", "vitlab", "ablate", "--data", args.data, "--data-dir", args.data_dir,
            "--out", args.runs, *args.overrides]
     print(" ".join(cmd), flush=True)
@@ -40,8 +42,6 @@ def main(argv=None) -> int:
         return r.returncode
     wrote = [d for d in Path(args.runs).glob("ablation-*") if (d / "ablation.json").is_file()]
     src = max(wrote, key=lambda d: (d / "ablation.json").stat().st_mtime)
-    out = Path(args.out or f"benchmarks/results/ablation-{args.data.replace(':', '-').replace('/', '_')}")
-    out.mkdir(parents=True, exist_ok=True)
     for name in ("ablation.md", "ablation.png"):
         shutil.copyfile(src / name, out / name)
     record = json.loads((src / "ablation.json").read_text())
@@ -54,4 +54,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vitlab.cli import run_script
+
+    run_script(main, "ablation.py")

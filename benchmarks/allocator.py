@@ -38,7 +38,7 @@ from datetime import date
 from pathlib import Path
 
 from vitlab.cli import Parser
-from vitlab.utils import write_json
+from vitlab.utils import make_dir, write_json
 
 WORKLOADS = ("tiny_train", "tiny_infer", "mini_train")
 
@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="vitlab", choices=["vitlab", "hf", "textbook"], help=argparse.SUPPRESS)
     p.add_argument("--precision", default="default", choices=["default", "bf16", "fp32"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     if args.child:
         print(json.dumps(child(args.child, args.steps or 10, args.impl, args.precision)))
         return 0
@@ -184,4 +185,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vitlab.cli import run_script
+
+    run_script(main, "allocator.py")

@@ -55,7 +55,7 @@ from vitlab.errors import RunFailed
 from vitlab.models import create_model
 from vitlab.models.vit import Attention
 from vitlab.train.inference import FrozenInference
-from vitlab.utils import tune_allocator, write_json
+from vitlab.utils import make_dir, tune_allocator, write_json
 
 # (label, preset, image size, batch): tokens from 65 to 577
 CASES = {
@@ -189,6 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--first-call", nargs=2, help=argparse.SUPPRESS)  # (the cold compile's child process)
     args = p.parse_args(argv)
+    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     if args.first_call:
         tune_allocator()
         first_call(*args.first_call)

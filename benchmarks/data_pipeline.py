@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from vitlab.config import AugConfig
 from vitlab.data import DatasetInfo, TensorSplit, build_train_transform, make_loader, make_shapes
 from vitlab.data import augment as A
 from vitlab.data.mix import Mixer
-from vitlab.utils import tune_allocator, write_json
+from vitlab.utils import make_dir, tune_allocator, write_json
 
 RECIPE = AugConfig(crop_padding=4, pad_mode="reflect", hflip=0.5, randaugment_n=2, randaugment_m=9,
                    mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, switch_prob=0.5, erasing=0.25)
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.out:  # a bad --out is one line now, not after the timing
+        make_dir(Path(args.out).parent)
     tune_allocator()  # as every `vitlab` command does
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,4 +141,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vitlab.cli import run_script
+
+    run_script(main, "data_pipeline.py")

@@ -27,7 +27,7 @@ from vitlab.bench import machine
 from vitlab.cli import Parser
 from vitlab.config import build_config, parse_overrides
 from vitlab.train.engine import train
-from vitlab.utils import atomic_write_text, tune_allocator, write_json
+from vitlab.utils import atomic_write_text, make_dir, tune_allocator, write_json
 
 
 def finished(run: Path, epochs: int) -> bool:
@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="benchmarks/runs/distill")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     tune_allocator()  # as every `vitlab` command does
     runs = Path(args.runs)
     # Every run starts from the plain-ViT Fashion-MNIST preset (configs/fashion_mnist_plain.yaml) with these changes.
@@ -144,4 +145,6 @@ def _plot(r: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vitlab.cli import run_script
+
+    run_script(main, "distill.py")

@@ -27,7 +27,7 @@ from vitlab.bench import machine
 from vitlab.cli import Parser
 from vitlab.config import build_config, parse_overrides
 from vitlab.train.engine import train
-from vitlab.utils import tune_allocator, write_json
+from vitlab.utils import make_dir, tune_allocator, write_json
 
 
 def main(argv=None) -> int:
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--final-tta", choices=["none", "flip", "flip-shift"], default="flip-shift",
                    help="after training, score the final weights once more with this test-time augmentation")
     args, extra = p.parse_known_args(argv)
+    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     tune_allocator()  # as every `vitlab` command does
     name = f"{args.config}-seed{args.seed}"
     overrides = parse_overrides(["--data-dir", args.data_dir, "--seed", str(args.seed), "--out", "runs/bench",

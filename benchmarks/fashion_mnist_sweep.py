@@ -27,7 +27,7 @@ from datetime import date
 from pathlib import Path
 
 from vitlab.cli import Parser
-from vitlab.utils import atomic_write_text, tune_allocator, write_json
+from vitlab.utils import atomic_write_text, make_dir, tune_allocator, write_json
 
 MINI = dict(embed_dim=128, depth=4, num_heads=4, mlp_dim=256, in_chans=1, num_classes=10)
 HYBRID = dict(MINI, img_size=32, patch_size=8, conv_stem=(32, 64))  # the preset's model (rounds 3 and 4)
@@ -152,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
                    help="run.compile for every candidate (on a GPU these launch-bound models gain nothing from it)")
     args = p.parse_args(argv)
+    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     names = args.only or list(CANDIDATES)
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
@@ -197,4 +198,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vitlab.cli import run_script
+
+    run_script(main, "fashion_mnist_sweep.py")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from vitlab.cli import Parser
-from vitlab.utils import write_json
+from vitlab.utils import make_dir, write_json
 
 SPLITS = {"trnid": 1020, "valid": 1020, "tstid": 6149}  # Flowers102's official split sizes
 CLASSES = 102
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="where the stand-in data and run go (default: a temporary dir)")
     p.add_argument("extra", nargs="*", help="more `vitlab finetune` overrides, after --")
     args = p.parse_args(argv)
+    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     with tempfile.TemporaryDirectory() as t:
         work = Path(args.work or t)
         t0 = time.time()
@@ -136,4 +137,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vitlab.cli import run_script
+
+    run_script(main, "finetune_speed.py")

@@ -30,7 +30,7 @@ from vitlab.cli import Parser
 from vitlab.config import OptimConfig
 from vitlab.models import create_model
 from vitlab.train.optim import build_optimizer
-from vitlab.utils import atomic_write_text, tune_allocator, write_json
+from vitlab.utils import atomic_write_text, make_dir, tune_allocator, write_json
 
 # (mkldnn::_linear_pointwise: a frozen graph's Linear, its weight packed once, bias and GELU fused)
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--frozen", action="store_true", help="profile inference: the frozen, compiled copy")
     p.add_argument("--out", default="benchmarks/results/profile")
     args = p.parse_args(argv)
+    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     if args.compile and args.frozen:
         p.error("--frozen profiles a compiled copy already: give --compile or --frozen, not both")
     tune_allocator()  # as every `vitlab` command does

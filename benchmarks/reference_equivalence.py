@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # to_google_npz: the .npz layout as the
 from vitlab.cli import Parser  # noqa: E402
 from vitlab.models import build_from_arch  # noqa: E402
 from vitlab.models.pretrained import load_pretrained  # noqa: E402
-from vitlab.utils import write_json  # noqa: E402
+from vitlab.utils import make_dir, write_json  # noqa: E402
 
 TOL = 1e-4
 
@@ -184,6 +184,7 @@ def main(argv=None) -> int:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/reference")
     args = p.parse_args(argv)
+    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     torch.manual_seed(0)
     libs, rows = {}, []
     with tempfile.TemporaryDirectory() as t:
@@ -220,4 +221,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vitlab.cli import run_script
+
+    run_script(main, "reference_equivalence.py")

@@ -38,7 +38,7 @@ from vitlab.cli import Parser
 from vitlab.config import OptimConfig
 from vitlab.models import create_model
 from vitlab.train.optim import build_optimizer
-from vitlab.utils import tune_allocator, write_json
+from vitlab.utils import make_dir, tune_allocator, write_json
 
 
 def ms(fn, repeats: int = 20, warmup: int = 4) -> float:
@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4 and 5 (inference: 3x as many)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     if args.pairs < 2:
         p.error("--pairs must be 2 or more (the quartiles need two)")
     tune_allocator()  # as every `vitlab` command does

@@ -959,6 +959,7 @@ def run(args) -> int:
     if args.impl and "hf" in args.impl and not have_transformers():
         raise UserError("--impl hf needs transformers (pip install transformers)")
     arch_of(args.model)  # an unknown or non-ViT model is an error before anything is printed
+    make_dir(out)  # and so is an --out that cannot be a folder: not after minutes of timing
     print(f"vitlab bench on {machine(device)}")
     script = Path(sys.argv[0]).name == "throughput.py"
     cmd = ("python benchmarks/throughput.py " if script else "vitlab bench ") + " ".join(args.argv)
@@ -975,7 +976,6 @@ def run(args) -> int:
         print("full training loop:")
         res["compare"]["loop"] = loop_vs_step(args.model, args.batch_size, args.steps, args.warmup, device=device)
     print_table(res["compare"])
-    make_dir(out)
     if args.scaling or args.all:
         dtype, _ = default_precision(device)
         print(f"scaling (vitlab, default precision {DTYPE_NAMES[dtype]}):")
