@@ -2,7 +2,7 @@
 
     python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; about two minutes
 
-Four measurements, each a median over repeats (this host's speed drifts, so compare within a section):
+Five measurements, each a median over repeats (this host's speed drifts, so compare within a section):
 
 1. matmuls: each Linear's three products at the step's shapes (rows = batch x tokens): the forward
    (addmm with bias), the input gradient (grad @ W) and the weight gradient both ways autograd
@@ -24,6 +24,7 @@ Writes benchmarks/results/step_anatomy.json (--out).
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 from datetime import date
@@ -173,10 +174,9 @@ def prefix_only_last_block(preset: str, batch: int, pairs: int) -> dict:
     a = arch_of(preset)
     x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
     base = create_model(preset).eval()
-    fulls = create_model(preset).eval()
-    fulls.load_state_dict(base.state_dict())
-    full(fulls)
-    copies = {"full_last_block": FrozenInference(fulls, torch.bfloat16), "prefix_only": FrozenInference(base, torch.bfloat16)}
+    same = copy.deepcopy(base)  # the same weights
+    full(same)
+    copies = {"full_last_block": FrozenInference(same, torch.bfloat16), "prefix_only": FrozenInference(base, torch.bfloat16)}
     res["logits_max_abs_diff_frozen"] = (copies["full_last_block"](x) - copies["prefix_only"](x)).abs().max().item()
     steps = {k: (lambda f=f: f(x)) for k, f in copies.items()}
     res["infer_frozen_bf16"] = paired(steps, "prefix_only", "full_last_block", batch, 3 * pairs,
