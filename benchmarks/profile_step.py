@@ -47,9 +47,9 @@ def main(argv=None) -> int:
     p.add_argument("--frozen", action="store_true", help="profile inference: the frozen, compiled copy")
     p.add_argument("--out", default="benchmarks/results/profile")
     args = p.parse_args(argv)
-    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     if args.compile and args.frozen:
         p.error("--frozen profiles a compiled copy already: give --compile or --frozen, not both")
+    make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     tune_allocator()  # as every `vitlab` command does
     torch.manual_seed(0)
     model = create_model(args.model)

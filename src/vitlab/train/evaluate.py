@@ -88,7 +88,7 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
     model = model.to(dev).eval()
     separate = getattr(model, "distilled", False)
     views = len(tta_views(torch.zeros(1, 1, 4, 4), tta))
-    if separate:  # evaluate() calls its features and heads apart, which the frozen copy does not expose
+    if separate:  # evaluate() asks for the two heads apart (model(x, separate=True)), which the frozen copy does not give
         compile, note = False, "eager (a distilled model's two heads are scored separately; --compile is for one head)"
     else:
         x1 = torch.zeros(1, model.in_chans, *img_size, device=dev)
