@@ -7,7 +7,9 @@ Five measurements, each a median over repeats (this host's speed drifts, so comp
 1. matmuls: each Linear's three products at the step's shapes (rows = batch x tokens): the forward
    (addmm with bias), the input gradient (grad @ W) and the weight gradient both ways autograd
    issues it (grad^T @ x for qkv, x^T @ grad for the other three: a transposed operand either
-   way), and grad^T @ x with its transposed operand made contiguous first (the copy included).
+   way), and grad^T @ x with its transposed operand made contiguous first (the copy included);
+   where torch has oneDNN, also the forward and the input gradient through oneDNN's Linear with
+   the weight packed into its blocked layout (as frozen inference runs them), and the packing's cost.
 2. attention: the core (q, k, v -> softmax(q k^T / sqrt(d)) v) forward and backward, per block: the
    explicit bf16 path vitlab trains with on a CPU, the same in fp32, and torch's
    scaled_dot_product_attention (flash kernel, and the math fallback).
@@ -58,10 +60,30 @@ def matmuls(a: dict, batch: int, dtype) -> list[dict]:
         t = dict(forward=ms(lambda: torch.addmm(b, x, w.t())), input_grad=ms(lambda: g @ w),
                  weight_grad_gT_x=ms(lambda: g.t() @ x), weight_grad_xT_g=ms(lambda: x.t() @ g),
                  weight_grad_gT_x_copied=ms(lambda: g.t().contiguous() @ x))
-        out.append(dict(linear=name, shape=[rows, k, n], ms=t, gflops={key: gflop / v * 1e3 for key, v in t.items()}))
+        pack_ms = None
+        if packed_linear_available():
+            # oneDNN's Linear with the weight reordered into its blocked layout first, as a frozen
+            # inference graph runs it (the input gradient too: a Linear with weight W^T); in training
+            # the weight changes every step, so the reorder would be paid every step (pack_ms)
+            mk = torch.ops.mkldnn
+            pw, pwt = mk._reorder_linear_weight(w, rows), mk._reorder_linear_weight(w.t().contiguous(), rows)
+            t["forward_packed"] = ms(lambda: mk._linear_pointwise(x, pw, b, "none", [], ""))
+            t["input_grad_packed"] = ms(lambda: mk._linear_pointwise(g, pwt, None, "none", [], ""))
+            pack_ms = ms(lambda: mk._reorder_linear_weight(w, rows))
+        out.append(dict(linear=name, shape=[rows, k, n], ms=t, gflops={key: gflop / v * 1e3 for key, v in t.items()},
+                        pack_weight_ms=pack_ms))
         print(f"  {name:4s} ({rows}x{k} -> {n}): " + ", ".join(f"{key} {gflop / v * 1e3:.0f}" for key, v in t.items())
-              + " GFLOP/s")
+              + " GFLOP/s" + (f"; packing the weight {pack_ms:.2f} ms" if pack_ms is not None else ""))
     return out
+
+
+def packed_linear_available() -> bool:
+    """oneDNN's packed-weight Linear (torch's CPU build with mkldnn; what frozen inference uses)."""
+    try:
+        return (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def attention(a: dict, batch: int) -> dict:
