@@ -580,8 +580,8 @@ def markdown_table(res: dict) -> str:
     full = res.get("matmuls_alone_full_last_block")  # written from 2026-11-28 on
     if full:
         head += ("; vitlab computes its last block for the [CLS] token alone (the peers for every token): "
-                 f"its MFU counts {res['flops_train_vitlab'] / 3e9:.3f} GFLOP per image's forward to the "
-                 f"peers' {res['flops_train'] / 3e9:.3f}, and the peers' matmuls alone, with the full "
+                 f"its MFU counts {res['flops_infer_vitlab'] / 1e9:.3f} GFLOP per image's forward to the "
+                 f"peers' {res['flops_infer'] / 1e9:.3f}, and the peers' matmuls alone, with the full "
                  "last block, run at " + ", ".join(
                      f"{k} {v['train']:.0f} img/s training, {v['infer']:.0f} inference" for k, v in full.items()))
     lines = [head, ""]

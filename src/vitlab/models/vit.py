@@ -544,5 +544,5 @@ class VisionTransformer(nn.Module):
         if return_attn:
             feats, attns = self.forward_features(x, return_attn=True)
             return self.forward_head(feats, separate=separate), attns
-        prefix_only = self.global_pool == "token" and self.prefix_only_last_block and len(self.blocks) > 0
+        prefix_only = self.global_pool == "token" and self.prefix_only_last_block
         return self.forward_head(self.forward_features(x, prefix_only=prefix_only), separate=separate)
