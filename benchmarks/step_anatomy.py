@@ -1,8 +1,8 @@
 """Why the ViT-Tiny training step runs at the rate it does on this CPU: its parts, timed one by one.
 
-    python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; about two minutes
+    python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; about five minutes
 
-Five measurements, each a median over repeats (this host's speed drifts, so compare within a section):
+Six measurements, each a median over repeats (this host's speed drifts, so compare within a section):
 
 1. matmuls: each Linear's three products at the step's shapes (rows = batch x tokens): the forward
    (addmm with bias), the input gradient (grad @ W) and the weight gradient both ways autograd
@@ -20,6 +20,9 @@ Five measurements, each a median over repeats (this host's speed drifts, so comp
 5. the last block run for the prefix tokens alone (VisionTransformer.prefix_only_last_block, on by
    default) against the full last block, alternating in the same way: the compiled bf16 training
    step, and the frozen bf16 inference copy.
+6. the Linears on other kernels, each against the default compiled step, alternating: oneDNN's
+   packed-weight Linear for qkv, fc1 and fc2 (section 1's forward and input gradient, as custom
+   operators, the weight packed every step), and torch.compile's max-autotune mode.
 
 Writes benchmarks/results/step_anatomy.json (--out).
 """
@@ -130,19 +133,20 @@ def gelu(a: dict, batch: int) -> dict:
     return res
 
 
-def compiled_steps(preset: str, batch: int, variants: dict) -> dict:
-    """One compiled bf16 training step (AdamW included) per variant: {name: edit(model) or None}."""
+def compiled_steps(preset: str, batch: int, variants: dict, modes: dict | None = None) -> dict:
+    """One compiled bf16 training step (AdamW included) per variant: {name: edit(model) or None};
+    modes: {name: torch.compile mode} where a variant compiles with other than the default."""
     a = arch_of(preset)
     x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
     y = torch.randint(0, a["num_classes"], (batch,))
 
-    def make(edit):
+    def make(edit, mode):
         torch.manual_seed(0)
         model = create_model(preset)
         if edit is not None:
             edit(model)
         opt = build_optimizer(model, OptimConfig(), lr=1e-4)
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=mode)
 
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -152,7 +156,7 @@ def compiled_steps(preset: str, batch: int, variants: dict) -> dict:
             opt.zero_grad(set_to_none=True)
         return step
 
-    return {name: make(edit) for name, edit in variants.items()}
+    return {name: make(edit, (modes or {}).get(name)) for name, edit in variants.items()}
 
 
 def paired(steps: dict, fast: str, slow: str, batch: int, pairs: int, what: str) -> dict:
@@ -207,11 +211,85 @@ def prefix_only_last_block(preset: str, batch: int, pairs: int) -> dict:
     return res
 
 
+# Section 6's Linear: forward and input gradient through oneDNN's packed-weight kernels (section 1's
+# forward_packed / input_grad_packed), the weight gradient through mm as autograd issues it. Custom
+# operators, so that the compiled graph calls them as they are; the weight is packed inside the
+# call, every step, since training changes it.
+@torch.library.custom_op("vitlab_bench::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mk, rows = torch.ops.mkldnn, x.numel() // x.shape[-1]
+    return mk._linear_pointwise(x, mk._reorder_linear_weight(w, rows), b, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_fake(x, w, b):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("vitlab_bench::packed_linear_input_grad", mutates_args=())
+def packed_linear_input_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    mk, rows = torch.ops.mkldnn, g.numel() // g.shape[-1]
+    return mk._linear_pointwise(g, mk._reorder_linear_weight(w.t().contiguous(), rows), None, "none", [], "")
+
+
+@packed_linear_input_grad.register_fake
+def _packed_linear_input_grad_fake(g, w):
+    return g.new_empty((*g.shape[:-1], w.shape[1]))
+
+
+def _packed_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _packed_linear_backward(ctx, g):
+    x, w = ctx.saved_tensors
+    g = g.to(x.dtype)
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    return packed_linear_input_grad(g, w), g2.t() @ x2, g2.sum(0)
+
+
+packed_linear.register_autograd(_packed_linear_backward, setup_context=_packed_linear_setup)
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear whose compiled bf16-autocast training forward goes through packed_linear."""
+
+    def forward(self, x):
+        if (torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu") and x.requires_grad
+                and self.bias is not None):
+            dt = torch.get_autocast_dtype("cpu")
+            return packed_linear(x.to(dt), self.weight.to(dt), self.bias.to(dt))
+        return F.linear(x, self.weight, self.bias)
+
+
+def linear_kernels(preset: str, batch: int, pairs: int) -> dict:
+    """Two ways to run the Linears of the compiled training step on other kernels, each against the
+    default step: oneDNN's packed-weight Linear (PackedLinear for qkv, fc1 and fc2: section 1's
+    faster forward and input gradient, the packing paid every step), and torch.compile's
+    max-autotune mode (inductor benchmarks its own C++ GEMM templates against ATen's per product)."""
+    res = {}
+    if packed_linear_available():
+        def packed(model):
+            for blk in model.blocks:
+                for lin in (blk.attn.qkv, blk.mlp.fc1, blk.mlp.fc2):
+                    lin.__class__ = PackedLinear  # same parameters, other forward
+
+        steps = compiled_steps(preset, batch, {"packed_linear": packed, "default": None})
+        res["packed_linear"] = paired(steps, "packed_linear", "default", batch, pairs, "compiled bf16 step")
+        del steps
+    else:
+        print("  (no oneDNN packed Linear in this torch build: the packed-weight step is skipped)")
+    steps = compiled_steps(preset, batch, {"max_autotune": None, "default": None},
+                           modes={"max_autotune": "max-autotune-no-cudagraphs"})
+    res["max_autotune"] = paired(steps, "max_autotune", "default", batch, pairs, "compiled bf16 step")
+    return res
+
+
 def main(argv=None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4 and 5 (inference: 3x as many)")
+    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4, 5 and 6 (inference: 3x as many)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     make_dir(args.out)  # a bad --out is one line now, not after minutes of work
@@ -233,6 +311,8 @@ def main(argv=None) -> int:
     res["gelu_operator_step"] = gelu_operator_step(args.model, args.batch_size, args.pairs)
     print("the last block for the prefix tokens only, or the full last block:")
     res["prefix_only_last_block"] = prefix_only_last_block(args.model, args.batch_size, args.pairs)
+    print("the Linears on other kernels: oneDNN's packed weights, torch.compile's max-autotune:")
+    res["linear_kernels"] = linear_kernels(args.model, args.batch_size, args.pairs)
     out = write_json(Path(args.out) / "step_anatomy.json", res)
     print(f"wrote {out}")
     return 0

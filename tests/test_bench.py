@@ -382,3 +382,38 @@ def test_tuned_allocator_reuses_freed_buffers_instead_of_faulting_them_in_again(
     huge = thp.is_file() and "[always]" in thp.read_text()
     assert untuned > (40 if huge else 10_000)
     assert tuned < untuned / 5
+
+
+def test_step_anatomy_packed_linear_gives_the_linear_s_output_and_gradients():
+    # benchmarks/step_anatomy.py section 6 times the training step with qkv, fc1 and fc2 through
+    # oneDNN's packed-weight kernels; the comparison means something only if they compute the same
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_anatomy", Path(__file__).parents[1] / "benchmarks" / "step_anatomy.py")
+    sa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sa)
+    assert sa.packed_linear_available()  # torch's CPU wheels are built with oneDNN
+    torch.manual_seed(0)
+    x, w, b = (torch.randn(*s, dtype=torch.bfloat16, requires_grad=True) for s in ((2, 65, 192), (576, 192), (576,)))
+    g = torch.randn(2, 65, 576, dtype=torch.bfloat16)
+    got = sa.packed_linear(x, w, b)
+    got_grads = torch.autograd.grad(got, (x, w, b), g)
+    want = F.linear(x, w, b)
+    want_grads = torch.autograd.grad(want, (x, w, b), g)
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
+    for a, e in zip(got_grads, want_grads):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a.float(), e.float(), rtol=1.6e-2, atol=2e-2 * e.abs().max().item())
+    # and a compiled, autocast training forward of PackedLinear does go through it (else section 6
+    # would time the default step twice); eager keeps F.linear
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    lin = sa.PackedLinear(192, 576)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.compile(lin, backend=capture)(torch.randn(2, 65, 192, requires_grad=True))
+    assert out.dtype == torch.bfloat16 and graphs and "packed_linear" in graphs[0]
+    torch.testing.assert_close(lin(x.detach().float()), F.linear(x.detach().float(), lin.weight, lin.bias))
