@@ -1,6 +1,6 @@
 """Why the ViT-Tiny training step runs at the rate it does on this CPU: its parts, timed one by one.
 
-    python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; about five minutes
+    python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; three to four minutes
 
 Six measurements, each a median over repeats (this host's speed drifts, so compare within a section):
 

@@ -1,7 +1,9 @@
 """The command line and the typed config: presets, dotted overrides, exit codes."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +181,55 @@ def test_every_shipped_preset_loads_names_a_real_model_and_states_command_time_a
     assert (hybrid.optim.name, plain.optim.name) == ("muon", "adamw")
     set_key(plain, "optim.name", "muon")
     assert plain == hybrid
+
+
+def test_a_bare_flag_for_a_field_that_is_not_boolean_asks_for_its_value():
+    with pytest.raises(ConfigError, match=r"--optim.lr needs a value \(--optim.lr VALUE\)"):
+        parse_overrides(["--optim.lr"])
+    with pytest.raises(ConfigError, match="--lr needs a value"):
+        parse_overrides(["--lr", "--debug"])
+    assert parse_overrides(["--debug", "--ema"]) == {"run.debug": True, "run.ema": True}  # booleans: on
+
+
+def test_brief_keeps_a_library_message_to_one_line_without_cutting_a_word():
+    from vitlab.errors import brief
+
+    torch_msg = ("PytorchStreamReader failed reading zip archive: failed finding central directory. This is an "
+                 "internal miniz error. If you are seeing this error, there is a high likelihood that your "
+                 "checkpoint file is corrupted.")
+    assert brief(torch_msg) == "PytorchStreamReader failed reading zip archive: failed finding central directory."
+    assert brief("short\nsecond line") == "short"
+    long_word_run = "word " * 60
+    out = brief(long_word_run, limit=50)
+    assert out.endswith("...") and len(out) <= 53 and "wor..." not in out
+    assert brief(ValueError("")) == "ValueError"
+
+
+def test_vitlab_warnings_print_as_one_line_and_others_keep_python_s_format(capsys):
+    import warnings
+
+    from vitlab.cli import _one_line_warnings
+    from vitlab.errors import VitlabWarning
+
+    saved, others = warnings.showwarning, []
+    try:
+        warnings.showwarning = lambda *a, **k: others.append(a[1])  # stands for Python's own printer
+        _one_line_warnings("vitlab train")
+        warnings.showwarning("skipping unreadable image a.png (OSError: truncated) (1 so far)", VitlabWarning,
+                             "files.py", 194)
+        warnings.showwarning("a library's note", DeprecationWarning, "lib.py", 1)
+    finally:
+        warnings.showwarning = saved
+    assert capsys.readouterr().err.splitlines() == [
+        "vitlab train: warning: skipping unreadable image a.png (OSError: truncated) (1 so far)"]
+    assert others == [DeprecationWarning]
+
+
+def test_the_readme_models_table_lists_every_preset_with_its_count():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z0-9_]+)`[^|]*\|.*\| ([\d,]+) \|$", readme, re.M))
+    listed = run_cli("models").stdout.splitlines()
+    presets = [(line.split()[0], line.split()[1]) for line in listed if line and line[0].isalpha() and "," in line]
+    assert len(presets) > 20
+    for name, count in presets:
+        assert rows.get(name) == count, (name, count, rows.get(name))

@@ -372,6 +372,7 @@ def test_imagefolder_modes_and_corrupt_file(tmp_path):
     assert b.info.classes == ["cat", "dog"] and b.info.num_classes == 2
     # 8 images (the .txt is not one); a seeded 10% per-class hold-out becomes the test split
     assert len(b.train) + len(b.test) == 8 and len(b.test) == 2
+    assert "no test/ folder: 2 of its images" in b.info.note  # said in the run's log
     both = FileSplit(b.train.paths + b.test.paths, torch.cat([b.train.labels, b.test.labels]))
     ld = make_loader(both, 4, train=False, seed=0, device="cpu", img_size=16, num_workers=0)
     with warnings.catch_warnings(record=True) as w:
@@ -406,7 +407,7 @@ def test_imagefolder_train_val_test_layout(tmp_path):
             for i in range(n):
                 Image.new("RGB", (10, 12), (i * 40, 0, 0)).save(tmp_path / split / c / f"{i}.png")
     b = build_data(DataConfig(name=f"imagefolder:{tmp_path}", img_size=8))
-    assert (len(b.train), len(b.val), len(b.test)) == (6, 2, 4)
+    assert (len(b.train), len(b.val), len(b.test)) == (6, 2, 4) and b.info.note == ""
     (tmp_path / "val" / "zebra").mkdir()
     with pytest.raises(UserError, match="zebra"):
         build_data(DataConfig(name=f"imagefolder:{tmp_path}"))

@@ -117,3 +117,24 @@ def test_distilled_run_on_shapes_with_a_cnn_teacher(tmp_path):
         assert 0.0 <= row[key] <= 100.0, key
     cfg = (tmp_path / "student" / "config.yaml").read_text()
     assert "kind: hard" in cfg and "teacher.safetensors" in cfg
+
+
+def test_a_teacher_that_does_not_fit_the_data_is_one_line_before_the_run_starts(tmp_path):
+    from vitlab.errors import UserError
+    from vitlab.train.engine import check_teacher
+
+    grey = create_model("vit_mini_patch7_28", num_classes=6).eval()  # 28x28 single-channel images
+    with pytest.raises(UserError, match="does not take this run's 3-channel 32x32 images"):
+        check_teacher(grey, "grey", 3, (32, 32), 6, torch.device("cpu"))
+    three = create_model("resnet18_cifar", num_classes=3).eval()
+    with pytest.raises(UserError, match="predicts 3 classes, this run has 6"):
+        check_teacher(three, "three", 3, (32, 32), 6, torch.device("cpu"))
+    check_teacher(create_model("resnet18_cifar", num_classes=6).eval(), "fits", 3, (32, 32), 6, torch.device("cpu"))
+    # from the command line: one line, exit 2, and no run directory left behind
+    save_model(tmp_path / "three.safetensors", three)
+    r = subprocess.run([sys.executable, "-m", "vitlab.cli", "train", "--model", "deit_mini_distilled_patch4_32",
+                        "--data", "shapes", "--data.subset", "256", "--epochs", "1",
+                        "--distill.teacher", str(tmp_path / "three.safetensors"), "--distill.kind", "soft",
+                        "--out", str(tmp_path / "runs")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "predicts 3 classes" in r.stderr and not (tmp_path / "runs").exists()

@@ -381,13 +381,13 @@ def test_hf_weights_that_disagree_with_their_config_are_reported(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["txt", "foreign-keys", "corrupt-safetensors", "corrupt-pth", "corrupt-npz",
-                                  "pickled-object", "empty-dir", "missing"])
+                                  "pickled-object", "empty-dir", "missing", "run-dir-corrupt-weights"])
 def test_unknown_formats_and_corrupt_files_are_one_line_user_errors(tmp_path, case):
     import argparse
 
     p = tmp_path / {"txt": "w.txt", "foreign-keys": "resnet.pth", "corrupt-safetensors": "w.safetensors",
                     "corrupt-pth": "w.pth", "corrupt-npz": "w.npz", "pickled-object": "train.pth",
-                    "empty-dir": "empty", "missing": "nothing.pth"}[case]
+                    "empty-dir": "empty", "missing": "nothing.pth", "run-dir-corrupt-weights": "run"}[case]
     if case == "txt":
         p.write_text("hello")
     elif case == "foreign-keys":
@@ -396,6 +396,9 @@ def test_unknown_formats_and_corrupt_files_are_one_line_user_errors(tmp_path, ca
         torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, p)
     elif case == "empty-dir":
         p.mkdir()
+    elif case == "run-dir-corrupt-weights":  # a run whose weights file was cut short
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(os.urandom(300))
     elif case != "missing":
         p.write_bytes(os.urandom(300))
     with pytest.raises(UserError) as e:
@@ -404,7 +407,8 @@ def test_unknown_formats_and_corrupt_files_are_one_line_user_errors(tmp_path, ca
     expect = {"txt": "unknown checkpoint format", "foreign-keys": "unknown weights layout",
               "corrupt-safetensors": "not a readable safetensors", "corrupt-pth": "not a readable torch",
               "corrupt-npz": "not a readable .npz", "pickled-object": "pickled Python objects",
-              "empty-dir": "neither a Hugging Face", "missing": "checkpoint not found"}[case]
+              "empty-dir": "neither a Hugging Face", "missing": "checkpoint not found",
+              "run-dir-corrupt-weights": "model.safetensors is not a readable safetensors"}[case]
     assert expect in msg
 
 

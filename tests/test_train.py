@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -434,6 +435,24 @@ def test_resume_equals_uninterrupted(tmp_path):
     r = cli("train", *common, "--run.name", "part", "--run.stop_after", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(metrics(tmp_path / "part")) == 1
+    # what a resume cannot change (the weights' and the optimizer state's shapes, the data): one line,
+    # exit 2, and the run left as it was (it used to crash at the first step after rewriting config.yaml)
+    saved_cfg = (tmp_path / "part" / "config.yaml").read_text()
+    for change, key in ((["--model", "vit_mini_patch4_32"], "model.name"), (["--optim.name", "sgd"], "optim.name"),
+                        (["--data", "cifar10"], "data.name")):
+        r = cli("train", "--resume", str(tmp_path / "part"), *change, "--epochs", "4")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+        assert f"{key} cannot change on a resume" in r.stderr
+    assert (tmp_path / "part" / "config.yaml").read_text() == saved_cfg
+    # the same changes made by hand in a copy's config.yaml: caught when the state is loaded
+    for old, new, needle in (("name: adamw", "name: sgd", "does not fit optim.name 'sgd'"),
+                             ("vit_mini_convstem_patch8_32", "vit_mini_patch4_32", "saved weights do not fit")):
+        edited = Path(shutil.copytree(tmp_path / "part", tmp_path / f"edited-{new}"))
+        assert old in saved_cfg
+        (edited / "config.yaml").write_text(saved_cfg.replace(old, new, 1))
+        r = cli("train", "--resume", str(edited))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+        assert needle in r.stderr
     r = cli("train", "--resume", str(tmp_path / "part"))
     assert r.returncode == 0, r.stderr[-2000:]
     full, part = comparable(metrics(tmp_path / "full")), comparable(metrics(tmp_path / "part"))
@@ -750,7 +769,8 @@ def test_auto_precision_follows_the_measured_matmul_rates(monkeypatch):
     dtype, note = engine.resolve_precision("auto", cpu)
     assert dtype is None and "160" in note and "300" in note
     monkeypatch.setattr(engine, "cpu_matmul_rates", lambda: (190.0, 850.0))  # AMX / fast bf16
-    assert engine.resolve_precision("auto", cpu)[0] == torch.bfloat16
+    dtype, note = engine.resolve_precision("auto", cpu)
+    assert dtype == torch.bfloat16 and "auto" in note and "850" in note and "190" in note  # the choice and why
     monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
     assert engine.resolve_precision("auto", cpu)[0] is None
     assert engine.resolve_precision("bf16", cpu)[0] == torch.bfloat16  # asked for explicitly: always honoured
@@ -759,14 +779,19 @@ def test_auto_precision_follows_the_measured_matmul_rates(monkeypatch):
 def test_run_files_get_an_ordinary_mode(tmp_path):
     import os
 
+    from vitlab.models import create_model
+    from vitlab.train.checkpoint import save_model
     from vitlab.utils import atomic_write_text
 
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.txt", "x")
+        # safetensors' writer recreates the file: the weights came out 0600, unreadable to others
+        save_model(tmp_path / "model.safetensors", create_model("vit_mini_patch4_32"), {})
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_time_budgeted_schedule_fits_the_limit(tmp_path):

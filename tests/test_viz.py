@@ -284,6 +284,15 @@ def test_visualize_image_files_grayscale_and_distilled(tmp_path, capsys):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) == 7 and all(f.endswith(".png") for f in files)
     assert any(f.startswith("attention_rollout_sample_2_") for f in files)
+    # A folder stands for its image files, as in `vitlab predict`
+    (tmp_path / "folder").mkdir()
+    for f in ("a.png", "b.gif"):
+        (tmp_path / "folder" / f).write_bytes((tmp_path / f).read_bytes())
+    argv = ["visualize", "--checkpoint", str(run / "model.safetensors"), str(tmp_path / "folder"), "--out",
+            str(tmp_path / "pics2")]
+    assert cli.main(argv) == 0
+    from_folder = sorted(p.name for p in (tmp_path / "pics2").iterdir())
+    assert len(from_folder) == 7 and any(f.startswith("attention_rollout_sample_2_") for f in from_folder)
     # Without --out, a file checkpoint's pictures go to plots/ beside it.
     assert cli.main(["visualize", "--checkpoint", str(run / "model.safetensors"), str(tmp_path / "a.png")]) == 0
     assert (run / "plots" / "attention_map.png").is_file()

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import RunFailed, UserError
+from .errors import RunFailed, UserError, VitlabWarning
 
 # command -> (module, one-line help). Modules are imported only when used, so
 # `vitlab models` does not pay for matplotlib or the data code.
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from .utils import tune_allocator
 
     tune_allocator()  # before the command allocates its tensors (utils.tune_allocator says why)
+    _one_line_warnings(f"vitlab {command}")
     module = importlib.import_module(COMMANDS[command][0])
     parser = Parser(prog=f"vitlab {command}", description=COMMANDS[command][1])
     module.add_arguments(parser)
@@ -107,6 +108,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"vitlab {command}: interrupted\n")
         return 130
+    except BrokenPipeError:  # `vitlab models | head`: the reader has gone; stop quietly, as `ls | head` does
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere, silently
+        return 1
+
+
+def _one_line_warnings(prog: str) -> None:
+    """vitlab's own warnings (VitlabWarning) as one line each, `prog: warning: ...`, written so that a
+    progress bar stays intact; other libraries' warnings keep Python's format."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, VitlabWarning):
+            return default(message, category, filename, lineno, file, line)
+        from tqdm import tqdm
+
+        tqdm.write(f"{prog}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
 
 
 def run_script(main_fn, name: str):

@@ -253,6 +253,21 @@ def all_keys(cfg_or_cls=TrainConfig) -> list[str]:
     return keys
 
 
+def get_key(cfg, key: str):
+    """The value of a dotted key (one set_key accepts) on a nested config."""
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _key_type(cfg, key: str):
+    obj, parts = cfg, key.split(".")
+    for part in parts[:-1]:
+        obj = getattr(obj, part)
+    return _field_types(type(obj))[parts[-1]]
+
+
 def set_key(cfg, key: str, value) -> None:
     """Set a dotted key on a nested config, converting the value to the field's type."""
     parts = key.split(".")
@@ -362,6 +377,9 @@ def parse_overrides(args: list[str], cfg=None, aliases: dict[str, str] = ALIASES
             key = f"{section}.{leaf.replace('-', '_')}"
         if key not in valid:
             raise ConfigError(f"unknown option --{body}{_closest(key, sorted(valid) + ['--' + a for a in aliases])}")
+        if value is True and _strip_optional(_key_type(cfg, key))[0] is not bool:
+            # a bare flag switches a boolean on; any other field needs its value
+            raise ConfigError(f"--{body} needs a value (--{body} VALUE)")
         out[key] = value
     return out
 

@@ -12,3 +12,21 @@ class UserError(ValueError):
 
 class RunFailed(RuntimeError):
     """A run that cannot go on (e.g. a non-finite loss): one clear line, exit status 1."""
+
+
+class VitlabWarning(UserWarning):
+    """Something the user should hear about that does not stop the command (an unreadable image
+    skipped): the CLI prints it as one line, `vitlab <command>: warning: ...`."""
+
+
+def brief(e: BaseException | str, limit: int = 160) -> str:
+    """A library's error message cut to fit in one line: its first line, its first sentence when the
+    line is long, else cut at a word, never mid-word."""
+    text = str(e).strip()
+    line = text.splitlines()[0].strip() if text else type(e).__name__
+    if len(line) <= limit:
+        return line
+    first = line.split(". ", 1)[0] + "."
+    if len(first) <= limit:
+        return first
+    return line[:limit].rsplit(" ", 1)[0] + "..."

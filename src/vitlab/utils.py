@@ -43,8 +43,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
         write(tmp)
+        # mkstemp makes it 0600 (and a writer may recreate the file): give it a normal file's mode
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

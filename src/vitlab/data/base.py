@@ -22,6 +22,7 @@ class DatasetInfo:
     img_size: tuple[int, int]  # native (H, W) of the in-memory images, or the decode size for files
     mean: tuple[float, ...]  # per channel, in [0, 1] units
     std: tuple[float, ...]
+    note: str = ""  # what the source decided for the user (a held-out test split), for the run's log
 
 
 class TensorSplit:

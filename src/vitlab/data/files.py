@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import UserError
+from ..errors import UserError, VitlabWarning
 from .base import DataError, FileSplit
 from .loader import epoch_indices
 
@@ -191,7 +191,8 @@ class FileLoader:
                     raise DataError(f"cannot decode image {err}; fix or remove it, or set data.on_corrupt=skip")
                 if path not in self.corrupt:
                     self.corrupt[path] = err
-                    warnings.warn(f"skipping unreadable image {err} ({len(self.corrupt)} so far)", stacklevel=2)
+                    warnings.warn(f"skipping unreadable image {err} ({len(self.corrupt)} so far)", VitlabWarning,
+                                  stacklevel=2)
             if x is None:
                 continue
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

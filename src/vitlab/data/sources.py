@@ -395,9 +395,12 @@ def imagefolder(cfg: DataConfig):
         val = FileSplit(*_scan(path / "val", classes)[1:])
     if (path / "test").is_dir() and base != path:
         test = FileSplit(*_scan(path / "test", classes)[1:])
+    note = ""
     if test is None:
         train, test = _holdout(train.paths, train.labels.tolist(), DEFAULT_TEST_FRACTION, seed=12345)
+        note = (f"{path} has no test/ folder: {len(test)} of its images ({DEFAULT_TEST_FRACTION:.0%}, the same "
+                f"ones every run) are held out as the test split")
     size = cfg.img_size or 224
     info = DatasetInfo(path.name or "imagefolder", len(classes), classes, 3, (size, size), IMAGENET_MEAN,
-                       IMAGENET_STD)
+                       IMAGENET_STD, note)
     return info, train, val, test

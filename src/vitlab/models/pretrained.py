@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, brief
 from .registry import PRESETS, build_from_arch, get_preset
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -159,7 +159,7 @@ def _torch_load(path: Path) -> dict:
             ) from None
         # torch's message is a paragraph; keep the unpickler's own reason.
         reason = text.split("WeightsUnpickler error:")[-1].strip()
-        reason = reason.splitlines()[0][:120] if reason else type(e).__name__
+        reason = brief(reason) if reason else type(e).__name__
         raise PretrainedError(f"{path} is not a readable torch weights file ({reason})") from None
     return obj
 
@@ -172,7 +172,7 @@ def _safetensors_load(path: Path) -> tuple[dict, dict]:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise PretrainedError(f"{path} is not a readable safetensors file ({str(e)[:160]})") from None
+        raise PretrainedError(f"{path} is not a readable safetensors file ({brief(e)})") from None
     return state, meta
 
 
@@ -348,7 +348,7 @@ def fetch_hub(repo_id: str) -> Path:
             d = Path(snapshot_download(repo_id, allow_patterns=["*.json", "pytorch_model.bin*"]))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, network...
         raise PretrainedError(
-            f"{repo_id!r} is not a local path and cannot be fetched from the Hugging Face hub "
+            f"{repo_id!r}: no such file or folder here, and as a Hugging Face hub id it cannot be fetched "
             f"({type(e).__name__}: offline or unknown id); download it where there is network "
             f"(`hf download {repo_id} --local-dir DIR`) and pass DIR instead"
         ) from None
@@ -524,7 +524,7 @@ def read_npz(path: Path) -> Source:
         with np.load(path, allow_pickle=False) as f:
             w = {k: f[k] for k in f.files}
     except Exception as e:  # noqa: BLE001 - zip/format errors
-        raise PretrainedError(f"{path} is not a readable .npz file ({type(e).__name__}: {str(e)[:120]})") from None
+        raise PretrainedError(f"{path} is not a readable .npz file ({type(e).__name__}: {brief(e)})") from None
     if any(k.startswith("opt/target/") for k in w):  # some Google releases keep the optimizer's tree
         w = {k[len("opt/target/"):]: v for k, v in w.items() if k.startswith("opt/target/")}
     if "embedding/kernel" not in w or "Transformer/posembed_input/pos_embedding" not in w:
@@ -592,6 +592,10 @@ def detect_format(path_or_id) -> str:
             return "vitlab"
         if (p / "config.json").is_file():
             return "hf"
+        if (p / "model.safetensors").is_file():  # a run directory whose weights file is damaged
+            from ..train.checkpoint import read_meta
+
+            read_meta(p / "model.safetensors")  # raises the reason: unreadable, or not vitlab's
         raise PretrainedError(f"{p} is neither a Hugging Face model directory (config.json) nor a vitlab run "
                               f"directory (model.safetensors)")
     if p.is_file():

@@ -18,7 +18,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import UserError
+from ..errors import UserError, brief
 from ..models import build_from_arch
 from ..utils import atomic_write
 
@@ -67,7 +67,7 @@ def read_meta(path: str | Path) -> dict:
         with safe_open(str(path), "pt") as f:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        if path.name == LAST:  # a run's training state: the weights are beside it
+        if path.name == LAST or path.suffix == ".ckpt":  # a run's training state: the weights are beside it
             raise CheckpointError(f"{path} is a resumable training state (for --resume); pass the run folder "
                                   f"{path.parent} or its {WEIGHTS}") from None
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
@@ -118,4 +118,4 @@ def load_state(path: str | Path) -> dict:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means a bad file
-        raise CheckpointError(f"{path} is not a loadable training state ({type(e).__name__}: {str(e)[:120]})") from None
+        raise CheckpointError(f"{path} is not a loadable training state ({type(e).__name__}: {brief(e)})") from None

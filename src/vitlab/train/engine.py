@@ -113,10 +113,12 @@ def cpu_matmul_rates(size: int = 768, reps: int = 3) -> tuple[float, float]:
 
 def resolve_precision(pref: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     """-> (autocast dtype or None for fp32, a note for the log)."""
+    why = ""  # what `auto` based its choice on
     if pref == "auto":
         if device.type == "cuda":
             # native bf16 only (Ampere and later): torch's default also counts slow emulation (V100, T4)
             pref = "bf16" if cuda_has_native_bf16() else "fp16"
+            why = " (auto: this GPU has native bf16)" if pref == "bf16" else " (auto: this GPU has no native bf16)"
         elif not cpu_has_bf16():
             return None, "fp32 (this CPU has no native bf16 matmul, so bf16 autocast would be slower)"
         else:
@@ -125,14 +127,15 @@ def resolve_precision(pref: str, device: torch.device) -> tuple[torch.dtype | No
                 return None, (f"fp32 (bf16 matmul measured at {bf16:.0f} vs {fp32:.0f} GFLOP/s fp32 on this CPU; "
                               f"--precision bf16 forces it)")
             pref = "bf16"
+            why = f" (auto: bf16 matmul measured at {bf16:.0f} vs {fp32:.0f} GFLOP/s fp32)"
     if pref == "fp32":
         return None, "fp32"
     if pref == "bf16":
-        return torch.bfloat16, f"bf16 autocast on {device.type}"
+        return torch.bfloat16, f"bf16 autocast on {device.type}{why}"
     if pref == "fp16":
         if device.type != "cuda":
             raise UserError("fp16 needs a GPU (loss scaling); use --precision bf16 or fp32 on CPU")
-        return torch.float16, "fp16 autocast with loss scaling"
+        return torch.float16, f"fp16 autocast with loss scaling{why}"
     raise UserError(f"unknown precision {pref!r}; choose auto, bf16, fp16 or fp32")
 
 
@@ -256,6 +259,21 @@ def load_teacher(path: str, device: torch.device) -> nn.Module:
 
         model, _ = load_pretrained(path)
     return model.to(device).eval()
+
+
+def check_teacher(teacher: nn.Module, name: str, in_chans: int, img_size, num_classes: int, device) -> None:
+    """One image of this run's shape through the teacher, before the run starts: a teacher trained on
+    other images (channels, a ViT's fixed size) or other classes is one line now, not a traceback at
+    the first step with a half-made run directory."""
+    try:
+        with torch.no_grad():
+            out = teacher(torch.zeros(1, in_chans, *img_size, device=device))
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--distill.teacher {name} does not take this run's {in_chans}-channel "
+                        f"{img_size[0]}x{img_size[1]} images ({first})") from None
+    if out.shape[-1] != num_classes:
+        raise UserError(f"--distill.teacher {name} predicts {out.shape[-1]} classes, this run has {num_classes}")
 
 
 # -- evaluation -------------------------------------------------------------------
@@ -502,6 +520,8 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     teacher = load_teacher(cfg.distill.teacher, device) if cfg.distill.teacher and cfg.distill.kind != "none" else None
     if teacher is None and cfg.distill.kind != "none":
         raise UserError(f"--distill.kind {cfg.distill.kind} needs --distill.teacher RUN_OR_PATH")
+    if teacher is not None:
+        check_teacher(teacher, cfg.distill.teacher, info.in_chans, img_size, num_classes, device)
     criterion = DistillationLoss(cfg.distill.kind, cfg.distill.alpha, cfg.distill.tau, cfg.optim.label_smoothing,
                                  teacher)
     separate_heads = getattr(model, "distilled", False)
@@ -509,10 +529,21 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     # -- run directory and resume ----------------------------------------------------------
     start_epoch, step, best, history = 0, 0, -1.0, []
     if state is not None:
-        model.load_state_dict(state["model"])
+        # `vitlab train --resume` refuses changes to the keys that shape this state (command.py's
+        # FIXED_ON_RESUME); these catch a config.yaml edited by hand
         try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+            raise UserError(f"--resume {resume}: the saved weights do not fit the model its config.yaml "
+                            f"describes now ({first})") from None
+        saved_groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
+        missing = (set(getattr(optimizer, "defaults", {})) - set(saved_groups[0])) if saved_groups else set()
+        try:
+            if missing:  # torch would load it, then fail at the first step (another optimizer's groups)
+                raise KeyError(", ".join(sorted(missing)))
             optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:  # e.g. --optim.name changed on --resume: the state is another optimizer's
+        except (ValueError, KeyError) as e:  # e.g. optim.name changed: the state is another optimizer's
             raise UserError(f"--resume {resume}: the saved optimizer state does not fit optim.name "
                             f"{cfg.optim.name!r} ({e}); resume with the run's own optimizer") from None
         if ema is not None and state.get("ema") is not None:
@@ -545,6 +576,8 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     meta = {"classes": info.classes, "mean": list(info.mean), "std": list(info.std), "data": cfg.data.name,
             "img_size": list(img_size), "config": to_dict(cfg)}
     if main:
+        if info.note:
+            log(f"note: {info.note}")
         what = (f"{cfg.model.pretrained} ({getattr(model, 'arch', {}).get('name', 'pretrained')})"
                 if cfg.model.pretrained else cfg.model.name)  # model.name is unused when fine-tuning
         log(f"run {run_dir}: {what} ({count_params(model):,} params) on {cfg.data.name} "

@@ -21,6 +21,7 @@ import torch
 
 from ..data.files import read_image_file
 from ..errors import UserError
+from ..train.predict import expand_paths
 from ..utils import make_dir
 from .attention import HEAD_FUSIONS, TOKENS
 
@@ -28,7 +29,7 @@ from .attention import HEAD_FUSIONS, TOKENS
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
                    help="a run directory or a model .safetensors file")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to explain (default: test samples)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or folders of them) to explain (default: test samples)")
     p.add_argument("--samples", type=int, default=None, metavar="N",
                    help="test samples of the run's dataset, spread over the classes (default 4 without images)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default RUN/plots)")
@@ -142,7 +143,7 @@ def run(args) -> int:
     # Gather what to show: image files first, then test samples. Read every file
     # before any work, so a bad path fails fast with its name.
     shown, truth, boxes = [], [], []
-    for path in args.images:
+    for path in expand_paths(args.images):  # a folder: its image files, as `vitlab predict` takes them
         shown.append(read_image_file(path, C, size))
         truth.append(None)
         boxes.append(None)
