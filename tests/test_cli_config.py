@@ -199,9 +199,9 @@ def test_brief_keeps_a_library_message_to_one_line_without_cutting_a_word():
                  "checkpoint file is corrupted.")
     assert brief(torch_msg) == "PytorchStreamReader failed reading zip archive: failed finding central directory."
     assert brief("short\nsecond line") == "short"
-    long_word_run = "word " * 60
-    out = brief(long_word_run, limit=50)
-    assert out.endswith("...") and len(out) <= 53 and "wor..." not in out
+    # a cut inside a word goes back to the word's start
+    assert brief("alpha beta gamma delta epsilon zeta", limit=19) == "alpha beta gamma..."
+    assert brief("(e.g. a short first sentence) then a long tail " * 5, limit=40) == "(e.g. a short first sentence) then a..."
     assert brief(ValueError("")) == "ValueError"
 
 
@@ -233,3 +233,29 @@ def test_the_readme_models_table_lists_every_preset_with_its_count():
     assert len(presets) > 20
     for name, count in presets:
         assert rows.get(name) == count, (name, count, rows.get(name))
+
+
+def test_a_reader_that_stops_early_ends_vitlab_quietly():
+    # `vitlab models | head -2`: the pipe closes while vitlab still writes (it builds each preset to
+    # count its parameters): no traceback
+    p = subprocess.Popen([sys.executable, "-m", "vitlab.cli", "models"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    first = p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read()
+    p.wait(timeout=120)
+    assert first.startswith("name") and "Traceback" not in err and err == "", err
+
+
+def test_what_a_resume_may_and_may_not_change():
+    from vitlab.config import check_resume_config
+
+    saved = build_config(None, parse_overrides(["--data", "imagefolder:/old/photos", "--epochs", "10"]))
+    ok = build_config(None, parse_overrides(["--data", "imagefolder:photos", "--epochs", "20", "--lr", "1e-4",
+                                             "--run.threads", "1"]))
+    check_resume_config(saved, ok, "runs/x")  # the folder moved, more epochs, another lr: fine
+    for flag, value, said in (("--optim.weight_decay", "0.3", "optim.weight_decay"), ("--data", "cifar10", "data.name"),
+                              ("--model.num_classes", "10", "the run has unset")):
+        changed = build_config(None, parse_overrides(["--data", "imagefolder:/old/photos", flag, value]))
+        with pytest.raises(ConfigError, match=said):
+            check_resume_config(saved, changed, "runs/x")

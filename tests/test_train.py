@@ -444,15 +444,23 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
         assert f"{key} cannot change on a resume" in r.stderr
     assert (tmp_path / "part" / "config.yaml").read_text() == saved_cfg
-    # the same changes made by hand in a copy's config.yaml: caught when the state is loaded
-    for old, new, needle in (("name: adamw", "name: sgd", "does not fit optim.name 'sgd'"),
-                             ("vit_mini_convstem_patch8_32", "vit_mini_patch4_32", "saved weights do not fit")):
-        edited = Path(shutil.copytree(tmp_path / "part", tmp_path / f"edited-{new}"))
+    # the same changes made by hand in a copy's config.yaml: the engine compares it with the config the
+    # state was saved with; without that record (keep=False), loading the state itself says what misfits
+    for i, (old, new, keep, needle) in enumerate((
+            ("name: adamw", "name: sgd", True, "optim.name cannot change on a resume"),
+            ("subset: 1024", "subset: 512", True, "data.subset cannot change on a resume"),
+            ("name: adamw", "name: sgd", False, "does not fit optim.name 'sgd'"),
+            ("vit_mini_convstem_patch8_32", "vit_mini_patch4_32", False, "saved weights do not fit"))):
+        edited = Path(shutil.copytree(tmp_path / "part", tmp_path / f"edited-{i}"))
         assert old in saved_cfg
         (edited / "config.yaml").write_text(saved_cfg.replace(old, new, 1))
+        if not keep:
+            state = torch.load(edited / "last.ckpt", weights_only=True)
+            del state["config"]
+            torch.save(state, edited / "last.ckpt")
         r = cli("train", "--resume", str(edited))
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
-        assert needle in r.stderr
+        assert needle in r.stderr, r.stderr
     r = cli("train", "--resume", str(tmp_path / "part"))
     assert r.returncode == 0, r.stderr[-2000:]
     full, part = comparable(metrics(tmp_path / "full")), comparable(metrics(tmp_path / "part"))

@@ -108,11 +108,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"vitlab {command}: interrupted\n")
         return 130
-    except BrokenPipeError:  # `vitlab models | head`: the reader has gone; stop quietly, as `ls | head` does
+    except BrokenPipeError:
+        # `vitlab models | head`: the reader of our stdout has gone; stop quietly, as `ls | head` does.
+        # A broken pipe elsewhere (a worker process) is a failure like any other.
+        if not _stdout_reader_gone():
+            raise
         import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes nowhere, silently
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush goes nowhere
         return 1
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor: cannot tell
+        return True
 
 
 def _one_line_warnings(prog: str) -> None:

@@ -268,6 +268,37 @@ def _key_type(cfg, key: str):
     return _field_types(type(obj))[parts[-1]]
 
 
+# What a resumed run cannot change: the keys that decide the shapes of the state it saved (the
+# weights, the optimizer's state), the optimizer settings that state carries (loading it puts the
+# saved ones back, so a new value would be ignored), and which images it trains on. The rest may
+# change (--epochs, the lr and its schedule, the time limit, threads, workers, the data's folder).
+# Value: a hint after "start a new run".
+_FROM_RUN = " (or fine-tune this one on it: vitlab finetune --pretrained RUN_DIR)"
+FIXED_ON_RESUME = {
+    "model.name": "", "model.num_classes": _FROM_RUN, "model.img_size": _FROM_RUN, "model.freeze": "",
+    "data.name": _FROM_RUN, "data.img_size": _FROM_RUN, "data.subset": "", "data.val_fraction": "",
+    "run.debug": "", "optim.name": "", "optim.layer_decay": "", "optim.weight_decay": "", "optim.beta1": "",
+    "optim.beta2": "", "optim.momentum": "", "optim.nesterov": "", "optim.muon_momentum": "",
+}
+
+
+def _same_data(a: str, b: str) -> bool:
+    """imagefolder:PATH names the same data wherever the folder now lives (moved, or typed relative to
+    another working directory): its classes are checked against the weights when the state loads."""
+    return a == b or (a.startswith("imagefolder:") and b.startswith("imagefolder:"))
+
+
+def check_resume_config(saved, cfg, run) -> None:
+    """A UserError (one line) if `cfg` changes a FIXED_ON_RESUME key of the run's `saved` config."""
+    for key, hint in FIXED_ON_RESUME.items():
+        before, now = get_key(saved, key), get_key(cfg, key)
+        if before == now or (key == "data.name" and _same_data(before, now)):
+            continue
+        had = "unset" if before is None else repr(before)
+        raise ConfigError(f"--resume {run}: {key} cannot change on a resume (the run has {had}, asked for "
+                          f"{now!r}); start a new run{hint}")
+
+
 def set_key(cfg, key: str, value) -> None:
     """Set a dotted key on a nested config, converting the value to the field's type."""
     parts = key.split(".")

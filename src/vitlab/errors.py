@@ -27,6 +27,6 @@ def brief(e: BaseException | str, limit: int = 160) -> str:
     if len(line) <= limit:
         return line
     first = line.split(". ", 1)[0] + "."
-    if len(first) <= limit:
+    if 40 <= len(first) <= limit:  # a sentence long enough to say something ("(e.g." is not one)
         return first
     return line[:limit].rsplit(" ", 1)[0] + "..."

@@ -592,10 +592,15 @@ def detect_format(path_or_id) -> str:
             return "vitlab"
         if (p / "config.json").is_file():
             return "hf"
-        if (p / "model.safetensors").is_file():  # a run directory whose weights file is damaged
-            from ..train.checkpoint import read_meta
+        if (p / "model.safetensors").is_file():  # a run directory whose weights file is damaged?
+            from safetensors import SafetensorError, safe_open
 
-            read_meta(p / "model.safetensors")  # raises the reason: unreadable, or not vitlab's
+            try:
+                with safe_open(str(p / "model.safetensors"), "pt"):
+                    pass  # readable: someone else's weights without their config.json (the message below)
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise PretrainedError(f"{p / 'model.safetensors'} is not a readable safetensors file "
+                                      f"({brief(e)})") from None
         raise PretrainedError(f"{p} is neither a Hugging Face model directory (config.json) nor a vitlab run "
                               f"directory (model.safetensors)")
     if p.is_file():

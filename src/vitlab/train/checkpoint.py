@@ -67,9 +67,12 @@ def read_meta(path: str | Path) -> dict:
         with safe_open(str(path), "pt") as f:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        if path.name == LAST or path.suffix == ".ckpt":  # a run's training state: the weights are beside it
+        if path.name == LAST:  # a run's training state: the weights are beside it
             raise CheckpointError(f"{path} is a resumable training state (for --resume); pass the run folder "
                                   f"{path.parent} or its {WEIGHTS}") from None
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path} is not a vitlab weights file (a .safetensors); for a run, pass its "
+                                  f"folder or its {WEIGHTS}") from None
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
     if raw.get("format") != "vitlab" or "arch" not in raw:
         raise CheckpointError(f"{path} is a safetensors file but not a vitlab checkpoint (no architecture record)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import all_keys, build_config, check_values, from_dict, get_key, load_yaml, parse_overrides, set_key
+from ..config import all_keys, build_config, check_resume_config, check_values, from_dict, load_yaml, parse_overrides, set_key
 from ..errors import UserError
 
 ACCEPTS_OVERRIDES = True
@@ -33,17 +33,6 @@ def add_arguments(p):
     p.add_argument("--list-keys", action="store_true", help="list every config key and exit")
 
 
-# What a resumed run cannot change: the keys that decide the shapes of the state it saved (the
-# weights, the optimizer's state and parameter groups) or which images it trains on. Anything else
-# (--epochs, the time limit, threads, workers, the learning rate) may change.
-_FROM_RUN = " (or fine-tune from this one: --model.pretrained RUN_DIR)"
-FIXED_ON_RESUME = {
-    "model.name": _FROM_RUN, "model.num_classes": _FROM_RUN, "model.img_size": _FROM_RUN,
-    "model.pretrained": "", "model.freeze": "", "data.name": _FROM_RUN, "data.img_size": _FROM_RUN,
-    "data.subset": "", "data.val_fraction": "", "run.debug": "", "optim.name": "", "optim.layer_decay": "",
-}
-
-
 def resolve(args):
     overrides = parse_overrides(args.overrides)
     if args.resume:
@@ -52,15 +41,14 @@ def resolve(args):
             raise UserError(f"--resume {run}: no last.ckpt there (a run saves it at the end of each epoch)")
         cfg = from_dict(load_yaml(run / "config.yaml"))
         cfg.run.stop_after = None  # a pause point applies to the run that set it, not to its continuation
+        saved = from_dict(load_yaml(run / "config.yaml"))
         for k, v in overrides.items():
-            before = get_key(cfg, k)
             set_key(cfg, k, v)
-            if k in FIXED_ON_RESUME and get_key(cfg, k) != before:
-                raise UserError(f"--resume {run}: {k} cannot change on a resume (the run has {before!r}); "
-                                f"start a new run{FIXED_ON_RESUME[k]}")
-            if k == "run.epochs" and cfg.run.epochs != before and os.environ.get("RANK", "0") == "0":
-                print(f"note: --epochs {cfg.run.epochs} on a run of {before}: the warmup and cosine schedule are "
-                      f"laid out again over {cfg.run.epochs} epochs, so the lr from here follows the new curve")
+        check_resume_config(saved, cfg, run)  # here too (the engine checks it), so nothing is loaded first
+        if (cfg.run.epochs != saved.run.epochs and not getattr(args, "print_config", False)
+                and os.environ.get("RANK", "0") == "0"):
+            print(f"note: --epochs {cfg.run.epochs} on a run of {saved.run.epochs}: the warmup and cosine schedule "
+                  f"are laid out again over {cfg.run.epochs} epochs, so the lr from here follows the new curve")
         check_values(cfg)
         return cfg
     return build_config(args.config, overrides)

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig, save_yaml, to_dict
-from ..errors import RunFailed, UserError
+from ..config import TrainConfig, check_resume_config, from_dict, save_yaml, to_dict
+from ..errors import RunFailed, UserError, brief
 from ..models import count_params, create_model, get_preset
 from ..utils import atomic_write_text, make_dir, seed_everything
 from . import checkpoint as ckpt
@@ -269,9 +269,8 @@ def check_teacher(teacher: nn.Module, name: str, in_chans: int, img_size, num_cl
         with torch.no_grad():
             out = teacher(torch.zeros(1, in_chans, *img_size, device=device))
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--distill.teacher {name} does not take this run's {in_chans}-channel "
-                        f"{img_size[0]}x{img_size[1]} images ({first})") from None
+                        f"{img_size[0]}x{img_size[1]} images ({brief(e)})") from None
     if out.shape[-1] != num_classes:
         raise UserError(f"--distill.teacher {name} predicts {out.shape[-1]} classes, this run has {num_classes}")
 
@@ -453,6 +452,15 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
 
     if cfg.run.debug:  # the seed's --debug: a tiny, fast run through every code path
         cfg.data.subset = min(cfg.data.subset or 512, 512)
+    if state is not None and isinstance(state.get("config"), dict):
+        # what the run was saved with against what it is asked to go on with (`vitlab train --resume`
+        # checks this too; `vitlab ablate` and the benchmark scripts resume through here alone)
+        try:
+            saved = from_dict(state["config"])
+        except UserError:  # written by another vitlab version: the state loads below say what does not fit
+            saved = None
+        if saved is not None:
+            check_resume_config(saved, cfg, resume)
     seed_everything(cfg.run.seed)  # same on every rank: identical initial weights
 
     # -- data ---------------------------------------------------------------------
@@ -533,16 +541,17 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
         # FIXED_ON_RESUME); these catch a config.yaml edited by hand
         try:
             model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        except RuntimeError as e:  # torch's message lists the keys; its last line names the first misfit
             raise UserError(f"--resume {resume}: the saved weights do not fit the model its config.yaml "
-                            f"describes now ({first})") from None
-        saved_groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
-        missing = (set(getattr(optimizer, "defaults", {})) - set(saved_groups[0])) if saved_groups else set()
+                            f"describes now ({brief(str(e).strip().splitlines()[-1])})") from None
         try:
-            if missing:  # torch would load it, then fail at the first step (another optimizer's groups)
-                raise KeyError(", ".join(sorted(missing)))
             optimizer.load_state_dict(state["optimizer"])
+            groups = optimizer.param_groups
+            # torch loads another optimizer's groups without complaint (filling in only the options newer
+            # releases added) and fails at the first step: an option of this one still missing says so
+            missing = set(getattr(optimizer, "defaults", {})) - set(groups[0]) if groups else set()
+            if missing:
+                raise KeyError(", ".join(sorted(missing)))
         except (ValueError, KeyError) as e:  # e.g. optim.name changed: the state is another optimizer's
             raise UserError(f"--resume {resume}: the saved optimizer state does not fit optim.name "
                             f"{cfg.optim.name!r} ({e}); resume with the run's own optimizer") from None
