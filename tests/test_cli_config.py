@@ -6,9 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vitlab import cli
 from vitlab.config import ConfigError, TrainConfig, build_config, parse_overrides, set_key
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args):
@@ -82,7 +86,57 @@ def test_a_bad_value_stops_train_in_one_line_before_a_run_directory_exists(tmp_p
     assert not (tmp_path / "x").exists()
 
 
-def test_usage_errors_of_each_command_are_one_line_exit_2(capsys):
+def test_ablate_print_config_shows_each_rungs_settings_without_running_them(tmp_path, capsys):
+    assert cli.main(["ablate", "--config", "shapes", "--rungs", "3", "--lr", "1e-3", "--label-smoothing", "0.2",
+                     "--out", str(tmp_path), "--print-config"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["optim"]["name"] for d in docs] == ["sgd", "adamw", "adamw"]
+    assert [d["sched"]["name"] for d in docs] == ["constant", "constant", "cosine"]
+    # a user's value is its ingredient's strength from the rung that switches it on (AdamW's lr from
+    # rung 1, SGD keeping its own); before that rung the ingredient stays off, so rung 1's gain is AdamW's alone
+    assert [d["optim"]["lr"] for d in docs] == [0.05, 1e-3, 1e-3]
+    assert [d["optim"]["label_smoothing"] for d in docs] == [0.0, 0.0, 0.0]
+    assert [d["run"]["name"] for d in docs] == ["rung0", "rung1", "rung2"]
+    assert list(tmp_path.iterdir()) == []  # nothing trained, no folder made
+    assert cli.main(["ablate", "--config", "shapes", "--label-smoothing", "0.2", "--cutmix-alpha", "1.0",
+                     "--epochs", "7", "--print-config"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["optim"]["label_smoothing"] for d in docs] == [0.0, 0.0, 0.0, 0.2, 0.2, 0.2]
+    assert [d["aug"]["cutmix_alpha"] for d in docs] == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]  # with Mixup's rung
+    assert [d["aug"]["mixup_alpha"] for d in docs] == [0.0, 0.0, 0.0, 0.0, 0.2, 0.2]
+    assert {d["run"]["epochs"] for d in docs} == {7}
+    # the ladder's own comparison is not the user's to set
+    assert cli.main(["ablate", "--config", "shapes", "--optim.name", "muon", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "--optim.name is what the ladder compares" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_examples_name_presets_and_models_that_exist(capsys):
+    """Every `--config NAME` and `--model NAME` in a command's --help and in the README is real."""
+    import importlib
+    import re
+
+    from vitlab.config import CONFIG_DIR
+    from vitlab.models import PRESETS
+
+    presets = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+
+    texts = {"README.md": (ROOT / "README.md").read_text()}
+    for name, (module, help_) in cli.COMMANDS.items():
+        parser = cli.Parser(prog=f"vitlab {name}", description=help_)
+        importlib.import_module(module).add_arguments(parser)
+        texts[f"vitlab {name} --help"] = parser.format_help()
+    checked = 0
+    for where, text in texts.items():
+        for flag, value in re.findall(r"--(config|model) ([A-Za-z0-9_][A-Za-z0-9_./-]*)", text):
+            if flag == "config" and not value.endswith((".yaml", ".yml")) and value not in ("PRESET_OR_FILE",):
+                assert value in presets, (where, value)
+                checked += 1
+            elif flag == "model" and value.upper() != value:
+                assert value in PRESETS, (where, value)
+                checked += 1
+    assert checked >= 10
+
     cases = [
         ([], "name a command"),
         (["ablate", "--rungs", "0"], "--rungs must be 1 to"),

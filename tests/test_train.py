@@ -217,6 +217,7 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
             "--lr", "2e-3", "--sched.warmup_epochs", "0.5", "--aug.mixup_alpha", "0", "--drop-path", "0",
             "--run.name", "shapes", "--out", str(tmp_path), "--run.ema", "--run.tta", "--run.precision", "fp32")
     assert r.returncode == 0, r.stderr[-2000:]
+    summary = r.stdout
     run = tmp_path / "shapes"
     for f in ["config.yaml", "metrics.jsonl", "model.safetensors", "last.ckpt", "curves.png"]:
         assert (run / f).is_file(), f
@@ -241,6 +242,9 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     saved = rows[meta["epoch"] - 1]
     assert meta["weights"] in ("model", "ema") and meta["test_acc"] == max(saved["test_acc"], saved["test_acc_ema"])
     assert ev["acc"] == pytest.approx(saved["test_acc" if meta["weights"] == "model" else "test_acc_ema"], abs=0.2)
+    # the run's summary names that same best, and whose weights they are
+    ema_note = ", EMA weights" if meta["weights"] == "ema" else ""
+    assert f"best {meta['test_acc']:.2f}% (epoch {meta['epoch']}{ema_note}; in model.safetensors)" in summary, summary
     r = cli("eval", "--checkpoint", str(run), "--tta", "flip", "--out", str(tmp_path / "tta"))
     assert r.returncode == 0 and "test (flip TTA): top-1" in r.stdout, r.stderr
     ev = json.loads((tmp_path / "tta" / "eval.json").read_text())
@@ -327,6 +331,20 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--batch-size" in r.stderr
     r = cli("predict", str(tmp_path / "missing.png"), "--checkpoint", str(run))
     assert r.returncode == 2 and "image not found" in r.stderr
+    # --tta flip: the softmax of the mean logits over each image and its mirror, as eval scores them
+    r = cli("predict", *paths[:2], "--checkpoint", str(run / "model.safetensors"), "--top-k", "1", "--tta", "flip")
+    assert r.returncode == 0, r.stderr
+    from vitlab.data.files import read_image_file
+    from vitlab.train.predict import to_batch
+
+    model, meta = load_model(run / "model.safetensors")
+    x = to_batch([read_image_file(q, 3, tuple(model.img_size), False) for q in paths[:2]], meta["mean"], meta["std"])
+    with torch.no_grad():
+        probs = torch.softmax((model(x).float() + model(x.flip(-1)).float()) / 2, dim=-1)
+    top = probs.max(-1)
+    tta_answers = [a for a in answers(r.stdout) if a[1] is not None]
+    assert [a[0] for a in tta_answers] == [SHAPES_CLASSES[i] for i in top.indices.tolist()]
+    assert all(abs(a[1] - 100 * v) <= 0.011 for a, v in zip(tta_answers, top.values.tolist()))
 
 
 def test_predicts_check_decodes_every_image_so_a_truncated_jpeg_fails_up_front(tmp_path, monkeypatch):
@@ -399,6 +417,19 @@ def test_eval_refuses_data_whose_classes_or_channels_the_model_cannot_score():
         model = create_model("vit_mini_patch4_32", **kw)
         with pytest.raises(UserError, match=message):
             score(model, {}, DataConfig(name="shapes"), "test", device="cpu", precision="fp32")
+
+
+def test_tensorboard_asked_for_but_not_installed_stops_before_the_run_starts(tmp_path, monkeypatch):
+    import importlib.util
+
+    from vitlab.train import engine
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    cfg = build_config(None, parse_overrides([*FAST, "--out", str(tmp_path), "--run.name", "tb", "--run.tensorboard"]))
+    with pytest.raises(UserError, match="needs the tensorboard package"):
+        engine.train(cfg)
+    assert not (tmp_path / "tb").exists()
 
 
 def test_an_old_pickle_as_a_checkpoint_is_one_error_without_torchs_warnings(tmp_path):
@@ -531,7 +562,7 @@ def test_clean_head_and_tail_turn_augmentation_off_at_the_schedules_ends(tmp_pat
                                               "--aug.clean_head", "0.125", "--run.eval_every", "2"]))
     engine.train(cfg)
     assert flags == [True] + [False] * 5 + [True] * 2  # 2 epochs of 4 steps: the first eighth, the last quarter
-    assert "(epoch 2)" in capsys.readouterr().out  # (eval_every 2) the summary names the best epoch, not its index
+    assert "(epoch 2; in model.safetensors)" in capsys.readouterr().out  # (eval_every 2) the summary names the best epoch, not its index
 
 
 def test_a_pause_before_the_first_evaluation_ends_cleanly_and_resumes(tmp_path, capsys):
@@ -840,3 +871,9 @@ def test_ablate_runs_the_ladder_and_writes_its_table_chart_and_record(tmp_path):
     r = cli("ablate", "--data", "shapes", "--debug", "--epochs", "1", "--rungs", "2", "--run.precision", "fp32",
             "--out", str(tmp_path))
     assert r.returncode == 0 and r.stdout.count("already done") + r.stderr.count("already done") == 2, r.stderr
+    # ...but not rungs trained with other settings: their accuracy would go under this ladder's labels
+    before = [(out / f).read_text() for f in ("ablation.md", "rung0/metrics.jsonl", "rung1/config.yaml")]
+    r = cli("ablate", "--data", "shapes", "--debug", "--epochs", "1", "--rungs", "2", "--run.precision", "fp32",
+            "--seed", "1", "--out", str(tmp_path))
+    assert r.returncode == 2 and "run.seed 0 there, 1 now" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert [(out / f).read_text() for f in ("ablation.md", "rung0/metrics.jsonl", "rung1/config.yaml")] == before

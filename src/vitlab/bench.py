@@ -24,7 +24,8 @@ the peers get torch's foreach AdamW).
     vitlab bench --memory                         # + peak memory per step, gradient checkpointing on ViT-B/224
     vitlab bench --loop                           # + the full `vitlab train` loop against the bare step
 
-Results go to --out (JSON and pictures); `--markdown` prints the README table.
+Results go to --out: throughput.json always, scaling.png with --scaling; `--markdown` prints the
+README table.
 """
 
 from __future__ import annotations
@@ -896,7 +897,7 @@ def add_arguments(p):
     p.add_argument("--memory", action="store_true", help="also peak memory per step, checkpointing on ViT-B/224")
     p.add_argument("--loop", action="store_true", help="also the full training loop against the bare step")
     p.add_argument("--all", action="store_true", help="--scaling --memory --loop")
-    p.add_argument("--out", default="benchmarks/results", help="where throughput.json and the plot go")
+    p.add_argument("--out", default="benchmarks/results", help="where throughput.json (and, with --scaling, scaling.png) go")
     p.add_argument("--markdown", action="store_true", help="print the README table from --out's JSON and exit")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where every setup runs")

@@ -10,11 +10,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import build_config, parse_overrides, set_key
+from ..config import all_keys, build_config, from_dict, get_key, load_yaml, parse_overrides, set_key, to_dict
 from ..errors import UserError
 from ..utils import atomic_write, atomic_write_text, make_dir
 
 ACCEPTS_OVERRIDES = True
+
+EPILOG = """\
+Every training flag and config field sets the base all rungs share (--data, --data-dir, --epochs,
+--batch-size, --seed, --model, ...). A flag for one of the ladder's ingredients (--lr,
+--weight-decay, --warmup-epochs, --label-smoothing, --mixup-alpha, --cutmix-alpha, --drop-path)
+sets its strength from the rung that switches it on; the rungs before keep it off. Rungs already
+finished in the output folder with the same settings are reused, so an interrupted ladder picks
+up where it stopped (a half-done rung resumes).
+Examples:
+  vitlab ablate --debug --epochs 2                                  # a quick pass through every rung
+  vitlab ablate --config fashion_mnist_plain --data-dir ../shared/data/fashion-mnist --epochs 20
+  vitlab ablate --config shapes --rungs 3 --print-config            # what each rung would run
+"""
+
+# Settings that change where a rung is written or how fast it runs, not what it learns: a finished
+# rung is reused whatever they are.
+NOT_RESULTS = {"run.out", "run.name", "run.threads", "run.log_every", "run.tensorboard", "run.device",
+               "run.stop_after", "data.dir", "data.num_workers", "data.download", "run.compile"}
 
 # (label, settings added at this rung). Rung 0 switches every ingredient off.
 LADDER: list[tuple[str, dict]] = [
@@ -33,6 +51,10 @@ def add_arguments(p):
     p.description = __doc__.splitlines()[0]
     p.add_argument("--config", metavar="PRESET_OR_FILE", help="base preset; the ladder overrides the rest")
     p.add_argument("--rungs", type=int, default=len(LADDER), help="run only the first N rungs")
+    p.add_argument("--print-config", action="store_true",
+                   help="print each rung's resolved config (YAML, one document per rung) and exit")
+    p.epilog = EPILOG
+    p.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
 
 
 def run(args) -> int:
@@ -45,20 +67,20 @@ def run(args) -> int:
     overrides = parse_overrides(args.overrides)
     base = build_config(args.config, overrides)
     out = Path(base.run.out) / f"ablation-{base.model.name}-{base.data.name.replace(':', '-').replace('/', '_')}"
+    rungs = rung_configs(args.config, overrides, args.rungs, out)
+    if args.print_config:
+        import yaml
+
+        for k, (label, cfg) in enumerate(rungs):
+            print(f"--- # rung {k}: {label}")
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    for _, cfg in rungs:  # all before the first trains: a mismatch in rung 5 must not wait hours
+        if (out / cfg.run.name / "last.ckpt").is_file():  # (without it the rung starts afresh)
+            check_same_rung(out / cfg.run.name, cfg, out)
     make_dir(out)
-    settings: dict = {}
     rows = []
-    for k, (label, delta) in enumerate(LADDER[: args.rungs]):
-        settings.update(delta)
-        cfg = build_config(args.config, overrides)
-        for key, value in settings.items():
-            if key in overrides and k > 0 and key not in delta:
-                continue  # the user's explicit choice wins except where this rung is about that key
-            set_key(cfg, key, value)
-        if cfg.sched.warmup_epochs > cfg.run.epochs / 3:
-            set_key(cfg, "sched.warmup_epochs", cfg.run.epochs / 3)
-        cfg.run.out = str(out)
-        cfg.run.name = f"rung{k}"
+    for k, (label, cfg) in enumerate(rungs):
         run_dir = out / cfg.run.name
         if (run_dir / "metrics.jsonl").is_file() and (run_dir / "last.ckpt").is_file() and _done(run_dir, cfg.run.epochs):
             tqdm.write(f"[{k}] {label}: already done, reusing {run_dir}")
@@ -67,11 +89,64 @@ def run(args) -> int:
             train(cfg, resume=str(run_dir) if (run_dir / "last.ckpt").is_file() else None)
         last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
         acc_key = "val_acc" if "val_acc" in last else "test_acc"
+        ladder_keys = {key for _, delta in LADDER[:k + 1] for key in delta} | {"aug.cutmix_alpha"}
         rows.append({"rung": label, "acc": last[acc_key], "minutes": last["wall_time"] / 60, "split": acc_key[:-4],
-                     "settings": dict(settings)})  # the ladder's settings at this rung, before the user's overrides
+                     "settings": {key: get_key(cfg, key) for key in sorted(ladder_keys)}})  # as this rung ran them
     _write_report(rows, out, base)
     print(f"wrote {out / 'ablation.md'} and {out / 'ablation.png'}")
     return 0
+
+
+# The rung that switches each ingredient on: a user's value for its keys (--lr, --label-smoothing,
+# --mixup-alpha ...) is that ingredient's strength, used from there on; the rungs before keep it off,
+# so no rung's gain includes another ingredient. CutMix has no rung of its own: it joins Mixup's.
+SWITCHED_ON = {key: k for k in reversed(range(1, len(LADDER))) for key in LADDER[k][1]}
+SWITCHED_ON["aug.cutmix_alpha"] = next(k for k, (label, _) in enumerate(LADDER) if "Mixup" in label)
+CHOSEN_BY_LADDER = ("optim.name", "sched.name")  # the ladder's own comparison: SGD vs AdamW, constant vs cosine
+
+
+def rung_configs(config: str | None, overrides: dict, n: int, out: Path) -> list[tuple[str, object]]:
+    """The first `n` rungs' full configs: the base (preset + the user's flags), then the ladder's
+    settings so far, a user's value for an ingredient replacing the ladder's once it is switched on."""
+    for key in CHOSEN_BY_LADDER:
+        if key in overrides:
+            raise UserError(f"--{key} is what the ladder compares (sgd -> adamw, constant -> cosine), so "
+                            f"ablate sets it; train one setting alone with vitlab train")
+    settings: dict = {}
+    rungs = []
+    for k, (label, delta) in enumerate(LADDER[:n]):
+        settings.update(delta)
+        cfg = build_config(config, overrides)
+        for key, value in settings.items():
+            if key in overrides and k >= SWITCHED_ON[key]:
+                continue
+            set_key(cfg, key, value)
+        if cfg.sched.warmup_epochs > cfg.run.epochs / 3:
+            set_key(cfg, "sched.warmup_epochs", cfg.run.epochs / 3)
+        cfg.run.out = str(out)
+        cfg.run.name = f"rung{k}"
+        rungs.append((label, cfg))
+    return rungs
+
+
+def check_same_rung(run_dir: Path, cfg, out: Path) -> None:
+    """A rung already in the output folder counts only if it ran with these settings: reusing one
+    trained with others would put its accuracy under this ladder's label."""
+    try:
+        saved = from_dict(load_yaml(run_dir / "config.yaml"))
+    except (UserError, OSError):
+        saved = None
+    if cfg.run.debug:  # the engine caps the subset on a debug run, and saves the capped value
+        cfg = from_dict(to_dict(cfg))
+        cfg.data.subset = min(cfg.data.subset or 512, 512)
+    differ = [] if saved is None else [
+        key for key in all_keys(cfg) if key not in NOT_RESULTS and get_key(saved, key) != get_key(cfg, key)]
+    if saved is None or differ:
+        what = ("its config.yaml cannot be read" if saved is None else
+                f"{differ[0]} {get_key(saved, differ[0])!r} there, {get_key(cfg, differ[0])!r} now"
+                + (f", and {len(differ) - 1} more" if len(differ) > 1 else ""))
+        raise UserError(f"{run_dir} was run with other settings ({what}); give this ladder another "
+                        f"--out, or delete {out} to run it again")
 
 
 def _done(run_dir: Path, epochs: int) -> bool:

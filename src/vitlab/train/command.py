@@ -17,7 +17,7 @@ Short flags: --model --data --data-dir --epochs --batch-size --seed --out --debu
 --weight-decay --warmup-epochs --precision --compile --ema --pretrained --time-limit.
 Examples:
   vitlab train --debug --epochs 3
-  vitlab train --config fashion_mnist_15min --data-dir ../shared/data/fashion-mnist
+  vitlab train --config fashion_mnist --data-dir ../shared/data/fashion-mnist
   vitlab train --model vit_small_patch4_32 --data cifar10 --mixup-alpha 0.2 --label-smoothing 0.1 --drop-path 0.1 --autoaugment
   torchrun --nproc_per_node 2 -m vitlab.cli train --data cifar10 --batch-size 256
 """

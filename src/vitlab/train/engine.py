@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -450,6 +451,9 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     main = dist.is_main
     log = tqdm.write if main else (lambda *a, **k: None)
 
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before hours of unlogged training
+        raise UserError("--run.tensorboard needs the tensorboard package (pip install tensorboard), "
+                        "or leave it off: metrics.jsonl and curves.png are written either way")
     if cfg.run.debug:  # the seed's --debug: a tiny, fast run through every code path
         cfg.data.subset = min(cfg.data.subset or 512, 512)
     if state is not None and isinstance(state.get("config"), dict):
@@ -768,13 +772,19 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
         log(f"paused after {len(history)} epochs, before the first evaluation (run.eval_every "
             f"{cfg.run.eval_every}); continue with --resume {run_dir}")
     elif main and history:
-        top = max(scored, key=lambda h: h[f"{eval_name}_acc"])
+        # the best as the weights file has it: an epoch's plain or EMA weights, whichever scored higher
+        candidates = [(max(h[f"{eval_name}_acc"], h.get(f"{eval_name}_acc_ema", -1.0)), h["epoch"],
+                       h.get(f"{eval_name}_acc_ema", -1.0) > h[f"{eval_name}_acc"]) for h in scored]
+        top_acc, top_epoch, top_ema = max(candidates, key=lambda t: (t[0], -t[1]))  # a tie: the first, kept
         last_tta = scored[-1].get(f"{eval_name}_acc_tta")
         tta = f" ({last_tta:.2f}% with flip TTA)" if last_tta is not None else ""
+        last_ema = scored[-1].get(f"{eval_name}_acc_ema")
+        ema_note = f" ({last_ema:.2f}% EMA)" if last_ema is not None else ""
         total = history[-1]["wall_time"]
         log(f"{'paused' if paused else 'done'}: {len(history)} epochs in {total / 60:.1f} min; "
             f"{'last' if paused else 'final'} {eval_name} acc "
-            f"{scored[-1][f'{eval_name}_acc']:.2f}%{tta}, best {top[f'{eval_name}_acc']:.2f}% (epoch {top['epoch']}); "
+            f"{scored[-1][f'{eval_name}_acc']:.2f}%{tta}{ema_note}, best {top_acc:.2f}% (epoch {top_epoch}"
+            f"{', EMA weights' if top_ema else ''}; in {ckpt.WEIGHTS}); "
             f"mean {np.mean([h['images_per_s'] for h in history]):.0f} img/s; run dir {run_dir}")
     if data.val is not None and main and scored and not paused:  # (a paused run is scored when it ends)
         t_test = time.time()
@@ -797,11 +807,8 @@ def eval_split_count(split) -> int:
 
 
 def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        tqdm.write("note: tensorboard is not installed; skipping it (pip install tensorboard)")
-        return None
+    from torch.utils.tensorboard import SummaryWriter  # (checked to be installed before the run began)
+
     return SummaryWriter(str(run_dir / "tb"))
 
 

@@ -18,6 +18,9 @@ def add_arguments(p):
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64,
                    help="images read and classified at a time (memory grows with it, not with the image count)")
+    p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default="none",
+                   help="test-time augmentation, as vitlab eval --tta: average the logits over the image and its "
+                        "mirror (flip, 2x the cost) or also their 1-pixel shifts (flip-shift, 10x)")
 
 
 def expand_paths(args: list[str]) -> list[str]:
@@ -73,6 +76,16 @@ def to_batch(images: list[torch.Tensor], mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
+def classify(model, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Logits (B, num_classes) in fp32; with TTA the mean over the views, as `vitlab eval` scores them."""
+    if tta == "none":
+        return model(x).float()
+    from .engine import tta_views
+
+    views = tta_views(x, tta)
+    return torch.stack([model(v).float() for v in views]).mean(0)
+
+
 def run(args) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
@@ -98,7 +111,7 @@ def run(args) -> int:
         chunk = kept[start:start + args.batch_size]
         x = to_batch([a if a is not None else read(p) for p, a in zip(paths, chunk)], mean, std)
         with torch.no_grad():
-            probs = F.softmax(model(x).float(), dim=-1)
+            probs = F.softmax(classify(model, x, args.tta), dim=-1)
         top = probs.topk(k, dim=-1)
         for path, p, idx in zip(paths, top.values, top.indices):
             print(f"{Path(path).name}:")
