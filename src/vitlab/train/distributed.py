@@ -59,5 +59,9 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the group together: every process waits for the main one to finish its files (the last
+    checkpoint, the test score) first. A process tearing its gloo connections down while the main one
+    was still writing last.ckpt was once seen to abort (1 run in 9 of two CPU processes)."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
