@@ -111,6 +111,25 @@ def test_ablate_print_config_shows_each_rungs_settings_without_running_them(tmp_
     assert "--optim.name is what the ladder compares" in err and len(err.strip().splitlines()) == 1
 
 
+def test_ablate_names_the_preset_values_its_ladder_replaces_and_counts_time_limited_rungs_done(tmp_path):
+    import json
+
+    from vitlab.train.ablate import _done, preset_values_replaced
+
+    base = build_config("shapes", parse_overrides(["--lr", "1e-3"]))
+    # shapes sets lr 2e-3 (a flag repeats it: the flag's), warmup 1, Mixup and DropPath 0; label smoothing 0.1 = default
+    assert preset_values_replaced(base, {"optim.lr": "1e-3"}) == [
+        "sched.warmup_epochs 1.0", "aug.mixup_alpha 0.0", "model.drop_path_rate 0.0"]
+    rows = [{"epoch": 1, "test_acc": 50.0}, {"epoch": 2, "test_acc": 60.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _done(tmp_path, 2) and not _done(tmp_path, 3)
+    rows[-1]["stopped"] = "time_limit"
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _done(tmp_path, 3)
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert not _done(tmp_path, 1)
+
+
 def test_help_examples_name_presets_and_models_that_exist(capsys):
     """Every `--config NAME` and `--model NAME` in a command's --help and in the README is real."""
     import importlib
@@ -137,6 +156,8 @@ def test_help_examples_name_presets_and_models_that_exist(capsys):
                 checked += 1
     assert checked >= 10
 
+
+def test_usage_errors_of_each_command_are_one_line_exit_2(capsys):
     cases = [
         ([], "name a command"),
         (["ablate", "--rungs", "0"], "--rungs must be 1 to"),

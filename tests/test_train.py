@@ -420,12 +420,9 @@ def test_eval_refuses_data_whose_classes_or_channels_the_model_cannot_score():
 
 
 def test_tensorboard_asked_for_but_not_installed_stops_before_the_run_starts(tmp_path, monkeypatch):
-    import importlib.util
-
     from vitlab.train import engine
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import fails, as without the package
     cfg = build_config(None, parse_overrides([*FAST, "--out", str(tmp_path), "--run.name", "tb", "--run.tensorboard"]))
     with pytest.raises(UserError, match="needs the tensorboard package"):
         engine.train(cfg)
@@ -841,6 +838,11 @@ def test_time_budgeted_schedule_fits_the_limit(tmp_path):
     rows = metrics(tmp_path / "budget")
     assert 1 <= len(rows) < 50 and "time limit of 0.3 min reached" in r.stdout
     assert "test_acc" in rows[-1] and not any("test_acc" in row for row in rows[:-1])  # the epoch the clock ended is scored
+    # the last line says the clock ended the run (vitlab ablate then counts it done, not one to resume)
+    assert rows[-1]["stopped"] == "time_limit" and not any("stopped" in row for row in rows[:-1])
+    from vitlab.train.ablate import _done
+
+    assert _done(tmp_path / "budget", 50)
     assert rows[-1]["wall_time"] < 0.3 * 60 + 5  # the final evaluation fits in the budget too (+ slack)
     peak = 1e-3 * 64 / 128
     assert max(row["lr"] for row in rows) > 0.3 * peak  # it went up...

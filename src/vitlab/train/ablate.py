@@ -7,32 +7,37 @@ Writes ablation.md (a table with each rung's gain) and ablation.png (a bar chart
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from ..config import all_keys, build_config, from_dict, get_key, load_yaml, parse_overrides, set_key, to_dict
+from ..config import TrainConfig, all_keys, build_config, from_dict, get_key, load_yaml, parse_overrides, set_key, to_dict
 from ..errors import UserError
 from ..utils import atomic_write, atomic_write_text, make_dir
 
 ACCEPTS_OVERRIDES = True
 
 EPILOG = """\
-Every training flag and config field sets the base all rungs share (--data, --data-dir, --epochs,
---batch-size, --seed, --model, ...). A flag for one of the ladder's ingredients (--lr,
---weight-decay, --warmup-epochs, --label-smoothing, --mixup-alpha, --cutmix-alpha, --drop-path)
-sets its strength from the rung that switches it on; the rungs before keep it off. Rungs already
-finished in the output folder with the same settings are reused, so an interrupted ladder picks
-up where it stopped (a half-done rung resumes).
+Every training flag and the preset set the base all rungs share (--data, --data-dir, --epochs,
+--batch-size, --seed, --model, ...), except for the ladder's own keys: the optimizer and schedule
+it compares, and its ingredients' strengths, which it sets (a preset's values for them are
+replaced, and the run says which). A flag for an ingredient (--lr, --weight-decay,
+--warmup-epochs, --label-smoothing, --mixup-alpha, --cutmix-alpha, --drop-path) sets its strength
+from the rung that switches it on; the rungs before run the baseline's own (SGD at lr 0.05, weight
+decay 5e-4, constant lr, no warmup, smoothing, Mixup, CutMix or DropPath). Rungs already
+finished in the output folder are reused and a half-done one resumes, so an interrupted ladder
+picks up where it stopped; a rung run with other settings is refused.
 Examples:
   vitlab ablate --debug --epochs 2                                  # a quick pass through every rung
-  vitlab ablate --config fashion_mnist_plain --data-dir ../shared/data/fashion-mnist --epochs 20
+  vitlab ablate --data fashion-mnist --data-dir ../shared/data/fashion-mnist --epochs 10
   vitlab ablate --config shapes --rungs 3 --print-config            # what each rung would run
 """
 
-# Settings that change where a rung is written or how fast it runs, not what it learns: a finished
-# rung is reused whatever they are.
+# Settings that change where a rung is written, how fast it runs or what else it records, not the
+# accuracy the table reports (the plain weights' final score): a finished rung is reused whatever they are.
 NOT_RESULTS = {"run.out", "run.name", "run.threads", "run.log_every", "run.tensorboard", "run.device",
-               "run.stop_after", "data.dir", "data.num_workers", "data.download", "run.compile"}
+               "run.stop_after", "data.dir", "data.num_workers", "data.download", "run.compile", "run.ema",
+               "run.ema_decay", "run.tta", "run.eval_every"}
 
 # (label, settings added at this rung). Rung 0 switches every ingredient off.
 LADDER: list[tuple[str, dict]] = [
@@ -49,12 +54,13 @@ LADDER: list[tuple[str, dict]] = [
 
 def add_arguments(p):
     p.description = __doc__.splitlines()[0]
-    p.add_argument("--config", metavar="PRESET_OR_FILE", help="base preset; the ladder overrides the rest")
+    p.add_argument("--config", metavar="PRESET_OR_FILE",
+                   help="base preset (the ladder sets its own optimizer, schedule and ingredients; see below)")
     p.add_argument("--rungs", type=int, default=len(LADDER), help="run only the first N rungs")
     p.add_argument("--print-config", action="store_true",
                    help="print each rung's resolved config (YAML, one document per rung) and exit")
     p.epilog = EPILOG
-    p.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def run(args) -> int:
@@ -68,6 +74,10 @@ def run(args) -> int:
     base = build_config(args.config, overrides)
     out = Path(base.run.out) / f"ablation-{base.model.name}-{base.data.name.replace(':', '-').replace('/', '_')}"
     rungs = rung_configs(args.config, overrides, args.rungs, out)
+    replaced = preset_values_replaced(base, overrides)
+    if replaced and not args.print_config:
+        tqdm.write(f"note: the ladder replaces the preset's {', '.join(replaced)} with its own (a value given "
+                   f"as a flag is used from the rung that switches it on)")
     if args.print_config:
         import yaml
 
@@ -77,7 +87,7 @@ def run(args) -> int:
         return 0
     for _, cfg in rungs:  # all before the first trains: a mismatch in rung 5 must not wait hours
         if (out / cfg.run.name / "last.ckpt").is_file():  # (without it the rung starts afresh)
-            check_same_rung(out / cfg.run.name, cfg, out)
+            check_same_rung(out / cfg.run.name, cfg)
     make_dir(out)
     rows = []
     for k, (label, cfg) in enumerate(rungs):
@@ -89,9 +99,8 @@ def run(args) -> int:
             train(cfg, resume=str(run_dir) if (run_dir / "last.ckpt").is_file() else None)
         last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
         acc_key = "val_acc" if "val_acc" in last else "test_acc"
-        ladder_keys = {key for _, delta in LADDER[:k + 1] for key in delta} | {"aug.cutmix_alpha"}
         rows.append({"rung": label, "acc": last[acc_key], "minutes": last["wall_time"] / 60, "split": acc_key[:-4],
-                     "settings": {key: get_key(cfg, key) for key in sorted(ladder_keys)}})  # as this rung ran them
+                     "settings": {key: get_key(cfg, key) for key in LADDER[0][1]}})  # as this rung ran them
     _write_report(rows, out, base)
     print(f"wrote {out / 'ablation.md'} and {out / 'ablation.png'}")
     return 0
@@ -101,7 +110,7 @@ def run(args) -> int:
 # --mixup-alpha ...) is that ingredient's strength, used from there on; the rungs before keep it off,
 # so no rung's gain includes another ingredient. CutMix has no rung of its own: it joins Mixup's.
 SWITCHED_ON = {key: k for k in reversed(range(1, len(LADDER))) for key in LADDER[k][1]}
-SWITCHED_ON["aug.cutmix_alpha"] = next(k for k, (label, _) in enumerate(LADDER) if "Mixup" in label)
+SWITCHED_ON["aug.cutmix_alpha"] = SWITCHED_ON["aug.mixup_alpha"]
 CHOSEN_BY_LADDER = ("optim.name", "sched.name")  # the ladder's own comparison: SGD vs AdamW, constant vs cosine
 
 
@@ -129,29 +138,38 @@ def rung_configs(config: str | None, overrides: dict, n: int, out: Path) -> list
     return rungs
 
 
-def check_same_rung(run_dir: Path, cfg, out: Path) -> None:
+def preset_values_replaced(base, overrides: dict) -> list[str]:
+    """The ladder's keys the preset set to something other than the defaults, and no flag repeats:
+    'key value' each. A preset's 0 for Mixup or DropPath would empty that ingredient's rung, so the
+    ladder's values stand unless the user asks for another on the command line."""
+    default = TrainConfig()
+    return [f"{key} {get_key(base, key)!r}" for key in LADDER[0][1]
+            if key not in overrides and get_key(base, key) != get_key(default, key)]
+
+
+def check_same_rung(run_dir: Path, cfg) -> None:
     """A rung already in the output folder counts only if it ran with these settings: reusing one
     trained with others would put its accuracy under this ladder's label."""
     try:
         saved = from_dict(load_yaml(run_dir / "config.yaml"))
-    except (UserError, OSError):
-        saved = None
+    except UserError as e:  # unreadable, or another vitlab version's keys
+        raise UserError(f"{run_dir} cannot be reused ({e}); use another --out, or delete that rung's "
+                        f"folder to run it again") from None
     if cfg.run.debug:  # the engine caps the subset on a debug run, and saves the capped value
         cfg = from_dict(to_dict(cfg))
         cfg.data.subset = min(cfg.data.subset or 512, 512)
-    differ = [] if saved is None else [
-        key for key in all_keys(cfg) if key not in NOT_RESULTS and get_key(saved, key) != get_key(cfg, key)]
-    if saved is None or differ:
-        what = ("its config.yaml cannot be read" if saved is None else
-                f"{differ[0]} {get_key(saved, differ[0])!r} there, {get_key(cfg, differ[0])!r} now"
+    differ = [key for key in all_keys(cfg) if key not in NOT_RESULTS and get_key(saved, key) != get_key(cfg, key)]
+    if differ:
+        what = (f"{differ[0]} {get_key(saved, differ[0])!r} there, {get_key(cfg, differ[0])!r} now"
                 + (f", and {len(differ) - 1} more" if len(differ) > 1 else ""))
-        raise UserError(f"{run_dir} was run with other settings ({what}); give this ladder another "
-                        f"--out, or delete {out} to run it again")
+        raise UserError(f"{run_dir} was run with other settings ({what}); use another --out, or delete "
+                        f"that rung's folder to run it again")
 
 
 def _done(run_dir: Path, epochs: int) -> bool:
+    """All its epochs, or as many as its time limit allowed (resuming would add one past the limit)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return len(lines) >= epochs
+    return bool(lines) and (len(lines) >= epochs or json.loads(lines[-1]).get("stopped") == "time_limit")
 
 
 def _write_report(rows: list[dict], out: Path, base) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -451,9 +451,12 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     main = dist.is_main
     log = tqdm.write if main else (lambda *a, **k: None)
 
-    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before hours of unlogged training
-        raise UserError("--run.tensorboard needs the tensorboard package (pip install tensorboard), "
-                        "or leave it off: metrics.jsonl and curves.png are written either way")
+    if cfg.run.tensorboard:  # before hours of unlogged training, and before the run's folder exists
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # (`import torch.utils...` here would make torch a local)
+        except ImportError as e:
+            raise UserError(f"--run.tensorboard needs the tensorboard package ({brief(str(e))}; pip install "
+                            "tensorboard), or leave it off: metrics.jsonl and curves.png are written either way") from None
     if cfg.run.debug:  # the seed's --debug: a tiny, fast run through every code path
         cfg.data.subset = min(cfg.data.subset or 512, 512)
     if state is not None and isinstance(state.get("config"), dict):
@@ -734,6 +737,8 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
             best = max(best, acc)
             record["eval_time"] = time.time() - t_eval  # scoring (and the EMA's) and the best-weights save
         record["wall_time"] = wall_before + (time.time() - t_run)
+        if time_up and epoch + 1 < cfg.run.epochs:
+            record["stopped"] = "time_limit"  # the run's last epoch (vitlab ablate counts such a rung as done)
         history.append(record)
         reserve = eval_reserve(history)
         if main:
@@ -776,14 +781,13 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
         candidates = [(max(h[f"{eval_name}_acc"], h.get(f"{eval_name}_acc_ema", -1.0)), h["epoch"],
                        h.get(f"{eval_name}_acc_ema", -1.0) > h[f"{eval_name}_acc"]) for h in scored]
         top_acc, top_epoch, top_ema = max(candidates, key=lambda t: (t[0], -t[1]))  # a tie: the first, kept
-        last_tta = scored[-1].get(f"{eval_name}_acc_tta")
-        tta = f" ({last_tta:.2f}% with flip TTA)" if last_tta is not None else ""
-        last_ema = scored[-1].get(f"{eval_name}_acc_ema")
-        ema_note = f" ({last_ema:.2f}% EMA)" if last_ema is not None else ""
+        also = [f"{name} {scored[-1][key]:.2f}%" for name, key in (("flip TTA", f"{eval_name}_acc_tta"),
+                                                                  ("EMA", f"{eval_name}_acc_ema")) if key in scored[-1]]
+        also = f" ({', '.join(also)})" if also else ""
         total = history[-1]["wall_time"]
         log(f"{'paused' if paused else 'done'}: {len(history)} epochs in {total / 60:.1f} min; "
             f"{'last' if paused else 'final'} {eval_name} acc "
-            f"{scored[-1][f'{eval_name}_acc']:.2f}%{tta}{ema_note}, best {top_acc:.2f}% (epoch {top_epoch}"
+            f"{scored[-1][f'{eval_name}_acc']:.2f}%{also}, best {top_acc:.2f}% (epoch {top_epoch}"
             f"{', EMA weights' if top_ema else ''}; in {ckpt.WEIGHTS}); "
             f"mean {np.mean([h['images_per_s'] for h in history]):.0f} img/s; run dir {run_dir}")
     if data.val is not None and main and scored and not paused:  # (a paused run is scored when it ends)
@@ -807,7 +811,7 @@ def eval_split_count(split) -> int:
 
 
 def _tensorboard(run_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter  # (checked to be installed before the run began)
+    from torch.utils.tensorboard import SummaryWriter  # (imported once already, before the run began)
 
     return SummaryWriter(str(run_dir / "tb"))
 
