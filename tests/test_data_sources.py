@@ -250,7 +250,15 @@ def test_missing_data_when_download_fails(tmp_path, monkeypatch):
         build_data(DataConfig(name="mnist", dir=str(tmp_path)))
     msg = one_line_user_error(e)
     assert "ossci-datasets" in msg and "Name or service not known" in msg and str(tmp_path) in msg
-    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    assert list(tmp_path.iterdir()) == []  # no empty mnist/ folder left (in an image folder it would be a class)
+    with pytest.raises(UserError):  # a --data-dir that does not exist is not created either
+        build_data(DataConfig(name="mnist", dir=str(tmp_path / "typo" / "deeper")))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("a user's file")
+    with pytest.raises(UserError):
+        build_data(DataConfig(name="mnist", dir=str(tmp_path / "mine")))
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["keep.txt"]
 
 
 def test_data_root_falls_back_to_env(tmp_path, monkeypatch):
@@ -422,6 +430,16 @@ def test_imagefolder_errors(tmp_path):
         build_data(DataConfig(name=f"imagefolder:{tmp_path / 'empty'}"))
     with pytest.raises(UserError, match="needs a path"):
         build_data(DataConfig(name="imagefolder"))
+    # an empty class folder beside real ones: refused by name (it would be a class never seen)
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "pets" / c).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "pets" / "cat" / "0.png")
+    (tmp_path / "pets" / "dog" / "notes.txt").write_text("no image here")
+    with pytest.raises(UserError) as e:
+        build_data(DataConfig(name=f"imagefolder:{tmp_path / 'pets'}"))
+    assert f"class folder {tmp_path / 'pets' / 'dog'} has no images" in one_line_user_error(e)
 
 
 def test_file_loader_order_follows_the_epoch_with_persistent_workers(tmp_path):

@@ -86,6 +86,22 @@ def test_linear_probe_keeps_the_backbone_exactly(tmp_path):
     for k, v in backbone(state).items():
         assert torch.equal(v, before[k]), k
     assert state["head.weight"].shape == (2, 128)  # cat / dog
+    import yaml
+
+    # the run records the weights' architecture (not the config's default model) as its model
+    saved = yaml.safe_load((tmp_path / "runs" / "probe" / "config.yaml").read_text())
+    assert saved["model"]["name"] == "vit_mini_patch4_32"
+    # a paused fine-tune resumes without its source weights (moved, deleted, or a relative path typed
+    # elsewhere): the run's own weights file says what the model is, and last.ckpt holds the weights
+    r = cli("finetune", "--pretrained", str(tmp_path / "pre.safetensors"), "--data", f"imagefolder:{tmp_path / 'pets'}",
+            "--data.val_fraction", "0.3", *QUICK, "--out", str(tmp_path / "runs"), "--run.name", "paused",
+            "--run.stop_after", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tmp_path / "pre.safetensors").unlink()
+    r = cli("train", "--resume", str(tmp_path / "runs" / "paused"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "paused" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
 
 
 def test_finetune_without_weights_or_with_bad_weights_is_one_line(tmp_path):

@@ -438,6 +438,39 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kw):
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
 
 
+def test_export_of_an_image_file_run_prepares_images_as_vitlab_predict_does(tmp_path, capsys):
+    """A run trained on image files saw 'shorter side to size*256/224, centre crop': the exported
+    processor must do the same, or Hugging Face users get other answers than vitlab predict."""
+    from PIL import Image
+
+    from vitlab.data.files import read_image_file
+    from vitlab.train.predict import to_batch
+
+    ref = small_vit(num_classes=3)  # 32 px
+    mean, std = [0.4, 0.45, 0.5], [0.2, 0.25, 0.3]
+    save_model(tmp_path / "run" / "model.safetensors", ref, {"classes": ["a", "b", "c"], "mean": mean, "std": std,
+                                                              "data": "imagefolder:photos"})
+    (tmp_path / "run" / "last.ckpt").write_bytes(b"state")
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    rng = np.random.default_rng(0)
+    for w, h in [(64, 40), (40, 56), (50, 50), (37, 90)]:  # wide, tall, square, and a 2.4:1 strip
+        path = tmp_path / f"img_{w}x{h}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        ours = to_batch([read_image_file(str(path), 3, (32, 32), crop=True)], mean, std)
+        with Image.open(path) as img:
+            theirs = processor(img.convert("RGB"), return_tensors="pt")["pixel_values"]
+        assert theirs.shape == ours.shape and (theirs - ours).abs().max() < 1e-4, (w, h, (theirs - ours).abs().max())
+    # not from a run's training state (last epoch's weights, no class names), and never into a run
+    capsys.readouterr()
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run" / "last.ckpt"), "--out", str(tmp_path / "x")]) == 2
+    assert "resumable training state" in capsys.readouterr().err
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "run"), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a vitlab run" in err and len(err.strip().splitlines()) == 1
+    assert load_pretrained(tmp_path / "run")[1]["format"] == "vitlab"  # untouched
+
+
 def test_export_of_a_backbone_is_a_vitmodel(tmp_path):
     ref = small_vit(num_classes=0)
     save_model(tmp_path / "b.safetensors", ref)

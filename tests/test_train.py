@@ -320,6 +320,10 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     assert r.returncode == 0, r.stderr
     assert answers(r.stdout) == want
     (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    shutil.copy(paths[0], tmp_path / "other" / Path(paths[0]).name)
+    r = cli("predict", paths[0], str(tmp_path / "other" / Path(paths[0]).name), "--checkpoint", str(run), "--top-k", "1")
+    assert r.returncode == 0 and f"{paths[0]}:" in r.stdout and f"{tmp_path / 'other' / 'img0.png'}:" in r.stdout
     r = cli("predict", str(tmp_path / "empty"), "--checkpoint", str(run))
     assert r.returncode == 2 and "no image files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     # a bad file in a later chunk fails the command before any answer is printed
@@ -407,6 +411,18 @@ def test_predict_prepares_images_as_the_model_was_trained(tmp_path):
     assert grey.shape == (8, 8, 1) and (grey == 255).all()
 
 
+def test_eval_on_other_data_does_not_read_the_runs_data_folder():
+    from vitlab.train.evaluate import data_config_for
+
+    meta = {"config": {"data": {"name": "fashion-mnist", "dir": "/data/fashion-mnist", "subset": 512}}}
+    # MNIST's files have Fashion-MNIST's names: the run's folder would be scored as MNIST
+    assert data_config_for(meta, "mnist", None).dir is None
+    assert data_config_for(meta, "mnist", "/data/mnist").dir == "/data/mnist"
+    same = data_config_for(meta, "fashion-mnist", None)
+    assert same.dir == "/data/fashion-mnist" and same.subset is None  # (scored whole)
+    assert data_config_for(meta, None, None).dir == "/data/fashion-mnist"
+
+
 def test_eval_refuses_data_whose_classes_or_channels_the_model_cannot_score():
     from vitlab.config import DataConfig
     from vitlab.train.evaluate import score
@@ -417,6 +433,20 @@ def test_eval_refuses_data_whose_classes_or_channels_the_model_cannot_score():
         model = create_model("vit_mini_patch4_32", **kw)
         with pytest.raises(UserError, match=message):
             score(model, {}, DataConfig(name="shapes"), "test", device="cpu", precision="fp32")
+
+
+def test_image_files_are_seen_at_the_presets_size_unless_data_img_size_asks():
+    from vitlab.train.engine import choose_img_size
+
+    def size(*flags, native=(224, 224)):
+        return choose_img_size(build_config(None, parse_overrides(list(flags))), native)
+
+    assert size("--data", "imagefolder:photos", "--model", "vit_mini_patch4_32") == (32, 32)  # not 3,136 tokens
+    assert size("--data", "flowers102", "--model", "vit_tiny_patch4_32") == (32, 32)
+    assert size("--data", "imagefolder:photos", "--model", "vit_mini_patch4_32", "--data.img_size", "64",
+                native=(64, 64)) == (64, 64)
+    assert size("--data", "imagefolder:photos", "--model", "vit_tiny_patch16_224") == (224, 224)
+    assert size("--data", "shapes", "--model", "vit_mini_patch4_32", native=(32, 32)) == (32, 32)
 
 
 def test_tensorboard_asked_for_but_not_installed_stops_before_the_run_starts(tmp_path, monkeypatch):
@@ -494,6 +524,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     full, part = comparable(metrics(tmp_path / "full")), comparable(metrics(tmp_path / "part"))
     assert len(part) == 3
     assert part == full
+    # a finished run has nothing to resume, and a run trained from scratch takes no --pretrained: one line
+    # each, the run untouched (both used to exit 0 and rewrite config.yaml)
+    saved_cfg = (tmp_path / "part" / "config.yaml").read_text()
+    for extra, needle in (([], "has finished 3 epochs of 3"), (["--epochs", "2"], "has finished 3 epochs of 2"),
+                          (["--epochs", "5", "--pretrained", str(tmp_path / "full")], "trained from scratch")):
+        r = cli("train", "--resume", str(tmp_path / "part"), *extra)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert (tmp_path / "part" / "config.yaml").read_text() == saved_cfg
 
 
 def test_sigkill_mid_epoch_then_resume_matches(tmp_path):

@@ -9,6 +9,7 @@ other failure (network, disk, Ctrl-C) deletes it too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -59,8 +60,12 @@ def download(url: str, dest: str | Path, md5: str) -> Path:
     dest = Path(dest)
     if dest.is_file() and file_hash(dest) == md5:
         return dest
+    # folders this call makes: taken away again if the download fails, so a mistyped --data-dir or a
+    # machine offline leaves no empty dataset folder behind (an image folder would read it as a class)
+    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
     make_dir(dest.parent)
     fd, tmp = tempfile.mkstemp(prefix=f"{dest.name}.part-", dir=dest.parent)
+    ok = False
     try:
         with os.fdopen(fd, "wb") as out:
             _fetch(url, out, dest.name)
@@ -69,11 +74,16 @@ def download(url: str, dest: str | Path, md5: str) -> Path:
             raise DataError(f"download of {url} failed its checksum (expected md5 {md5}, got {actual}); "
                             f"the file was deleted, try again or place a good copy at {dest}")
         os.replace(tmp, dest)
+        ok = True
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise DownloadError(url, str(reason), dest) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not ok:
+            for d in made:  # deepest first; a folder something else wrote into stays
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return dest
 

@@ -61,7 +61,9 @@ def decode(path: str, resize: int, crop: int) -> torch.Tensor:
         img = to_rgb(img)
         w, h = img.size
         s = resize / min(w, h)
-        nw, nh = max(resize, round(w * s)), max(resize, round(h * s))
+        # the longer side as Hugging Face's processors size it (int(resize * long / short)), so an
+        # exported model's ConvNeXt-style processor (models/export.py) crops the same pixels
+        nw, nh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
         img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None if s > 0.5 else 2.0)
         left, top = (nw - crop) // 2, (nh - crop) // 2
         img = img.crop((left, top, left + crop, top + crop))

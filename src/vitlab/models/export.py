@@ -114,32 +114,62 @@ def hf_config(model, classes=None) -> dict:
     return cfg
 
 
-def preprocessor_config(model, mean, std) -> dict:
+# Hugging Face's ConvNeXt processor crops only below this size (above it, it resizes the whole image)
+HF_CROP_LIMIT = 384
+
+
+def preprocessor_config(model, mean, std, crop: bool = False) -> dict:
+    """How Hugging Face prepares an image for the exported model, as vitlab did for it.
+
+    crop False: the whole image resized to the input size (the tensor datasets, imported weights).
+    crop True (runs trained on image files; vitlab.data.files): the shorter side resized to
+    round(size * 256 / 224), then a centre crop of the input size. ViT's own processor cannot crop;
+    ConvNeXt's does exactly this (shorter side to int(size / crop_pct), centre crop), so it is named
+    instead; crop_pct is chosen so int() lands on vitlab's rounding."""
     h, w = model.img_size
-    return {
-        "image_processor_type": "ViTImageProcessor",
-        "do_resize": True, "size": {"height": h, "width": w}, "resample": 2,  # bilinear
-        "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [float(x) for x in mean], "image_std": [float(x) for x in std],
-    }
+    common = {"resample": 2,  # bilinear, as vitlab resizes
+              "do_rescale": True, "rescale_factor": 1 / 255,
+              "do_normalize": True, "image_mean": [float(x) for x in mean], "image_std": [float(x) for x in std]}
+    if crop and h == w and h < HF_CROP_LIMIT:
+        resize = round(h * 256 / 224)
+        return {"image_processor_type": "ConvNextImageProcessor", "do_resize": True,
+                "size": {"shortest_edge": h}, "crop_pct": h / (resize + 0.5), **common}
+    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": h, "width": w},
+            **common}
 
 
-def export_hf(model, out_dir, classes=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), overwrite=False) -> Path:
-    """Write `model` to `out_dir` in Hugging Face ViT format; returns the directory."""
+def export_hf(model, out_dir, classes=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), overwrite=False,
+              crop: bool = False) -> Path:
+    """Write `model` to `out_dir` in Hugging Face ViT format; returns the directory.
+    crop: the model was trained on centre crops of image files (see preprocessor_config)."""
     from safetensors.torch import save_file
 
     check_exportable(model)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
+    if (out / "last.ckpt").exists() or _is_vitlab_weights(out / "model.safetensors"):
+        raise ExportError(f"{out} holds a vitlab run, whose model.safetensors the export would replace; "
+                          f"write the Hugging Face copy to another folder")
     if not overwrite and any((out / n).exists() for n in ("config.json", "model.safetensors")):
         raise ExportError(f"{out} already holds a model; pass --force to overwrite")
     state = hf_state_dict(model)
     # transformers refuses safetensors files without format metadata.
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write_text(out / "config.json", json.dumps(hf_config(model, classes), indent=2) + "\n")
-    atomic_write_text(out / "preprocessor_config.json", json.dumps(preprocessor_config(model, mean, std), indent=2) + "\n")
+    atomic_write_text(out / "preprocessor_config.json",
+                      json.dumps(preprocessor_config(model, mean, std, crop), indent=2) + "\n")
     return out
+
+
+def _is_vitlab_weights(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == "vitlab"
+    except Exception:  # missing, or not safetensors: nothing of vitlab's to lose
+        return False
 
 
 # -- `vitlab export` ----------------------------------------------------------------
@@ -158,10 +188,23 @@ def run(args) -> int:
 
     if args.num_heads is not None and args.num_heads < 1:
         raise ExportError(f"--num-heads must be positive, got {args.num_heads}")
+    src = Path(args.checkpoint)
+    if src.name == "last.ckpt" and src.is_file():  # its weights are the last epoch's, and it has no class names
+        raise ExportError(f"{src} is a resumable training state (for --resume); export the run folder "
+                          f"{src.parent} or its model.safetensors")
     extra = {"num_heads": args.num_heads} if args.num_heads else {}
     model, info = load_pretrained(args.checkpoint, **extra)
+    crop = False
+    if info.get("format") == "vitlab":  # a vitlab run: prepared its images as the run did
+        from ..train.checkpoint import read_meta
+        from ..train.predict import crops_like_training
+
+        crop = crops_like_training(read_meta(args.checkpoint), tuple(model.img_size))
+        if crop and model.img_size[0] >= HF_CROP_LIMIT:
+            print(f"note: Hugging Face's processors crop only below {HF_CROP_LIMIT} px; this export's resizes the "
+                  f"whole image, where vitlab resized the shorter side and took the centre")
     out = export_hf(model, args.out, classes=info.get("classes"), mean=info["mean"], std=info["std"],
-                    overwrite=args.force)
+                    overwrite=args.force, crop=crop)
     kind = hf_architecture(model)
     print(f"wrote {out} ({kind}: {len(model.blocks)} layers, width {model.embed_dim}, "
           f"{model.img_size[0]}x{model.img_size[1]} px, {model.num_classes} classes, "

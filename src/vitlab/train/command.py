@@ -45,6 +45,13 @@ def resolve(args):
         for k, v in overrides.items():
             set_key(cfg, k, v)
         check_resume_config(saved, cfg, run)  # here too (the engine checks it), so nothing is loaded first
+        if cfg.model.pretrained != saved.model.pretrained and not saved.model.pretrained:
+            raise UserError(f"--resume {run}: the run was trained from scratch, and its weights come from its "
+                            f"last.ckpt; to start from other weights, fine-tune into a new run")
+        done = _epochs_done(run)
+        if done >= cfg.run.epochs and not getattr(args, "print_config", False):
+            raise UserError(f"--resume {run}: the run has finished {done} epochs of {cfg.run.epochs}; to train it "
+                            f"further pass --epochs above {done}")
         if (cfg.run.epochs != saved.run.epochs and not getattr(args, "print_config", False)
                 and os.environ.get("RANK", "0") == "0"):
             print(f"note: --epochs {cfg.run.epochs} on a run of {saved.run.epochs}: the warmup and cosine schedule "
@@ -52,6 +59,14 @@ def resolve(args):
         check_values(cfg)
         return cfg
     return build_config(args.config, overrides)
+
+
+def _epochs_done(run: Path) -> int:
+    """Epochs a run has finished: its metrics.jsonl has a line per epoch (rewritten from last.ckpt)."""
+    try:
+        return sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
 
 
 def run(args) -> int:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig, check_resume_config, from_dict, save_yaml, to_dict
 from ..errors import RunFailed, UserError, brief
-from ..models import count_params, create_model, get_preset
+from ..models import PRESETS, count_params, create_model, get_preset
 from ..utils import atomic_write_text, make_dir, seed_everything
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, shutdown
@@ -195,12 +195,19 @@ def _compiled_step(train_model, model, x, dist, log):
 # -- model ----------------------------------------------------------------------
 
 def choose_img_size(cfg: TrainConfig, native: tuple[int, int]) -> tuple[int, int]:
-    """The model sees the data's own size when its patch size divides it, else the preset's size."""
+    """The model sees the data's own size when its patch size divides it, else the preset's size.
+    Image files have no size of their own (they are decoded at data.img_size, 224 unset): unless
+    data.img_size asks for one, a ViT gets its preset's size (32 px for a CIFAR-size preset, not
+    3,136 tokens of 224 px)."""
     if cfg.model.img_size:
         return (cfg.model.img_size, cfg.model.img_size)
     preset = get_preset(cfg.model.name)
     if preset.family != "vit":
         return tuple(native)
+    files = cfg.data.name == "flowers102" or cfg.data.name.startswith("imagefolder:")
+    if files and cfg.data.img_size is None:
+        s = preset.kwargs["img_size"]
+        return (s, s) if isinstance(s, int) else tuple(s)
     p = preset.kwargs["patch_size"]
     if native[0] % p == 0 and native[1] % p == 0:
         return tuple(native)
@@ -476,7 +483,15 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     num_classes = cfg.model.num_classes or info.num_classes
     if cfg.model.pretrained:
         # Fine-tuning: the weights decide resolution and normalisation (what they were trained with).
-        model, source_info = build_pretrained(cfg, num_classes, info.in_chans)
+        if state is not None and (run_dir / ckpt.WEIGHTS).is_file():
+            # a resumed fine-tune: its architecture and normalisation are in its own weights file (the
+            # state loaded below replaces the weights), so the source need not still be where it was
+            model, source_info = ckpt.load_model(run_dir / ckpt.WEIGHTS)
+            model.train()
+        else:
+            model, source_info = build_pretrained(cfg, num_classes, info.in_chans)
+        if getattr(model, "arch", {}).get("name") in PRESETS:  # the weights' architecture, not the default's, in
+            cfg.model.name = model.arch["name"]                # the run's name and its config.yaml
         img_size = tuple(model.img_size)
         info = dataclasses.replace(info, mean=tuple(source_info["mean"]), std=tuple(source_info["std"]))
     else:

@@ -40,8 +40,9 @@ def data_config_for(meta: dict, name: str | None, data_dir: str | None, num_work
     cfg = DataConfig()
     update_from_dict(cfg, (meta.get("config") or {}).get("data", {}), "")
     cfg.subset = None
-    if name:
+    if name and name != cfg.name:
         cfg.name = name
+        cfg.dir = None  # the run's folder holds its own data's files (MNIST's and Fashion-MNIST's share names)
     if data_dir:
         cfg.dir = data_dir
     if num_workers is not None:
@@ -69,6 +70,8 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
     part = getattr(data, split)
     if part is None:
         raise UserError(f"{data.info.name} has no {split} split")
+    if log and data.info.note:  # e.g. an image folder without test/: which of its images are scored
+        log(f"note: {data.info.note}")
     classes = meta.get("classes") or data.info.classes
     if data.info.num_classes != model.num_classes:  # labels past the head's width, or a head never asked
         raise UserError(f"the model has {model.num_classes} classes but {data.info.name} has {data.info.num_classes}")

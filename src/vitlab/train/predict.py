@@ -104,6 +104,9 @@ def run(args) -> int:
         return read_image_file(p, model.in_chans, size, crop)
 
     kept = check_images(images, read)
+    names = [Path(q).name for q in images]
+    if len(set(names)) < len(names):  # a/x.png and b/x.png: each answer headed by its path instead
+        names = list(images)
     # a chunk at a time: a folder of thousands of images must not become one giant batch; each
     # chunk's answers are printed as it finishes
     for start in range(0, len(images), args.batch_size):
@@ -113,8 +116,8 @@ def run(args) -> int:
         with torch.no_grad():
             probs = F.softmax(classify(model, x, args.tta), dim=-1)
         top = probs.topk(k, dim=-1)
-        for path, p, idx in zip(paths, top.values, top.indices):
-            print(f"{Path(path).name}:")
+        for name, p, idx in zip(names[start:start + args.batch_size], top.values, top.indices):
+            print(f"{name}:")
             for pi, ii in zip(p.tolist(), idx.tolist()):
                 print(f"  {pi * 100:6.2f}%  {classes[ii]}")
     return 0
