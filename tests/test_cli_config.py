@@ -46,6 +46,11 @@ def test_dotted_overrides_and_aliases_are_typed():
     assert cfg.aug.mixup_alpha == 0.4
     assert cfg.run.debug is True and cfg.aug.autoaugment is True
     assert cfg.data.dir == "/tmp/x" and cfg.model.name == "vit_tiny"
+    # an optional switch takes auto (as eval's --compile does) for its unset "decide for me" value
+    assert build_config(None, parse_overrides(["--compile", "auto"])).run.compile is None
+    assert build_config(None, parse_overrides(["--compile", "true"])).run.compile is True
+    with pytest.raises(ConfigError, match="run.ema expects bool"):  # not optional: auto means nothing
+        build_config(None, parse_overrides(["--ema", "auto"]))
 
 
 def test_negative_numbers_are_values_not_flags():

@@ -263,6 +263,13 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     plain = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert frozen["n"] == plain["n"] and abs(frozen["acc"] - plain["acc"]) <= 1.0, (frozen["acc"], plain["acc"])
     assert frozen["scoring"].startswith("frozen torch.compile") and plain["scoring"].startswith("eager (auto:")
+    assert plain["data"] == "shapes" and plain["split"] == "test" and plain["checkpoint"] == str(run / "model.safetensors")
+    # another split gets its own files: the test score stays
+    r = cli("eval", "--checkpoint", str(run), "--split", "train", "--out", str(tmp_path / "e"))
+    assert r.returncode == 0 and "eval-train.json" in r.stdout, r.stderr
+    assert json.loads((tmp_path / "e" / "eval.json").read_text()) == plain
+    assert json.loads((tmp_path / "e" / "eval-train.json").read_text())["split"] == "train"
+    assert (tmp_path / "e" / "confusion_matrix-train.png").is_file()
     r = cli("eval", "--checkpoint", str(run), "--data.num_workers", "-1")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "num_workers" in r.stderr, r.stderr
     (tmp_path / "a_file").write_text("x")  # --out naming a file: refused before any scoring or output
@@ -457,6 +464,24 @@ def test_tensorboard_asked_for_but_not_installed_stops_before_the_run_starts(tmp
     with pytest.raises(UserError, match="needs the tensorboard package"):
         engine.train(cfg)
     assert not (tmp_path / "tb").exists()
+
+
+def test_a_state_that_is_not_a_torch_file_or_is_cut_short_says_so_in_words(tmp_path):
+    from vitlab.models.pretrained import load_pretrained
+    from vitlab.train.checkpoint import load_state
+
+    torch.save({"model": {"w": torch.randn(64, 64)}}, tmp_path / "good.ckpt")
+    whole = (tmp_path / "good.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.ckpt").write_text("hello world")
+    for name, needle in (("cut.ckpt", "a damaged torch zip archive: cut short"),
+                         ("text.ckpt", "not a torch file: neither its zip format nor a pickle")):
+        with pytest.raises(UserError, match=needle):  # (torch's own reasons: a byte value, a zip reader's)
+            load_state(tmp_path / name)
+    (tmp_path / "text.pth").write_text("hello world")
+    with pytest.raises(UserError, match="text.pth is not a readable torch weights file \\(not a torch file"):
+        load_pretrained(tmp_path / "text.pth")
+    assert load_state(tmp_path / "good.ckpt")["model"]["w"].shape == (64, 64)
 
 
 def test_an_old_pickle_as_a_checkpoint_is_one_error_without_torchs_warnings(tmp_path):

@@ -267,6 +267,13 @@ def test_visualize_writes_the_four_kinds_of_picture(tmp_path, capsys):
     assert size(heads_png) == (round((PANEL * 3 + 0.6) * 100), round((PANEL + 0.6) * 100))  # image + 2 heads
     layers_png = next(f for f in files if f.startswith("attention_layers_sample_1_"))
     assert size(layers_png) == (round((PANEL * 3 + 0.6) * 100), round((PANEL + 0.6) * 100))  # image + 2 layers
+    # a second call into the same folder replaces the first one's pictures (never a mix of two sets),
+    # leaving other files alone
+    (out / "mine.png").write_bytes(b"a user's picture")
+    assert cli.main(["visualize", "--checkpoint", str(run), "--samples", "2"]) == 0
+    again = sorted(p.name for p in out.iterdir())
+    assert len(again) == 1 + 3 * 2 + 1 and "mine.png" in again
+    assert not any("sample_3_" in f for f in again)
 
 
 def test_visualize_image_files_grayscale_and_distilled(tmp_path, capsys):
@@ -283,7 +290,7 @@ def test_visualize_image_files_grayscale_and_distilled(tmp_path, capsys):
     assert cli.main(argv) == 0
     files = sorted(p.name for p in out.iterdir())
     assert len(files) == 7 and all(f.endswith(".png") for f in files)
-    assert any(f.startswith("attention_rollout_sample_2_") for f in files)
+    assert "attention_rollout_image_2_b.png" in files  # a user's image is named by its file
     # A folder stands for its image files, as in `vitlab predict`
     (tmp_path / "folder").mkdir()
     for f in ("a.png", "b.gif"):
@@ -292,7 +299,7 @@ def test_visualize_image_files_grayscale_and_distilled(tmp_path, capsys):
             str(tmp_path / "pics2")]
     assert cli.main(argv) == 0
     from_folder = sorted(p.name for p in (tmp_path / "pics2").iterdir())
-    assert len(from_folder) == 7 and any(f.startswith("attention_rollout_sample_2_") for f in from_folder)
+    assert len(from_folder) == 7 and "attention_rollout_image_2_b.png" in from_folder
     # Without --out, a file checkpoint's pictures go to plots/ beside it.
     assert cli.main(["visualize", "--checkpoint", str(run / "model.safetensors"), str(tmp_path / "a.png")]) == 0
     assert (run / "plots" / "attention_map.png").is_file()

@@ -196,7 +196,9 @@ def _strip_optional(tp):
 def _coerce(value, tp, key: str):
     """Check/convert one value to the field's type; strings come from the CLI."""
     base, optional = _strip_optional(tp)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+    # an optional switch's None is "decide for me": `--compile auto` says so as eval's --compile does
+    unset = ("none", "null", "auto") if base is bool else ("none", "null")
+    if value is None or (isinstance(value, str) and value.lower() in unset and optional):
         if optional:
             return None
         raise ConfigError(f"{key} cannot be empty (expected {base.__name__})")

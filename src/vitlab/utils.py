@@ -78,6 +78,31 @@ def write_json(path: str | Path, record) -> Path:
     return path
 
 
+def torch_file_kind(path: str | Path) -> str | None:
+    """Why torch.load could not read `path`, from its first bytes, where torch's own reason (a pickle
+    opcode, a byte value) would mean nothing to a user; None if it looks like a torch file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"cannot read it: {e.strerror}"
+    if head.startswith(b"PK\x03\x04"):  # torch's zip format: a damaged one is cut short or corrupt
+        return None if zip_is_whole(path) else "a damaged torch zip archive: cut short or corrupt"
+    if not head or head[:1] != b"\x80":  # pickle protocol 2+ starts with PROTO (0x80)
+        return "not a torch file: neither its zip format nor a pickle" + (" (empty)" if not head else "")
+    return None
+
+
+def zip_is_whole(path: str | Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -174,7 +174,7 @@ def _is_vitlab_weights(path: Path) -> bool:
 
 # -- `vitlab export` ----------------------------------------------------------------
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE",
                    help="a vitlab run dir or .safetensors (or any checkpoint `create_model` loads: timm, "
                         "torchvision, Google .npz, Hugging Face dir or hub id)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the Hugging Face model to")

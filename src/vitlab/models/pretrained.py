@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, brief
+from ..utils import torch_file_kind
 from .registry import PRESETS, build_from_arch, get_preset
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -157,9 +158,10 @@ def _torch_load(path: Path) -> dict:
                 f"{path} holds pickled Python objects ({glob.group(1)}) that are not loaded (weights_only=True); "
                 f"if you trust the file, re-save just its state dict"
             ) from None
-        # torch's message is a paragraph; keep the unpickler's own reason.
+        # torch's message is a paragraph; keep the unpickler's own reason, unless the file's first
+        # bytes say plainly what it is not
         reason = text.split("WeightsUnpickler error:")[-1].strip()
-        reason = brief(reason) if reason else type(e).__name__
+        reason = torch_file_kind(path) or (brief(reason) if reason else type(e).__name__)
         raise PretrainedError(f"{path} is not a readable torch weights file ({reason})") from None
     return obj
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError, brief
 from ..models import build_from_arch
-from ..utils import atomic_write
+from ..utils import atomic_write, torch_file_kind
 
 WEIGHTS = "model.safetensors"
 LAST = "last.ckpt"
@@ -121,4 +121,5 @@ def load_state(path: str | Path) -> dict:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means a bad file
-        raise CheckpointError(f"{path} is not a loadable training state ({type(e).__name__}: {brief(e)})") from None
+        why = torch_file_kind(path) or f"{type(e).__name__}: {brief(e)}"
+        raise CheckpointError(f"{path} is not a loadable training state ({why})") from None

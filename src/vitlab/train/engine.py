@@ -538,7 +538,8 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     warmup_epochs = cfg.sched.warmup_epochs
     if warmup_epochs > cfg.run.epochs / 3:  # a 3-epoch run with 5 warmup epochs would never reach its lr
         warmup_epochs = cfg.run.epochs / 3
-        log(f"note: warmup shortened to {warmup_epochs:.2g} epochs (a third of this {cfg.run.epochs}-epoch run)")
+        log(f"note: warmup shortened to {warmup_epochs:.2g} epoch{'' if warmup_epochs == 1 else 's'} "
+            f"(a third of this {cfg.run.epochs}-epoch run)")
     warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     base_lr = effective_lr(cfg.optim, cfg.run.batch_size)
     amp_dtype, precision_note = resolve_precision(cfg.run.precision, device)

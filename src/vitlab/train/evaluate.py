@@ -15,14 +15,18 @@ from .checkpoint import load_model, resolve_weights
 
 
 def add_arguments(p):
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE",
+                   help="a run folder (its best weights, model.safetensors) or a .safetensors file")
     p.add_argument("--data", help="dataset name (default: the one the run trained on)")
     p.add_argument("--data-dir", help="data root (default: the run's)")
-    p.add_argument("--split", choices=["test", "val", "train"], default="test")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion_matrix.png (default: the run dir)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test",
+                   help="which split to score (default: test); other than the run's test split, the files "
+                        "are named by it: eval-train.json, eval-mnist-test.json, ...")
+    p.add_argument("--batch-size", type=int, default=256, help="images scored at a time (default: 256)")
+    p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion_matrix.png (default: the "
+                                                "checkpoint's folder)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one) | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", help="auto (bf16 where it is fast) | bf16 | fp16 | fp32")
     p.add_argument("--data.num_workers", dest="num_workers", type=int, metavar="N",
                    help="image-decoding worker processes (default: the run's setting, else 2 on a CPU and "
                         "more with a GPU)")
@@ -124,6 +128,7 @@ def run(args) -> int:
     model, meta = load_model(weights)
     out = make_dir(Path(args.out) if args.out else weights.parent)  # before scoring: a bad --out fails at once
     data_cfg = data_config_for(meta, args.data, args.data_dir, args.num_workers)
+    run_data = ((meta.get("config") or {}).get("data") or {}).get("name") or meta.get("data")
     res, info, classes = score(model, meta, data_cfg, args.split,
                                device=args.device, precision=args.precision, tta=args.tta,
                                batch_size=args.batch_size, compile={"auto": None, "true": True, "false": False}[args.compile],
@@ -141,10 +146,26 @@ def run(args) -> int:
     width = max(len(c) for c in classes)
     for c, a, n in zip(classes, per_class, conf.sum(1).long().tolist()):
         print(f"  {c:{width}s}  {a:6.2f}%  (n={n})")
-    atomic_write_text(out / "eval.json", json.dumps({**res, "split": args.split, "per_class": dict(zip(classes, per_class))}, indent=1))
-    plot_confusion(conf, classes, out / "confusion_matrix.png", f"{info.name} {args.split}: top-1 {res['acc']:.2f}%{tta}")
-    print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
+    # the run's own test split keeps the plain names; another split or dataset gets its own files, so
+    # scoring the train split does not overwrite the test score
+    parts = [safe_name(data_cfg.name)] if data_cfg.name != run_data else []
+    if parts or args.split != "test":
+        parts.append(args.split)
+    tag = "".join(f"-{part}" for part in parts)
+    record = {**res, "split": args.split, "data": data_cfg.name, "checkpoint": str(weights),
+              "per_class": dict(zip(classes, per_class))}
+    atomic_write_text(out / f"eval{tag}.json", json.dumps(record, indent=1))
+    plot_confusion(conf, classes, out / f"confusion_matrix{tag}.png",
+                   f"{info.name} {args.split}: top-1 {res['acc']:.2f}%{tta}")
+    print(f"wrote {out / f'eval{tag}.json'} and {out / f'confusion_matrix{tag}.png'}")
     return 0
+
+
+def safe_name(name: str) -> str:
+    """A dataset name as part of a file name: imagefolder:/a/b -> imagefolder-b."""
+    if name.startswith("imagefolder:"):
+        name = "imagefolder-" + (Path(name.split(":", 1)[1]).name or "root")
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def plot_confusion(conf: torch.Tensor, classes: list[str], path: Path, title: str) -> None:

@@ -20,7 +20,7 @@ ACCEPTS_OVERRIDES = True
 DEFAULT_PRESET = "finetune"
 
 EPILOG = """\
-Every `vitlab train` option works here. Fine-tuning switches:
+Every `vitlab train` option works here but --model (the weights set the architecture). Fine-tuning switches:
   --pretrained ID_OR_PATH   Hugging Face dir or hub id, timm/torchvision .pth/.safetensors, Google .npz, vitlab run
   --optim.layer_decay 0.75  layer-wise lr decay (head full rate, embeddings least); 1 turns it off
   --model.freeze backbone   train the head only (linear probe)

@@ -14,8 +14,9 @@ from .checkpoint import load_model
 
 def add_arguments(p):
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (their images, sorted)")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE",
+                   help="a run folder (its best weights, model.safetensors) or a .safetensors file")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="images read and classified at a time (memory grows with it, not with the image count)")
     p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default="none",

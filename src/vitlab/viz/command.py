@@ -15,6 +15,7 @@ i counts from 1; class is the true class of a test sample, the predicted class o
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from .attention import HEAD_FUSIONS, TOKENS
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE",
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE",
                    help="a run directory or a model .safetensors file")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or folders of them) to explain (default: test samples)")
     p.add_argument("--samples", type=int, default=None, metavar="N",
@@ -142,18 +143,27 @@ def run(args) -> int:
 
     # Gather what to show: image files first, then test samples. Read every file
     # before any work, so a bad path fails fast with its name.
-    shown, truth, boxes = [], [], []
+    shown, truth, boxes, files = [], [], [], []
     for path in expand_paths(args.images):  # a folder: its image files, as `vitlab predict` takes them
         shown.append(read_image_file(path, C, size))
         truth.append(None)
         boxes.append(None)
+        files.append(Path(path).name)
     if args.samples:
         imgs, labels, bx = _test_samples(meta, args, size, C)
+        if len(imgs) < args.samples:
+            print(f"note: the test split has {len(imgs)} images; showing all of them, not {args.samples}",
+                  file=sys.stderr)
         shown.extend(imgs)
         truth.extend(classes[k] if k < len(classes) else str(k) for k in labels.tolist())
         boxes.extend([None] * len(imgs) if bx is None else list(bx))
+        files.extend([None] * len(imgs))
     images = torch.stack(shown)  # uint8 (n, C, H, W)
     out = make_dir(Path(args.out) if args.out else default_out(args.checkpoint))  # the inputs are good; before the maps
+    for old in out.glob("attention_*.png"):  # an earlier call's pictures: a set is never mixed with another
+        if old.name == "attention_map.png" or re.fullmatch(r"attention_(heads|rollout|layers)_(sample|image)_\d+_.*\.png",
+                                                              old.name):
+            old.unlink()
 
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -170,16 +180,18 @@ def run(args) -> int:
     plots.save(plots.plot_summary(images, maps["rollout"], truth, pred, title=f"Attention {how}", boxes=boxes),
                out / "attention_map.png")
     for i in range(len(images)):
-        name = _safe(truth[i] if truth[i] is not None else pred[i])
-        known_as = f"true {truth[i]}, pred {pred[i]}" if truth[i] is not None else f"pred {pred[i]}"
-        label = f"sample {i + 1}: {known_as}"
+        # a test sample is named by its true class; a user's image by its file (its class is unknown)
+        if files[i] is None:
+            tag, label = f"sample_{i + 1}_{_safe(truth[i])}", f"sample {i + 1}: true {truth[i]}, pred {pred[i]}"
+        else:
+            tag, label = f"image_{i + 1}_{_safe(Path(files[i]).stem)}", f"{files[i]}: pred {pred[i]}"
         plots.save(plots.plot_heads(images[i], maps["heads"][i], label, token=args.token),
-                   out / f"attention_heads_sample_{i + 1}_{name}.png")
+                   out / f"attention_heads_{tag}.png")
         plots.save(plots.plot_rollout(images[i], maps["rollout"][i], f"{label}  ({how})", maps["grad_rollout"][i],
                                       f"why '{pred[i]}' (gradient rollout)", box=boxes[i]),
-                   out / f"attention_rollout_sample_{i + 1}_{name}.png")
+                   out / f"attention_rollout_{tag}.png")
         plots.save(plots.plot_layers(images[i], maps["layers"][i], label, args.head_fusion, token=args.token),
-                   out / f"attention_layers_sample_{i + 1}_{name}.png")
+                   out / f"attention_layers_{tag}.png")
     known = [t for t in truth if t is not None]
     right = sum(t == p for t, p in zip(truth, pred) if t is not None)
     score = f", {right}/{len(known)} predicted right" if known else ""
