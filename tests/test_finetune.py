@@ -86,22 +86,26 @@ def test_linear_probe_keeps_the_backbone_exactly(tmp_path):
     for k, v in backbone(state).items():
         assert torch.equal(v, before[k]), k
     assert state["head.weight"].shape == (2, 128)  # cat / dog
-    import yaml
-
-    # the run records the weights' architecture (not the config's default model) as its model
-    saved = yaml.safe_load((tmp_path / "runs" / "probe" / "config.yaml").read_text())
-    assert saved["model"]["name"] == "vit_mini_patch4_32"
     # a paused fine-tune resumes without its source weights (moved, deleted, or a relative path typed
-    # elsewhere): the run's own weights file says what the model is, and last.ckpt holds the weights
+    # elsewhere): the run's own weights file says what the model is, and last.ckpt holds the weights;
+    # unnamed, the run is named after the weights' architecture (not model.name, which finetune ignores)
     r = cli("finetune", "--pretrained", str(tmp_path / "pre.safetensors"), "--data", f"imagefolder:{tmp_path / 'pets'}",
-            "--data.val_fraction", "0.3", *QUICK, "--out", str(tmp_path / "runs"), "--run.name", "paused",
-            "--run.stop_after", "1")
+            "--data.val_fraction", "0.3", *QUICK, "--out", str(tmp_path / "unnamed"), "--run.stop_after", "1",
+            "--drop-path", "0.0")
     assert r.returncode == 0, r.stderr[-3000:]
+    paused = next((tmp_path / "unnamed").iterdir())
+    assert paused.name.startswith("vit_mini_patch4_32-imagefolder-"), paused.name
     (tmp_path / "pre.safetensors").unlink()
-    r = cli("train", "--resume", str(tmp_path / "runs" / "paused"))
+    r = cli("train", "--resume", str(paused), "--drop-path", "0.2")  # a drop rate may change on a resume...
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "paused" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (paused / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
+    from vitlab.config import build_config, parse_overrides
+    from vitlab.train.engine import resumed_pretrained
+
+    model, meta = resumed_pretrained(paused, build_config(None, parse_overrides(["--drop-path", "0.2"])))
+    assert model.arch["kwargs"]["drop_path_rate"] == 0.2 and model.training  # ...and the resumed model has it
+    assert model.arch["kwargs"]["embed_dim"] == 128 and meta["mean"] == [0.3] * 3  # the source's, from the run
 
 
 def test_finetune_without_weights_or_with_bad_weights_is_one_line(tmp_path):

@@ -424,6 +424,8 @@ def test_eval_on_other_data_does_not_read_the_runs_data_folder():
     meta = {"config": {"data": {"name": "fashion-mnist", "dir": "/data/fashion-mnist", "subset": 512}}}
     # MNIST's files have Fashion-MNIST's names: the run's folder would be scored as MNIST
     assert data_config_for(meta, "mnist", None).dir is None
+    root = {"config": {"data": {"name": "fashion-mnist", "dir": "/data"}}}  # a root of several: still looked in
+    assert data_config_for(root, "mnist", None).dir == "/data"
     assert data_config_for(meta, "mnist", "/data/mnist").dir == "/data/mnist"
     same = data_config_for(meta, "fashion-mnist", None)
     assert same.dir == "/data/fashion-mnist" and same.subset is None  # (scored whole)
@@ -454,6 +456,19 @@ def test_image_files_are_seen_at_the_presets_size_unless_data_img_size_asks():
                 native=(64, 64)) == (64, 64)
     assert size("--data", "imagefolder:photos", "--model", "vit_tiny_patch16_224") == (224, 224)
     assert size("--data", "shapes", "--model", "vit_mini_patch4_32", native=(32, 32)) == (32, 32)
+
+
+def test_a_resumed_run_keeps_the_size_it_was_built_at(tmp_path):
+    """Runs made before choose_img_size changed (image files at 224 px under a 32-px preset) must
+    resume at their own size: from the state's record, else from the run's weights file."""
+    from vitlab.train import checkpoint as ckpt
+    from vitlab.train.engine import resumed_img_size
+
+    assert resumed_img_size({"img_size": [48, 48]}, tmp_path) == (48, 48)
+    assert resumed_img_size({}, tmp_path) is None  # nothing says: the rule decides
+    model = create_model("vit_mini_patch4_32", num_classes=3, img_size=64)
+    ckpt.save_model(tmp_path / ckpt.WEIGHTS, model, {"img_size": [64, 64]})
+    assert resumed_img_size({}, tmp_path) == (64, 64)
 
 
 def test_tensorboard_asked_for_but_not_installed_stops_before_the_run_starts(tmp_path, monkeypatch):
@@ -906,6 +921,8 @@ def test_time_budgeted_schedule_fits_the_limit(tmp_path):
     from vitlab.train.ablate import _done
 
     assert _done(tmp_path / "budget", 50)
+    r = cli("train", "--resume", str(tmp_path / "budget"))  # nothing left on its clock: refused, not one more epoch
+    assert r.returncode == 2 and "used all of its --run.time_limit (0.3 min)" in r.stderr, r.stderr
     assert rows[-1]["wall_time"] < 0.3 * 60 + 5  # the final evaluation fits in the budget too (+ slack)
     peak = 1e-3 * 64 / 128
     assert max(row["lr"] for row in rows) > 0.3 * peak  # it went up...

@@ -389,7 +389,8 @@ def imagefolder(cfg: DataConfig):
             raise DataError(f"{path} has val/ or test/ but no train/; put the training classes under {path / 'train'}")
     if not classes or not paths:
         raise DataError(f"no images found in {base}; expected {base}/<class>/<image>.jpg (or .png, ...)")
-    empty = [c for k, c in enumerate(classes) if k not in set(labels)]
+    present = set(labels)
+    empty = [c for k, c in enumerate(classes) if k not in present]
     if empty:  # a class the model would learn never to predict, and one more output than the data has
         raise DataError(f"class folder{'s' if len(empty) > 1 else ''} {', '.join(str(base / c) for c in empty[:3])}"
                         f"{' ...' if len(empty) > 3 else ''} {'have' if len(empty) > 1 else 'has'} no images; "

@@ -45,13 +45,18 @@ def resolve(args):
         for k, v in overrides.items():
             set_key(cfg, k, v)
         check_resume_config(saved, cfg, run)  # here too (the engine checks it), so nothing is loaded first
-        if cfg.model.pretrained != saved.model.pretrained and not saved.model.pretrained:
-            raise UserError(f"--resume {run}: the run was trained from scratch, and its weights come from its "
-                            f"last.ckpt; to start from other weights, fine-tune into a new run")
-        done = _epochs_done(run)
-        if done >= cfg.run.epochs and not getattr(args, "print_config", False):
-            raise UserError(f"--resume {run}: the run has finished {done} epochs of {cfg.run.epochs}; to train it "
-                            f"further pass --epochs above {done}")
+        if bool(cfg.model.pretrained) != bool(saved.model.pretrained):  # (a fine-tune's source may move)
+            raise UserError(f"--resume {run}: the run was {'fine-tuned' if saved.model.pretrained else 'trained from scratch'}"
+                            f"; its weights come from its last.ckpt, so --pretrained cannot be "
+                            f"{'dropped' if saved.model.pretrained else 'added'} (start a new run for that)")
+        done, clock = _saved_progress(run)
+        if not getattr(args, "print_config", False):
+            if done >= cfg.run.epochs:
+                raise UserError(f"--resume {run}: the run has finished {done} epochs of {cfg.run.epochs}; to "
+                                f"train it further pass --epochs above {done}")
+            if clock and cfg.run.time_limit == saved.run.time_limit:
+                raise UserError(f"--resume {run}: the run used all of its --run.time_limit ({saved.run.time_limit} "
+                                f"min); to train it further pass a larger one")
         if (cfg.run.epochs != saved.run.epochs and not getattr(args, "print_config", False)
                 and os.environ.get("RANK", "0") == "0"):
             print(f"note: --epochs {cfg.run.epochs} on a run of {saved.run.epochs}: the warmup and cosine schedule "
@@ -61,12 +66,18 @@ def resolve(args):
     return build_config(args.config, overrides)
 
 
-def _epochs_done(run: Path) -> int:
-    """Epochs a run has finished: its metrics.jsonl has a line per epoch (rewritten from last.ckpt)."""
+def _saved_progress(run: Path) -> tuple[int, bool]:
+    """(epochs the run's last.ckpt holds, whether its time limit ended it), read from the state itself
+    (memory-mapped: the weights are not read): metrics.jsonl may be an epoch ahead of a save cut short.
+    (0, False) for a state that cannot be read: loading it says why."""
+    import torch
+
     try:
-        return sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip())
-    except OSError:
-        return 0
+        state = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
+        history = state.get("history") or []
+        return int(state["epoch"]), bool(history) and history[-1].get("stopped") == "time_limit"
+    except Exception:  # noqa: BLE001 - any unreadable state: the engine's load reports it
+        return 0, False
 
 
 def run(args) -> int:

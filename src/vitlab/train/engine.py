@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig, check_resume_config, from_dict, save_yaml, to_dict
 from ..errors import RunFailed, UserError, brief
-from ..models import PRESETS, count_params, create_model, get_preset
+from ..models import build_from_arch, count_params, create_model, get_preset
 from ..utils import atomic_write_text, make_dir, seed_everything
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, shutdown
@@ -245,6 +245,38 @@ def build_pretrained(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple
     return model.train(), info
 
 
+def resumed_img_size(state: dict, run_dir: Path) -> tuple[int, int] | None:
+    """The input size a resumed run was built at: the rule that chose it may have changed since
+    (choose_img_size), and the saved weights fit only that size. From the state (since it records
+    it), else the run's weights file; None if neither says."""
+    if state.get("img_size"):
+        return tuple(state["img_size"])
+    if (run_dir / ckpt.WEIGHTS).is_file():
+        size = ckpt.read_meta(run_dir / ckpt.WEIGHTS).get("img_size")
+        return tuple(size) if size else None
+    return None
+
+
+def resumed_pretrained(run_dir: Path, cfg: TrainConfig) -> tuple[nn.Module, dict] | None:
+    """A resumed fine-tune's model, from the architecture and normalisation its own weights file
+    records (the state loaded next replaces the weights): the source it started from need not still
+    be where it was. The drop rates are the config's, as a resume may change them. None before the
+    run's first evaluation wrote that file (then the source is read again)."""
+    weights = run_dir / ckpt.WEIGHTS
+    if not weights.is_file():
+        return None
+    meta = ckpt.read_meta(weights)
+    arch = {**meta["arch"], "kwargs": dict(meta["arch"].get("kwargs", {}))}
+    if arch.get("family") == "vit":
+        arch["kwargs"].update(drop_rate=cfg.model.drop_rate, attn_drop_rate=cfg.model.attn_drop_rate,
+                              drop_path_rate=cfg.model.drop_path_rate)
+    try:
+        model = build_from_arch(arch)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"--resume {run_dir}: cannot rebuild the model its {ckpt.WEIGHTS} records: {e}") from None
+    return model.train(), meta
+
+
 def freeze_backbone(model: nn.Module) -> int:
     """Train the classifier head(s) only (a linear probe); returns the number of trainable parameters."""
     heads = [m for m in (getattr(model, "head", None), getattr(model, "head_dist", None), getattr(model, "fc", None))
@@ -421,9 +453,12 @@ def eval_reserve(history: list[dict]) -> float:
     return next((h["eval_time"] + 1.0 for h in reversed(history) if "eval_time" in h), 0.0)
 
 
-def run_name(cfg: TrainConfig) -> str:
+def run_name(cfg: TrainConfig, model_name: str | None = None) -> str:
+    """cfg.run.name, else MODEL-DATA-TIME; model_name: the model's own (a fine-tune's weights decide
+    it, not model.name, which a fine-tune does not use)."""
     data = cfg.data.name.replace(":", "-").replace("/", "_")[:40]
-    return cfg.run.name or f"{cfg.model.name}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
+    model = "".join(c if c.isalnum() or c in "-_." else "_" for c in (model_name or cfg.model.name))[:60]
+    return cfg.run.name or f"{model}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 # -- the loop ---------------------------------------------------------------------
@@ -483,19 +518,13 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     num_classes = cfg.model.num_classes or info.num_classes
     if cfg.model.pretrained:
         # Fine-tuning: the weights decide resolution and normalisation (what they were trained with).
-        if state is not None and (run_dir / ckpt.WEIGHTS).is_file():
-            # a resumed fine-tune: its architecture and normalisation are in its own weights file (the
-            # state loaded below replaces the weights), so the source need not still be where it was
-            model, source_info = ckpt.load_model(run_dir / ckpt.WEIGHTS)
-            model.train()
-        else:
-            model, source_info = build_pretrained(cfg, num_classes, info.in_chans)
-        if getattr(model, "arch", {}).get("name") in PRESETS:  # the weights' architecture, not the default's, in
-            cfg.model.name = model.arch["name"]                # the run's name and its config.yaml
+        resumed = resumed_pretrained(run_dir, cfg) if state is not None else None
+        model, source_info = resumed or build_pretrained(cfg, num_classes, info.in_chans)
         img_size = tuple(model.img_size)
         info = dataclasses.replace(info, mean=tuple(source_info["mean"]), std=tuple(source_info["std"]))
     else:
-        model = build_model(cfg, num_classes, info.in_chans, choose_img_size(cfg, info.img_size))
+        size = resumed_img_size(state, run_dir) if state is not None else None
+        model = build_model(cfg, num_classes, info.in_chans, size or choose_img_size(cfg, info.img_size))
         img_size = tuple(model.img_size)
     if cfg.model.freeze not in ("none", "backbone"):
         raise UserError(f"model.freeze must be 'none' or 'backbone', got {cfg.model.freeze!r}")
@@ -585,7 +614,8 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
         start_epoch, step, best, history = state["epoch"], state["step"], state["best"], list(state["history"])
         set_rng_state(state["rng"])
     else:
-        run_dir = Path(cfg.run.out) / broadcast_object(run_name(cfg), dist)
+        arch = getattr(model, "arch", {}).get("name") if cfg.model.pretrained else None
+        run_dir = Path(cfg.run.out) / broadcast_object(run_name(cfg, arch), dist)
         if main:
             if (run_dir / ckpt.LAST).exists():
                 raise UserError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick --run.name")
@@ -768,6 +798,7 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "ema": ema.state_dict() if ema else None, "scaler": scaler.state_dict() if scaler else None,
                 "epoch": epoch + 1, "step": step, "best": best, "history": history, "rng": rng_state(),
+                "img_size": list(img_size),
                 "config": to_dict(cfg)})
             msg = (f"epoch {epoch + 1:3d}/{cfg.run.epochs}  loss {record['train_loss']:.4f}  "
                    f"train {record['train_acc']:5.2f}%")

@@ -45,8 +45,11 @@ def data_config_for(meta: dict, name: str | None, data_dir: str | None, num_work
     update_from_dict(cfg, (meta.get("config") or {}).get("data", {}), "")
     cfg.subset = None
     if name and name != cfg.name:
+        # a folder named after the run's dataset holds that dataset's files (MNIST's and Fashion-MNIST's
+        # share names): not the place to look for another; a root of several datasets still is
+        if cfg.dir and Path(cfg.dir).name == cfg.name:
+            cfg.dir = None
         cfg.name = name
-        cfg.dir = None  # the run's folder holds its own data's files (MNIST's and Fashion-MNIST's share names)
     if data_dir:
         cfg.dir = data_dir
     if num_workers is not None:
@@ -148,7 +151,7 @@ def run(args) -> int:
         print(f"  {c:{width}s}  {a:6.2f}%  (n={n})")
     # the run's own test split keeps the plain names; another split or dataset gets its own files, so
     # scoring the train split does not overwrite the test score
-    parts = [safe_name(data_cfg.name)] if data_cfg.name != run_data else []
+    parts = [] if same_data(data_cfg.name, run_data) else [safe_name(data_cfg.name)]
     if parts or args.split != "test":
         parts.append(args.split)
     tag = "".join(f"-{part}" for part in parts)
@@ -159,6 +162,15 @@ def run(args) -> int:
                    f"{info.name} {args.split}: top-1 {res['acc']:.2f}%{tta}")
     print(f"wrote {out / f'eval{tag}.json'} and {out / f'confusion_matrix{tag}.png'}")
     return 0
+
+
+def same_data(a: str | None, b: str | None) -> bool:
+    """Two dataset names for the same data: equal, or image folders at the same resolved place."""
+    if a == b:
+        return True
+    if a and b and a.startswith("imagefolder:") and b.startswith("imagefolder:"):
+        return Path(a.split(":", 1)[1]).expanduser().resolve() == Path(b.split(":", 1)[1]).expanduser().resolve()
+    return False
 
 
 def safe_name(name: str) -> str:

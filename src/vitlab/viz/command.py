@@ -160,10 +160,8 @@ def run(args) -> int:
         files.extend([None] * len(imgs))
     images = torch.stack(shown)  # uint8 (n, C, H, W)
     out = make_dir(Path(args.out) if args.out else default_out(args.checkpoint))  # the inputs are good; before the maps
-    for old in out.glob("attention_*.png"):  # an earlier call's pictures: a set is never mixed with another
-        if old.name == "attention_map.png" or re.fullmatch(r"attention_(heads|rollout|layers)_(sample|image)_\d+_.*\.png",
-                                                              old.name):
-            old.unlink()
+    earlier = [f for f in out.glob("attention_*_*_*.png")  # an earlier call's per-image pictures
+               if re.fullmatch(r"attention_(heads|rollout|layers)_(sample|image)_\d+_.*\.png", f.name)]
 
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -179,12 +177,14 @@ def run(args) -> int:
     how = f"rollout, heads {args.head_fusion}, discard {args.discard_ratio:g}, [{args.token.upper()}]"
     plots.save(plots.plot_summary(images, maps["rollout"], truth, pred, title=f"Attention {how}", boxes=boxes),
                out / "attention_map.png")
+    tags = []
     for i in range(len(images)):
         # a test sample is named by its true class; a user's image by its file (its class is unknown)
         if files[i] is None:
             tag, label = f"sample_{i + 1}_{_safe(truth[i])}", f"sample {i + 1}: true {truth[i]}, pred {pred[i]}"
         else:
             tag, label = f"image_{i + 1}_{_safe(Path(files[i]).stem)}", f"{files[i]}: pred {pred[i]}"
+        tags.append(tag)
         plots.save(plots.plot_heads(images[i], maps["heads"][i], label, token=args.token),
                    out / f"attention_heads_{tag}.png")
         plots.save(plots.plot_rollout(images[i], maps["rollout"][i], f"{label}  ({how})", maps["grad_rollout"][i],
@@ -192,6 +192,10 @@ def run(args) -> int:
                    out / f"attention_rollout_{tag}.png")
         plots.save(plots.plot_layers(images[i], maps["layers"][i], label, args.head_fusion, token=args.token),
                    out / f"attention_layers_{tag}.png")
+    written = {f"attention_{kind}_{tag}.png" for kind in ("heads", "rollout", "layers") for tag in tags}
+    for f in earlier:  # removed once the new set is written: the folder never mixes two calls' pictures
+        if f.name not in written:
+            f.unlink(missing_ok=True)
     known = [t for t in truth if t is not None]
     right = sum(t == p for t, p in zip(truth, pred) if t is not None)
     score = f", {right}/{len(known)} predicted right" if known else ""
