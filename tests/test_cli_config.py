@@ -49,6 +49,8 @@ def test_dotted_overrides_and_aliases_are_typed():
     # an optional switch takes auto (as eval's --compile does) for its unset "decide for me" value
     assert build_config(None, parse_overrides(["--compile", "auto"])).run.compile is None
     assert build_config(None, parse_overrides(["--compile", "true"])).run.compile is True
+    with pytest.raises(ConfigError, match="run.compile expects bool or auto, got 'maybe'"):
+        build_config(None, parse_overrides(["--compile", "maybe"]))
     with pytest.raises(ConfigError, match="run.ema expects bool"):  # not optional: auto means nothing
         build_config(None, parse_overrides(["--ema", "auto"]))
 

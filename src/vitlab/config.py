@@ -228,7 +228,7 @@ def _coerce(value, tp, key: str):
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key} expects {base.__name__}{' or none' if optional else ''}, got {value!r}") from None
+        raise ConfigError(f"{key} expects {base.__name__}{(' or auto' if base is bool else ' or none') if optional else ''}, got {value!r}") from None
     return value
 
 
