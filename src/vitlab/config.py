@@ -228,7 +228,8 @@ def _coerce(value, tp, key: str):
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key} expects {base.__name__}{(' or auto' if base is bool else ' or none') if optional else ''}, got {value!r}") from None
+        unset_word = (" or auto" if base is bool else " or none") if optional else ""
+        raise ConfigError(f"{key} expects {base.__name__}{unset_word}, got {value!r}") from None
     return value
 
 
@@ -299,6 +300,13 @@ def check_resume_config(saved, cfg, run) -> None:
         had = "unset" if before is None else repr(before)
         raise ConfigError(f"--resume {run}: {key} cannot change on a resume (the run has {had}, asked for "
                           f"{now!r}); start a new run{hint}")
+
+
+def apply_debug(cfg) -> None:
+    """The seed's --debug: a tiny, fast run through every code path (at most 512 training images).
+    Applied by the engine before the config is saved, so a debug run's config.yaml holds the cap."""
+    if cfg.run.debug:
+        cfg.data.subset = min(cfg.data.subset or 512, 512)
 
 
 def set_key(cfg, key: str, value) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -76,6 +77,11 @@ def write_json(path: str | Path, record) -> Path:
     make_dir(path.parent)
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     return path
+
+
+def file_part(name: str) -> str:
+    """A name as part of a file name: 'T-shirt/top' -> 'T-shirt_top', 'imagefolder:x' -> 'imagefolder_x'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "unknown"
 
 
 def torch_file_kind(path: str | Path) -> str | None:

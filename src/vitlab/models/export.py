@@ -144,11 +144,13 @@ def export_hf(model, out_dir, classes=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5,
     crop: the model was trained on centre crops of image files (see preprocessor_config)."""
     from safetensors.torch import save_file
 
+    from .pretrained import _is_vitlab_safetensors
+
     check_exportable(model)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")
-    if (out / "last.ckpt").exists() or _is_vitlab_weights(out / "model.safetensors"):
+    if (out / "last.ckpt").exists() or _is_vitlab_safetensors(out / "model.safetensors"):
         raise ExportError(f"{out} holds a vitlab run, whose model.safetensors the export would replace; "
                           f"write the Hugging Face copy to another folder")
     if not overwrite and any((out / n).exists() for n in ("config.json", "model.safetensors")):
@@ -160,16 +162,6 @@ def export_hf(model, out_dir, classes=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5,
     atomic_write_text(out / "preprocessor_config.json",
                       json.dumps(preprocessor_config(model, mean, std, crop), indent=2) + "\n")
     return out
-
-
-def _is_vitlab_weights(path: Path) -> bool:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") == "vitlab"
-    except Exception:  # missing, or not safetensors: nothing of vitlab's to lose
-        return False
 
 
 # -- `vitlab export` ----------------------------------------------------------------

@@ -11,7 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import TrainConfig, all_keys, build_config, from_dict, get_key, load_yaml, parse_overrides, set_key, to_dict
+from ..config import (TrainConfig, all_keys, apply_debug, build_config, from_dict, get_key, load_yaml,
+                      parse_overrides, set_key, to_dict)
 from ..errors import UserError
 from ..utils import atomic_write, atomic_write_text, make_dir
 
@@ -155,9 +156,8 @@ def check_same_rung(run_dir: Path, cfg) -> None:
     except UserError as e:  # unreadable, or another vitlab version's keys
         raise UserError(f"{run_dir} cannot be reused ({e}); use another --out, or delete that rung's "
                         f"folder to run it again") from None
-    if cfg.run.debug:  # the engine caps the subset on a debug run, and saves the capped value
-        cfg = from_dict(to_dict(cfg))
-        cfg.data.subset = min(cfg.data.subset or 512, 512)
+    cfg = from_dict(to_dict(cfg))  # as the engine saves it: a debug run's subset capped
+    apply_debug(cfg)
     differ = [key for key in all_keys(cfg) if key not in NOT_RESULTS and get_key(saved, key) != get_key(cfg, key)]
     if differ:
         what = (f"{differ[0]} {get_key(saved, differ[0])!r} there, {get_key(cfg, differ[0])!r} now"

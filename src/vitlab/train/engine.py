@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig, check_resume_config, from_dict, save_yaml, to_dict
+from ..config import TrainConfig, apply_debug, check_resume_config, from_dict, save_yaml, to_dict
 from ..errors import RunFailed, UserError, brief
 from ..models import build_from_arch, count_params, create_model, get_preset
-from ..utils import atomic_write_text, make_dir, seed_everything
+from ..utils import atomic_write_text, file_part, make_dir, seed_everything
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, shutdown
 from .losses import DistillationLoss
@@ -457,7 +457,7 @@ def run_name(cfg: TrainConfig, model_name: str | None = None) -> str:
     """cfg.run.name, else MODEL-DATA-TIME; model_name: the model's own (a fine-tune's weights decide
     it, not model.name, which a fine-tune does not use)."""
     data = cfg.data.name.replace(":", "-").replace("/", "_")[:40]
-    model = "".join(c if c.isalnum() or c in "-_." else "_" for c in (model_name or cfg.model.name))[:60]
+    model = file_part(model_name or cfg.model.name)[:60]
     return cfg.run.name or f"{model}-{data}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -499,8 +499,7 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
         except ImportError as e:
             raise UserError(f"--run.tensorboard needs the tensorboard package ({brief(str(e))}; pip install "
                             "tensorboard), or leave it off: metrics.jsonl and curves.png are written either way") from None
-    if cfg.run.debug:  # the seed's --debug: a tiny, fast run through every code path
-        cfg.data.subset = min(cfg.data.subset or 512, 512)
+    apply_debug(cfg)
     if state is not None and isinstance(state.get("config"), dict):
         # what the run was saved with against what it is asked to go on with (`vitlab train --resume`
         # checks this too; `vitlab ablate` and the benchmark scripts resume through here alone)

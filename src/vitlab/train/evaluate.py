@@ -10,7 +10,7 @@ import torch
 
 from ..config import DataConfig, update_from_dict
 from ..errors import UserError
-from ..utils import atomic_write, atomic_write_text, make_dir
+from ..utils import atomic_write, atomic_write_text, file_part, make_dir
 from .checkpoint import load_model, resolve_weights
 
 
@@ -177,7 +177,7 @@ def safe_name(name: str) -> str:
     """A dataset name as part of a file name: imagefolder:/a/b -> imagefolder-b."""
     if name.startswith("imagefolder:"):
         name = "imagefolder-" + (Path(name.split(":", 1)[1]).name or "root")
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return file_part(name)
 
 
 def plot_confusion(conf: torch.Tensor, classes: list[str], path: Path, title: str) -> None:

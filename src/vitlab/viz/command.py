@@ -23,7 +23,7 @@ import torch
 from ..data.files import read_image_file
 from ..errors import UserError
 from ..train.predict import expand_paths
-from ..utils import make_dir
+from ..utils import file_part, make_dir
 from .attention import HEAD_FUSIONS, TOKENS
 
 
@@ -42,11 +42,6 @@ def add_arguments(p) -> None:
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="where the run's dataset lives, if not where training found it")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-
-
-def _safe(name: str) -> str:
-    """A class name as a file-name part: 'T-shirt/top' -> 'T-shirt_top'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "unknown"
 
 
 def _device(spec: str) -> torch.device:
@@ -181,9 +176,9 @@ def run(args) -> int:
     for i in range(len(images)):
         # a test sample is named by its true class; a user's image by its file (its class is unknown)
         if files[i] is None:
-            tag, label = f"sample_{i + 1}_{_safe(truth[i])}", f"sample {i + 1}: true {truth[i]}, pred {pred[i]}"
+            tag, label = f"sample_{i + 1}_{file_part(truth[i])}", f"sample {i + 1}: true {truth[i]}, pred {pred[i]}"
         else:
-            tag, label = f"image_{i + 1}_{_safe(Path(files[i]).stem)}", f"{files[i]}: pred {pred[i]}"
+            tag, label = f"image_{i + 1}_{file_part(Path(files[i]).stem)}", f"{files[i]}: pred {pred[i]}"
         tags.append(tag)
         plots.save(plots.plot_heads(images[i], maps["heads"][i], label, token=args.token),
                    out / f"attention_heads_{tag}.png")
