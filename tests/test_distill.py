@@ -105,7 +105,9 @@ def test_distillation_needs_a_teacher_in_one_line(tmp_path):
 
 def test_distilled_run_on_shapes_with_a_cnn_teacher(tmp_path):
     teacher = create_model("resnet18_cifar", num_classes=6)
-    save_model(tmp_path / "teacher.safetensors", teacher)
+    # trained (say) at 48 px with ImageNet's statistics: it is shown the run's 32-px images resized
+    save_model(tmp_path / "teacher.safetensors", teacher,
+               meta={"img_size": [48, 48], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
     r = subprocess.run([sys.executable, "-m", "vitlab.cli", "train", "--model", "deit_mini_distilled_patch4_32",
                         "--data", "shapes", "--data.subset", "256", "--epochs", "1", "--batch-size", "64",
                         "--distill.teacher", str(tmp_path / "teacher.safetensors"), "--distill.kind", "hard",
@@ -117,6 +119,7 @@ def test_distilled_run_on_shapes_with_a_cnn_teacher(tmp_path):
         assert 0.0 <= row[key] <= 100.0, key
     cfg = (tmp_path / "student" / "config.yaml").read_text()
     assert "kind: hard" in cfg and "teacher.safetensors" in cfg
+    assert "resized from 32x32 to 48x48" in r.stdout + r.stderr and "re-normalised" in r.stdout + r.stderr
 
 
 def test_a_teacher_that_does_not_fit_the_data_is_one_line_before_the_run_starts(tmp_path):
@@ -138,3 +141,36 @@ def test_a_teacher_that_does_not_fit_the_data_is_one_line_before_the_run_starts(
                         "--out", str(tmp_path / "runs")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
     assert "predicts 3 classes" in r.stderr and not (tmp_path / "runs").exists()
+
+
+class Recorder(nn.Module):
+    """A 'teacher' that keeps the images it was given."""
+
+    in_chans = 3
+
+    def forward(self, x):
+        self.seen = x.clone()
+        return x.mean(dim=(2, 3))
+
+
+def test_the_teacher_sees_images_at_its_own_size_channels_and_normalisation():
+    from vitlab.train.losses import TeacherView
+
+    torch.manual_seed(0)
+    raw = torch.rand(2, 1, 8, 8)  # grey images in [0, 1]
+    run_mean, run_std = (0.3,), (0.2,)
+    t_mean, t_std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
+    view = TeacherView(Recorder(), 1, (8, 8), run_mean, run_std, chans=3, size=(16, 16), mean=t_mean, std=t_std)
+    assert len(view.changes) == 3, view.changes
+    view((raw - 0.3) / 0.2)
+    # by hand: the raw grey image on three channels, normalised the teacher's way, then resized
+    rgb = raw.repeat(1, 3, 1, 1)
+    want = (rgb - torch.tensor(t_mean).view(1, 3, 1, 1)) / torch.tensor(t_std).view(1, 3, 1, 1)
+    want = torch.nn.functional.interpolate(want, size=(16, 16), mode="bilinear", align_corners=False)
+    assert view.teacher.seen.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(view.teacher.seen, want, atol=1e-5, rtol=1e-5)
+    # a teacher trained on images like the run's gets them untouched
+    same = TeacherView(Recorder(), 3, (8, 8), t_mean, t_std, chans=3, size=(8, 8), mean=t_mean, std=t_std)
+    x = torch.randn(2, 3, 8, 8)
+    same(x)
+    assert same.changes == [] and torch.equal(same.teacher.seen, x)

@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig, apply_debug, check_resume_config, from_dict, save_yaml, to_dict
 from ..errors import RunFailed, UserError, brief
 from ..models import build_from_arch, count_params, create_model, get_preset
+from ..models.vit import VisionTransformer
 from ..utils import atomic_write_text, file_part, make_dir, seed_everything
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, shutdown
-from .losses import DistillationLoss
+from .losses import DistillationLoss, TeacherView
 from .optim import ModelEMA, build_optimizer, effective_lr, lr_at
 
 
@@ -289,16 +290,21 @@ def freeze_backbone(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def load_teacher(path: str, device: torch.device) -> nn.Module:
-    """A frozen teacher: a vitlab run/checkpoint, or a pretrained (e.g. Hugging Face) classifier."""
+def load_teacher(path: str, device: torch.device, info, img_size) -> TeacherView:
+    """A frozen teacher (a vitlab run/checkpoint, or a pretrained, e.g. Hugging Face, classifier),
+    wrapped to see this run's images at its own size, channels and normalisation (TeacherView)."""
     p = Path(path)
     if (p.is_dir() and (p / ckpt.WEIGHTS).is_file()) or p.suffix == ".safetensors":
-        model, _ = ckpt.load_model(p)
+        model, meta = ckpt.load_model(p)
     else:
         from ..models.pretrained import load_pretrained
 
-        model, _ = load_pretrained(path)
-    return model.to(device).eval()
+        model, meta = load_pretrained(path)
+    # a vitlab run's weights record the size it trained at; a ViT has one fixed size
+    size = meta.get("img_size") or (model.img_size if isinstance(model, VisionTransformer) else None)
+    view = TeacherView(model, info.in_chans, img_size, info.mean, info.std, chans=getattr(model, "in_chans", None),
+                       size=size, mean=meta.get("mean"), std=meta.get("std"))
+    return view.to(device).eval()
 
 
 def check_teacher(teacher: nn.Module, name: str, in_chans: int, img_size, num_classes: int, device) -> None:
@@ -576,7 +582,7 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
                                 ns_dtype=torch.bfloat16 if amp_dtype == torch.bfloat16 else torch.float32)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     ema = ModelEMA(model, cfg.run.ema_decay) if cfg.run.ema else None
-    teacher = load_teacher(cfg.distill.teacher, device) if cfg.distill.teacher and cfg.distill.kind != "none" else None
+    teacher = load_teacher(cfg.distill.teacher, device, info, img_size) if cfg.distill.teacher and cfg.distill.kind != "none" else None
     if teacher is None and cfg.distill.kind != "none":
         raise UserError(f"--distill.kind {cfg.distill.kind} needs --distill.teacher RUN_OR_PATH")
     if teacher is not None:
@@ -639,6 +645,8 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     if main:
         if info.note:
             log(f"note: {info.note}")
+        if teacher is not None and teacher.changes:
+            log(f"note: the teacher sees this run's images as it was trained to: {'; '.join(teacher.changes)}")
         what = (f"{cfg.model.pretrained} ({getattr(model, 'arch', {}).get('name', 'pretrained')})"
                 if cfg.model.pretrained else cfg.model.name)  # model.name is unused when fine-tuning
         log(f"run {run_dir}: {what} ({count_params(model):,} params) on {cfg.data.name} "

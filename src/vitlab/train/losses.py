@@ -29,6 +29,55 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float 
     return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
+class TeacherView(nn.Module):
+    """A frozen teacher fed this run's (normalised) images the way it was trained to see them.
+
+    A teacher trained at another size, with other normalisation statistics, or on RGB where this
+    run is grey would otherwise score images unlike any it learnt from: a ResNet trained at 224 px
+    given a ViT student's 32-px batches still answers, just badly, and the student learns that.
+    So the batch is un-normalised with the run's mean/std and re-normalised with the teacher's,
+    a grey image is repeated onto three channels (exact: R = G = B), and the batch is resized
+    (bilinear, antialiased when shrinking) to the teacher's size. Each step that applies is one
+    line in `changes` for the run log; none applies when the teacher saw images like the run's.
+    """
+
+    def __init__(self, teacher: nn.Module, run_chans: int, run_size, run_mean, run_std,
+                 chans: int | None = None, size=None, mean=None, std=None):
+        super().__init__()
+        self.teacher = teacher
+        self.changes: list[str] = []
+        self.size = tuple(int(s) for s in size) if size is not None and tuple(size) != tuple(run_size) else None
+        if self.size is not None:
+            self.changes.append(f"resized from {run_size[0]}x{run_size[1]} to {self.size[0]}x{self.size[1]}")
+        self.repeat = chans == 3 and run_chans == 1
+        if self.repeat:
+            self.changes.append("grey repeated onto 3 channels")
+        c = 3 if self.repeat else run_chans
+        m_run = torch.tensor(run_mean, dtype=torch.float32).expand(c) if len(run_mean) in (1, c) else None
+        s_run = torch.tensor(run_std, dtype=torch.float32).expand(c) if len(run_std) in (1, c) else None
+        scale = shift = None
+        if mean is not None and std is not None and m_run is not None and s_run is not None \
+                and len(mean) == c and len(std) == c:
+            m_t, s_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+            if not (torch.allclose(m_t, m_run) and torch.allclose(s_t, s_run)):
+                # x_teacher = (x * std_run + mean_run - mean_t) / std_t
+                scale, shift = s_run / s_t, (m_run - m_t) / s_t
+                self.changes.append("re-normalised with its own mean/std")
+        self.register_buffer("scale", None if scale is None else scale.view(1, c, 1, 1), persistent=False)
+        self.register_buffer("shift", None if shift is None else shift.view(1, c, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, K) logits
+        x = images
+        if self.repeat:
+            x = x.expand(-1, 3, -1, -1)
+        if self.scale is not None:
+            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        if self.size is not None:
+            shrink = self.size[0] < x.shape[-2] or self.size[1] < x.shape[-1]
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=shrink)
+        return self.teacher(x)
+
+
 class DistillationLoss(nn.Module):
     """DeiT's distillation loss (Touvron et al. 2021), as a loss object.
 
