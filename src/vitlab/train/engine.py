@@ -810,7 +810,9 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
             msg = (f"epoch {epoch + 1:3d}/{cfg.run.epochs}  loss {record['train_loss']:.4f}  "
                    f"train {record['train_acc']:5.2f}%")
             if f"{eval_name}_acc" in record:
-                msg += f"  {eval_name} {record[f'{eval_name}_acc']:5.2f}% (top5 {record[f'{eval_name}_top5']:5.2f})"
+                msg += f"  {eval_name} {record[f'{eval_name}_acc']:5.2f}%"
+                if num_classes > 5:  # with five classes or fewer top-5 is 100% by definition
+                    msg += f" (top5 {record[f'{eval_name}_top5']:5.2f})"
                 if f"{eval_name}_acc_tta" in record:
                     msg += f"  flip-tta {record[f'{eval_name}_acc_tta']:5.2f}%"
                 if f"{eval_name}_acc_ema" in record:
@@ -852,8 +854,8 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
         opened.append(test_loader)
         res = evaluate(best_model, test_loader, eval_tf, device, amp_dtype, num_classes)
         secs = time.time() - t_test
-        log(f"test accuracy of the best-by-val weights: {res['acc']:.2f}% (top5 {res['top5']:.2f}%; "
-            f"{res['n']} images in {secs:.0f} s)")
+        top5 = f"top5 {res['top5']:.2f}%; " if num_classes > 5 else ""
+        log(f"test accuracy of the best-by-val weights: {res['acc']:.2f}% ({top5}{res['n']} images in {secs:.0f} s)")
         atomic_write_text(run_dir / "test.json", json.dumps({"acc": res["acc"], "top5": res["top5"],
                                                             "loss": res["loss"], "n": res["n"], "seconds": secs}))
     shutdown(dist)

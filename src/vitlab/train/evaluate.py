@@ -140,8 +140,8 @@ def run(args) -> int:
     per_class = (conf.diag() / conf.sum(1).clamp(min=1) * 100).tolist()
     res["tta"] = args.tta
     tta = f" ({args.tta} TTA)" if args.tta != "none" else ""
-    print(f"{args.split}{tta}: top-1 {res['acc']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
-          f"({res['n']} images)")
+    top5 = f"top-5 {res['top5']:.2f}%  " if len(classes) > 5 else ""  # 100% by definition with 5 classes or fewer
+    print(f"{args.split}{tta}: top-1 {res['acc']:.2f}%  {top5}loss {res['loss']:.4f}  ({res['n']} images)")
     for k in ("acc_cls_head", "acc_dist_head"):
         if k in res:
             plain = " (plain view)" if args.tta != "none" else ""
