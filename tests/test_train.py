@@ -356,6 +356,19 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     tta_answers = [a for a in answers(r.stdout) if a[1] is not None]
     assert [a[0] for a in tta_answers] == [SHAPES_CLASSES[i] for i in top.indices.tolist()]
     assert all(abs(a[1] - 100 * v) <= 0.011 for a, v in zip(tta_answers, top.values.tolist()))
+    # --precision bf16: the same classes, the probabilities within bf16's rounding of fp32's
+    r = cli("predict", *paths, "--checkpoint", str(run), "--top-k", "1", "--precision", "bf16", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    fp32 = cli("predict", *paths, "--checkpoint", str(run), "--top-k", "1").stdout
+    fp32_top = [a for a in answers(fp32) if a[1] is not None]
+    bf16_top = [a for a in answers(r.stdout) if a[1] is not None]
+    assert [a[0] for a in bf16_top] == [a[0] for a in fp32_top]
+    assert all(abs(a[1] - b[1]) < 3.0 for a, b in zip(bf16_top, fp32_top)), (bf16_top, fp32_top)
+    for bad, says in ((["--device", "tpu"], "unknown device 'tpu' for --device"),
+                      (["--precision", "fp8"], "unknown precision 'fp8'"),
+                      (["--precision", "fp16", "--device", "cpu"], "fp16 needs a GPU")):
+        r = cli("predict", paths[0], "--checkpoint", str(run), *bad)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_predicts_check_decodes_every_image_so_a_truncated_jpeg_fails_up_front(tmp_path, monkeypatch):
