@@ -120,6 +120,12 @@ def test_distilled_run_on_shapes_with_a_cnn_teacher(tmp_path):
     cfg = (tmp_path / "student" / "config.yaml").read_text()
     assert "kind: hard" in cfg and "teacher.safetensors" in cfg
     assert "resized from 32x32 to 48x48" in r.stdout + r.stderr and "re-normalised" in r.stdout + r.stderr
+    # eval --split train scores the 256 images this run trained on, not the whole split
+    r = subprocess.run([sys.executable, "-m", "vitlab.cli", "eval", "--checkpoint", str(tmp_path / "student"),
+                        "--split", "train", "--precision", "fp32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "student" / "eval-train.json").read_text())["n"] == 256
+    assert "trained on 256 of this split's images" in r.stderr
 
 
 def test_a_teacher_that_does_not_fit_the_data_is_one_line_before_the_run_starts(tmp_path):

@@ -442,6 +442,10 @@ def test_eval_on_other_data_does_not_read_the_runs_data_folder():
     assert data_config_for(meta, "mnist", "/data/mnist").dir == "/data/mnist"
     same = data_config_for(meta, "fashion-mnist", None)
     assert same.dir == "/data/fashion-mnist" and same.subset is None  # (scored whole)
+    # the train split of a run on a subset is the subset it trained on; another dataset's is whole
+    assert data_config_for(meta, None, None, split="train").subset == 512
+    assert data_config_for(meta, "fashion-mnist", None, split="train").subset == 512
+    assert data_config_for(meta, "mnist", None, split="train").subset is None
     assert data_config_for(meta, None, None).dir == "/data/fashion-mnist"
 
 

@@ -40,10 +40,14 @@ def add_arguments(p):
                         "flip-shift also averages both moved 1 px each way (10 views, 10x the cost)")
 
 
-def data_config_for(meta: dict, name: str | None, data_dir: str | None, num_workers: int | None = None) -> DataConfig:
+def data_config_for(meta: dict, name: str | None, data_dir: str | None, num_workers: int | None = None,
+                    split: str = "test") -> DataConfig:
     cfg = DataConfig()
     update_from_dict(cfg, (meta.get("config") or {}).get("data", {}), "")
-    cfg.subset = None
+    if split != "train" or (name and name != cfg.name):
+        # data.subset thins the training split only: the run's train split is the images it trained on
+        # (the same seeded pick), any other split or dataset is scored whole
+        cfg.subset = None
     if name and name != cfg.name:
         # a folder named after the run's dataset holds that dataset's files (MNIST's and Fashion-MNIST's
         # share names): not the place to look for another; a root of several datasets still is
@@ -79,6 +83,8 @@ def score(model, meta: dict, data_cfg: DataConfig, split: str = "test", *, devic
         raise UserError(f"{data.info.name} has no {split} split")
     if log and data.info.note:  # e.g. an image folder without test/: which of its images are scored
         log(f"note: {data.info.note}")
+    if log and split == "train" and data_cfg.subset is not None and len(part.labels) == data_cfg.subset:
+        log(f"note: the run trained on {data_cfg.subset:,} of this split's images (data.subset): those are scored")
     classes = meta.get("classes") or data.info.classes
     if data.info.num_classes != model.num_classes:  # labels past the head's width, or a head never asked
         raise UserError(f"the model has {model.num_classes} classes but {data.info.name} has {data.info.num_classes}")
@@ -130,7 +136,7 @@ def run(args) -> int:
     weights = resolve_weights(args.checkpoint)
     model, meta = load_model(weights)
     out = make_dir(Path(args.out) if args.out else weights.parent)  # before scoring: a bad --out fails at once
-    data_cfg = data_config_for(meta, args.data, args.data_dir, args.num_workers)
+    data_cfg = data_config_for(meta, args.data, args.data_dir, args.num_workers, args.split)
     run_data = ((meta.get("config") or {}).get("data") or {}).get("name") or meta.get("data")
     res, info, classes = score(model, meta, data_cfg, args.split,
                                device=args.device, precision=args.precision, tta=args.tta,
