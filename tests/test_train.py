@@ -488,6 +488,28 @@ def test_a_resumed_run_keeps_the_size_it_was_built_at(tmp_path):
     assert resumed_img_size({}, tmp_path) == (64, 64)
 
 
+def test_a_resume_may_name_the_class_count_and_size_the_run_derived(tmp_path):
+    """--model.num_classes 3 on a resumed run that left it unset (derived from its 3-class data) is no
+    change; 4 is one, refused in one line."""
+    from vitlab.config import check_resume_config
+    from vitlab.train import checkpoint as ckpt
+    from vitlab.train.command import _unset_if_as_run
+
+    ckpt.save_model(tmp_path / ckpt.WEIGHTS, create_model("vit_mini_patch4_32", num_classes=3, img_size=64),
+                    {"img_size": [64, 64]})
+    saved = build_config(None, {})
+    for same in (["--model.num_classes", "3"], ["--model.img_size", "64"]):
+        cfg = build_config(None, parse_overrides(same))
+        _unset_if_as_run(saved, cfg, tmp_path)
+        check_resume_config(saved, cfg, tmp_path)  # passes
+    for other, key in ((["--model.num_classes", "4"], "model.num_classes"),
+                       (["--model.img_size", "32"], "model.img_size")):
+        cfg = build_config(None, parse_overrides(other))
+        _unset_if_as_run(saved, cfg, tmp_path)
+        with pytest.raises(UserError, match=f"{key} cannot change on a resume"):
+            check_resume_config(saved, cfg, tmp_path)
+
+
 def test_tensorboard_asked_for_but_not_installed_stops_before_the_run_starts(tmp_path, monkeypatch):
     from vitlab.train import engine
 

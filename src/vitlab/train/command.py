@@ -44,6 +44,7 @@ def resolve(args):
         saved = from_dict(load_yaml(run / "config.yaml"))
         for k, v in overrides.items():
             set_key(cfg, k, v)
+        _unset_if_as_run(saved, cfg, run)
         check_resume_config(saved, cfg, run)  # here too (the engine checks it), so nothing is loaded first
         if bool(cfg.model.pretrained) != bool(saved.model.pretrained):  # (a fine-tune's source may move)
             raise UserError(f"--resume {run}: the run was {'fine-tuned' if saved.model.pretrained else 'trained from scratch'}"
@@ -64,6 +65,28 @@ def resolve(args):
         check_values(cfg)
         return cfg
     return build_config(args.config, overrides)
+
+
+def _unset_if_as_run(saved, cfg, run: Path) -> None:
+    """model.num_classes / model.img_size left unset by the run (derived from the data and the preset)
+    and now given on the resume with the value they were derived to change nothing: they are put back
+    to unset rather than refused. The derived values are those the run's weights file records."""
+    from ..train.checkpoint import WEIGHTS, read_meta
+
+    asked = {"num_classes": cfg.model.num_classes, "img_size": cfg.model.img_size}
+    if all(v is None for v in asked.values()) or not (run / WEIGHTS).is_file():
+        return
+    try:
+        meta = read_meta(run / WEIGHTS)
+        derived = {"num_classes": meta["arch"]["kwargs"].get("num_classes"), "img_size": meta.get("img_size")}
+    except Exception:  # noqa: BLE001 - an unreadable weights file: the ordinary check refuses the change
+        return
+    for field, now in asked.items():
+        was = derived[field]
+        if now is None or getattr(saved.model, field) is not None or was is None:
+            continue
+        if (now, now) == tuple(was) if isinstance(was, (list, tuple)) else now == was:
+            setattr(cfg.model, field, None)
 
 
 def _saved_progress(run: Path) -> tuple[int, bool]:
