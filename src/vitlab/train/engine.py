@@ -582,7 +582,8 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
                                 ns_dtype=torch.bfloat16 if amp_dtype == torch.bfloat16 else torch.float32)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     ema = ModelEMA(model, cfg.run.ema_decay) if cfg.run.ema else None
-    teacher = load_teacher(cfg.distill.teacher, device, info, img_size) if cfg.distill.teacher and cfg.distill.kind != "none" else None
+    teacher = (load_teacher(cfg.distill.teacher, device, info, img_size)
+               if cfg.distill.teacher and cfg.distill.kind != "none" else None)
     if teacher is None and cfg.distill.kind != "none":
         raise UserError(f"--distill.kind {cfg.distill.kind} needs --distill.teacher RUN_OR_PATH")
     if teacher is not None:
