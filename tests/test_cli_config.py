@@ -55,6 +55,21 @@ def test_dotted_overrides_and_aliases_are_typed():
         build_config(None, parse_overrides(["--ema", "auto"]))
 
 
+def test_debug_is_short_unless_asked_and_keeps_a_bad_subset_refused():
+    from vitlab.config import apply_debug
+
+    assert build_config(None, parse_overrides(["--debug"])).run.epochs == 2  # not the default 100
+    assert build_config("shapes", parse_overrides(["--debug"])).run.epochs == 2
+    assert build_config(None, parse_overrides(["--debug", "--epochs", "5"])).run.epochs == 5
+    assert build_config(None, parse_overrides([])).run.epochs == 100
+    cfg = build_config(None, parse_overrides(["--debug", "--data.subset", "0"]))
+    apply_debug(cfg)
+    assert cfg.data.subset == 0  # still 0, so build_data refuses it (it had become 512)
+    cfg = build_config(None, parse_overrides(["--debug"]))
+    apply_debug(cfg)
+    assert cfg.data.subset == 512
+
+
 def test_negative_numbers_are_values_not_flags():
     cfg = build_config(None, parse_overrides(["--run.seed", "-5"]))
     assert cfg.run.seed == -5
@@ -72,6 +87,8 @@ def test_negative_numbers_are_values_not_flags():
     (["--model.num_classes", "0"], "model.num_classes"), (["--optim.clip_grad", "-1"], "optim.clip_grad"),
     (["--data.on_corrupt", "bogus"], "data.on_corrupt"), (["--run.time_limit", "0"], "run.time_limit"),
     (["--distill.kind", "soft", "--distill.tau", "0"], "distill.tau"),
+    (["--mixup-alpha", "-2"], "aug.mixup_alpha"), (["--cutmix-alpha", "-1"], "aug.cutmix_alpha"),
+    (["--aug.mix_prob", "1.5"], "aug.mix_prob"), (["--aug.repeated_aug", "0"], "aug.repeated_aug"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(args, key):
     with pytest.raises(ConfigError, match=f"^--{key} must be "):

@@ -302,11 +302,15 @@ def check_resume_config(saved, cfg, run) -> None:
                           f"{now!r}); start a new run{hint}")
 
 
+DEBUG_EPOCHS = 2  # --debug's epochs unless --epochs is given (build_config)
+
+
 def apply_debug(cfg) -> None:
-    """The seed's --debug: a tiny, fast run through every code path (at most 512 training images).
-    Applied by the engine before the config is saved, so a debug run's config.yaml holds the cap."""
+    """The seed's --debug: a tiny, fast run through every code path (at most 512 training images, and
+    DEBUG_EPOCHS epochs unless --epochs says otherwise). Applied by the engine before the config is
+    saved, so a debug run's config.yaml holds the cap."""
     if cfg.run.debug:
-        cfg.data.subset = min(cfg.data.subset or 512, 512)
+        cfg.data.subset = 512 if cfg.data.subset is None else min(cfg.data.subset, 512)  # (0 stays refused)
 
 
 def set_key(cfg, key: str, value) -> None:
@@ -439,6 +443,8 @@ def build_config(preset: str | None, overrides: dict[str, object]) -> TrainConfi
         update_from_dict(cfg, load_yaml(find_preset(preset)))
     for k, v in overrides.items():
         set_key(cfg, k, v)
+    if cfg.run.debug and "run.epochs" not in overrides:
+        cfg.run.epochs = min(cfg.run.epochs, DEBUG_EPOCHS)  # the preset's 100 epochs are not a quick check
     check_values(cfg)
     return cfg
 
@@ -488,6 +494,11 @@ VALUE_RULES: dict[str, tuple] = {
     "aug.color_jitter": _NONNEG,
     "aug.randaugment_n": _NONNEG,
     "aug.erasing": _PROBABILITY,
+    "aug.mixup_alpha": _NONNEG,
+    "aug.cutmix_alpha": _NONNEG,
+    "aug.mix_prob": _PROBABILITY,
+    "aug.switch_prob": _PROBABILITY,
+    "aug.repeated_aug": _COUNT,
     "aug.clean_head": _PROBABILITY,
     "aug.clean_tail": _PROBABILITY,
     "optim.lr": _within(0, None, lo_open=True),

@@ -29,7 +29,7 @@ decay 5e-4, constant lr, no warmup, smoothing, Mixup, CutMix or DropPath). Rungs
 finished in the output folder are reused and a half-done one resumes, so an interrupted ladder
 picks up where it stopped; a rung run with other settings is refused.
 Examples:
-  vitlab ablate --debug --epochs 2                                  # a quick pass through every rung
+  vitlab ablate --debug                                             # a quick pass through every rung (2 epochs each)
   vitlab ablate --data fashion-mnist --data-dir ../shared/data/fashion-mnist --epochs 10
   vitlab ablate --config shapes --rungs 3 --print-config            # what each rung would run
 """

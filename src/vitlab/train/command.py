@@ -15,6 +15,7 @@ Any config field can be set by its dotted name, e.g. --optim.lr 1e-3 --aug.cutmi
 Short flags: --model --data --data-dir --epochs --batch-size --seed --out --debug --lr
 --mixup-alpha --cutmix-alpha --label-smoothing --drop-path --dropout --autoaugment --randaugment
 --weight-decay --warmup-epochs --precision --compile --ema --pretrained --time-limit.
+--debug: a quick pass through every code path: at most 512 training images, 2 epochs unless --epochs.
 Examples:
   vitlab train --debug --epochs 3
   vitlab train --config fashion_mnist --data-dir ../shared/data/fashion-mnist
