@@ -327,6 +327,9 @@ def test_resolution_change_resamples_and_keeps_logits_close_at_the_original_grid
         ref_logits, back = ref(x), big(x)
     assert (back - ref_logits).abs().max() < 0.25 * ref_logits.abs().max()
     assert torch.corrcoef(torch.stack([back.flatten(), ref_logits.flatten()]))[0, 1] > 0.95
+    # a size the patches do not tile: one line naming the size (it was a ValueError traceback)
+    with pytest.raises(UserError, match=r"cannot run at img_size 30: image height 30 is not divisible by the patch"):
+        vitlab.models.pretrained.load_pretrained(tmp_path / "w.pth", img_size=30)
 
 
 def test_preset_name_with_checkpoint_takes_heads_from_the_preset(tmp_path):

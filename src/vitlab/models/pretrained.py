@@ -742,7 +742,10 @@ def load_pretrained(path_or_id, num_classes: int | None = None, img_size=None, p
     if img_size is None and preset is not None:
         img_size = get_preset(preset).kwargs.get("img_size")
     if img_size is not None and _pair(img_size) != model.img_size:
-        model.set_img_size(img_size)
+        try:
+            model.set_img_size(img_size)
+        except ValueError as e:  # a size its patches do not tile
+            raise PretrainedError(f"{source} cannot run at img_size {img_size}: {e}") from None
     # Keep the record true, so a checkpoint saved from this model rebuilds it.
     model.arch["kwargs"].update(num_classes=model.num_classes, img_size=list(model.img_size))
     return model.eval(), _info(src, source, model, head)
