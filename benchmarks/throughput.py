@@ -5,7 +5,7 @@ runs the same code; this script is the entry point the README cites.
 
     python benchmarks/throughput.py                  # the comparison table (ViT-Tiny, CIFAR config, batch 128)
     python benchmarks/throughput.py --all            # + scaling plot, memory, full-loop check
-    python benchmarks/throughput.py --markdown       # the README table from benchmarks/results/throughput.json
+    python benchmarks/throughput.py --markdown       # the README table from runs/bench/throughput.json (--out)
 """
 
 import sys

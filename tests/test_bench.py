@@ -161,6 +161,18 @@ def test_bench_rejects_a_resnet_or_unknown_model_in_one_line_before_any_output(c
     cap = capsys.readouterr()
     assert "did you mean 'vit_mini_patch4_32'" in cap.err and len(cap.err.strip().splitlines()) == 1
     assert cap.out == ""
+    assert cli_main(["bench", "--warmup", "-1"]) == 2
+    cap = capsys.readouterr()
+    assert "--warmup must be 0 or more" in cap.err and cap.out == ""
+
+
+def test_bench_writes_outside_the_committed_results_by_default():
+    from vitlab.bench import add_arguments
+    from vitlab.cli import Parser
+
+    p = Parser()
+    add_arguments(p)
+    assert p.parse_args([]).out == "runs/bench"  # git-ignored: a quick run cannot replace a README record
 
 
 def test_default_row_times_the_engines_fused_adamw_and_the_peers_foreach(monkeypatch):

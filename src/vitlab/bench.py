@@ -890,14 +890,16 @@ def add_arguments(p):
     p.add_argument("--model", default="vit_tiny_patch4_32", help="a ViT preset (default: the seed's CIFAR ViT-Tiny)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed repeats per measurement (median)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per setup first (default: 3)")
     p.add_argument("--impl", action="append", choices=["vitlab", "hf", "textbook"],
                    help="only these implementations (repeatable)")
     p.add_argument("--scaling", action="store_true", help="also time batch / image size / model size; one plot")
     p.add_argument("--memory", action="store_true", help="also peak memory per step, checkpointing on ViT-B/224")
     p.add_argument("--loop", action="store_true", help="also the full training loop against the bare step")
     p.add_argument("--all", action="store_true", help="--scaling --memory --loop")
-    p.add_argument("--out", default="benchmarks/results", help="where throughput.json (and, with --scaling, scaling.png) go")
+    p.add_argument("--out", default="runs/bench",
+                   help="where throughput.json (and, with --scaling, scaling.png) go (default: runs/bench; the "
+                        "README's records are in benchmarks/results/, each run given its own --out)")
     p.add_argument("--markdown", action="store_true", help="print the README table from --out's JSON and exit")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where every setup runs")
@@ -948,6 +950,8 @@ def run(args) -> int:
         return 0
     if args.batch_size < 1 or args.steps < 1:
         raise UserError("--batch-size and --steps must be positive")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be positive, got {args.threads}")
     if args.threads:
