@@ -120,6 +120,7 @@ def test_distilled_run_on_shapes_with_a_cnn_teacher(tmp_path):
     cfg = (tmp_path / "student" / "config.yaml").read_text()
     assert "kind: hard" in cfg and "teacher.safetensors" in cfg
     assert "resized from 32x32 to 48x48" in r.stdout + r.stderr and "re-normalised" in r.stdout + r.stderr
+    assert "no validation split, so the best epoch (model.safetensors) is picked on the test split" in r.stdout
     # eval --split train scores the 256 images this run trained on, not the whole split
     r = subprocess.run([sys.executable, "-m", "vitlab.cli", "eval", "--checkpoint", str(tmp_path / "student"),
                         "--split", "train", "--precision", "fp32"], capture_output=True, text=True, timeout=300)

@@ -87,6 +87,7 @@ def test_linear_probe_keeps_the_backbone_exactly(tmp_path):
     for k, v in backbone(state).items():
         assert torch.equal(v, before[k]), k
     assert state["head.weight"].shape == (2, 128)  # cat / dog
+    assert "no validation split" not in r.stdout + r.stderr  # (--data.val_fraction 0.3)
     # a paused fine-tune resumes without its source weights (moved, deleted, or a relative path typed
     # elsewhere): the run's own weights file says what the model is, and last.ckpt holds the weights;
     # unnamed, the run is named after the weights' architecture (not model.name, which finetune ignores)

@@ -646,6 +646,9 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     if main:
         if info.note:
             log(f"note: {info.note}")
+        if eval_name == "test":
+            log("note: no validation split, so the best epoch (model.safetensors) is picked on the test split "
+                "and its score is optimistic; --data.val_fraction 0.1 holds out one")
         if teacher is not None and teacher.changes:
             log(f"note: the teacher sees this run's images as it was trained to: {'; '.join(teacher.changes)}")
         what = (f"{cfg.model.pretrained} ({getattr(model, 'arch', {}).get('name', 'pretrained')})"
