@@ -276,6 +276,22 @@ def test_visualize_writes_the_four_kinds_of_picture(tmp_path, capsys):
     assert not any("sample_3_" in f for f in again)
 
 
+def test_many_samples_show_progress_and_a_summary_of_the_first_few(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import vitlab.viz.command as viz_command
+    from vitlab.viz.plots import PANEL
+
+    monkeypatch.setattr(viz_command, "SUMMARY_MAX", 2)  # as 32 of 40 samples, in miniature
+    monkeypatch.setattr(viz_command, "PROGRESS_FROM", 3)
+    run = make_run(tmp_path)
+    assert cli.main(["visualize", "--checkpoint", str(run), "--samples", "3"]) == 0
+    out = run / "plots"
+    assert "attention maps" in capsys.readouterr().err  # the progress bar
+    assert len(list(out.glob("attention_rollout_sample_*.png"))) == 3  # every sample still gets its pictures
+    assert Image.open(out / "attention_map.png").size[0] == round((PANEL * 2 + 0.6) * 100)  # two columns
+
+
 def test_visualize_image_files_grayscale_and_distilled(tmp_path, capsys):
     from PIL import Image
 

@@ -56,6 +56,10 @@ def _device(spec: str) -> torch.device:
     return dev
 
 
+PROGRESS_FROM = 16  # images: from here on, progress bars (about 0.25 s each on a CPU)
+SUMMARY_MAX = 32  # images in attention_map.png: 4 row pairs of 8
+
+
 def pick_samples(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """n indices spread over the classes: one per class (in a seeded random order) before any second one."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))  # (M,)
@@ -164,16 +168,22 @@ def run(args) -> int:
         raise UserError(f"the checkpoint's normalisation has {m.shape[1]} channels but the model takes {C}")
     x = (images.float() / 255 - m) / s  # (n, C, H, W), as the model was trained on
     # In chunks: the maps hold every layer's (h, N, N) weights, 22 MB per image for ViT-B/16.
+    from tqdm.auto import tqdm
+
+    quiet = len(x) < PROGRESS_FROM  # a bar only where the wait is long enough to wonder
     chunks = [attention_maps(model, x[i:i + 8], head_fusion=args.head_fusion, discard_ratio=args.discard_ratio,
-                             token=args.token, gradient=True) for i in range(0, len(x), 8)]
+                             token=args.token, gradient=True)
+              for i in tqdm(range(0, len(x), 8), desc="attention maps", unit="batch of 8", disable=quiet, leave=False)]
     maps = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     pred = [classes[k] if k < len(classes) else str(k) for k in maps["pred"].tolist()]
 
     how = f"rollout, heads {args.head_fusion}, discard {args.discard_ratio:g}, [{args.token.upper()}]"
-    plots.save(plots.plot_summary(images, maps["rollout"], truth, pred, title=f"Attention {how}", boxes=boxes),
-               out / "attention_map.png")
+    k = min(len(images), SUMMARY_MAX)  # the overview stays a readable grid; every image gets its own pictures
+    first = f" (the first {k} of {len(images)})" if k < len(images) else ""
+    plots.save(plots.plot_summary(images[:k], maps["rollout"][:k], truth[:k], pred[:k], title=f"Attention {how}{first}",
+                                  boxes=boxes[:k]), out / "attention_map.png")
     tags = []
-    for i in range(len(images)):
+    for i in tqdm(range(len(images)), desc="pictures", unit="image", disable=quiet, leave=False):
         # a test sample is named by its true class; a user's image by its file (its class is unknown)
         if files[i] is None:
             tag, label = f"sample_{i + 1}_{file_part(truth[i])}", f"sample {i + 1}: true {truth[i]}, pred {pred[i]}"
