@@ -987,6 +987,7 @@ def test_ablate_runs_the_ladder_and_writes_its_table_chart_and_record(tmp_path):
         assert rec["rungs"][k]["acc"] == metrics(out / f"rung{k}")[-1]["test_acc"]
     table = (out / "ablation.md").read_text()
     assert "| Baseline (SGD) |" in table and "| + AdamW |" in table
+    assert "on shapes (512 training images), 1 epoch," in table and rec["subset"] == 512  # --debug's cap said
     assert (out / "ablation.png").stat().st_size > 1000
     # a second call reuses the finished rungs instead of training them again
     r = cli("ablate", "--data", "shapes", "--debug", "--epochs", "1", "--rungs", "2", "--run.precision", "fp32",
@@ -998,3 +999,9 @@ def test_ablate_runs_the_ladder_and_writes_its_table_chart_and_record(tmp_path):
             "--seed", "1", "--out", str(tmp_path))
     assert r.returncode == 2 and "run.seed 0 there, 1 now" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert [(out / f).read_text() for f in ("ablation.md", "rung0/metrics.jsonl", "rung1/config.yaml")] == before
+    # an unknown model or dataset: one line before any folder is made
+    for flag, name in (("--model", "nosuch"), ("--data", "nosuch")):
+        r = cli("ablate", flag, name, "--debug", "--out", str(tmp_path / "bad"))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stdout == "", (r.stdout, r.stderr)
+        assert f"unknown {'model' if flag == '--model' else 'dataset'} 'nosuch'" in r.stderr
+    assert not (tmp_path / "bad").exists()

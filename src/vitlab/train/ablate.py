@@ -67,6 +67,8 @@ def add_arguments(p):
 def run(args) -> int:
     from tqdm.auto import tqdm
 
+    from ..data import build_data
+    from ..models import get_preset
     from .engine import train
 
     if not 1 <= args.rungs <= len(LADDER):
@@ -86,6 +88,10 @@ def run(args) -> int:
             print(f"--- # rung {k}: {label}")
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    # the model's name and the data (its name, files, folders) before any folder is made or rung printed
+    if not base.model.pretrained:
+        get_preset(base.model.name)
+    build_data(base.data)
     for _, cfg in rungs:  # all before the first trains: a mismatch in rung 5 must not wait hours
         if (out / cfg.run.name / "last.ckpt").is_file():  # (without it the rung starts afresh)
             check_same_rung(out / cfg.run.name, cfg)
@@ -103,7 +109,7 @@ def run(args) -> int:
         rows.append({"rung": label, "acc": last[acc_key], "minutes": last["wall_time"] / 60, "split": acc_key[:-4],
                      "settings": {key: get_key(cfg, key) for key in LADDER[0][1]}})  # as this rung ran them
     _write_report(rows, out, base)
-    print(f"wrote {out / 'ablation.md'} and {out / 'ablation.png'}")
+    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.png'} and {out / 'ablation.json'}")
     return 0
 
 
@@ -178,7 +184,10 @@ def _write_report(rows: list[dict], out: Path, base) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [f"Ablation ladder: {base.model.name} on {base.data.name}, {base.run.epochs} epochs, "
+    base = from_dict(to_dict(base))
+    apply_debug(base)  # --debug's cap on the training images, as the rungs ran
+    subset = f" ({base.data.subset:,} training images)" if base.data.subset else ""
+    lines = [f"Ablation ladder: {base.model.name} on {base.data.name}{subset}, {base.run.epochs} epoch{'s' if base.run.epochs != 1 else ''}, "
              f"batch {base.run.batch_size}, seed {base.run.seed} (final-epoch {rows[0]['split']} accuracy)", "",
              "| rung | accuracy (%) | change (points) | time (min) |", "|---|---:|---:|---:|"]
     prev = None
@@ -188,7 +197,8 @@ def _write_report(rows: list[dict], out: Path, base) -> None:
         prev = r["acc"]
     atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "ablation.json", json.dumps({
-        "model": base.model.name, "data": base.data.name, "epochs": base.run.epochs, "batch_size": base.run.batch_size,
+        "model": base.model.name, "data": base.data.name, "subset": base.data.subset, "epochs": base.run.epochs,
+        "batch_size": base.run.batch_size,
         "seed": base.run.seed, "rungs": rows},
         indent=1) + "\n")
     fig, ax = plt.subplots(figsize=(9, 3.8))
