@@ -247,13 +247,13 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     assert f"best {meta['test_acc']:.2f}% (epoch {meta['epoch']}{ema_note}; in model.safetensors)" in summary, summary
     r = cli("eval", "--checkpoint", str(run), "--tta", "flip", "--out", str(tmp_path / "tta"))
     assert r.returncode == 0 and "test (flip TTA): top-1" in r.stdout, r.stderr
-    ev = json.loads((tmp_path / "tta" / "eval.json").read_text())
+    ev = json.loads((tmp_path / "tta" / "eval-flip.json").read_text())
     if meta["weights"] == "model":  # the saved epoch's flip-TTA score, as the run measured it (the model's only)
         assert ev["tta"] == "flip" and ev["acc"] == pytest.approx(rows[meta["epoch"] - 1]["test_acc_tta"], abs=0.2)
     r = cli("eval", "--checkpoint", str(run), "--tta", "flip-shift", "--out", str(tmp_path / "tta10"),
             "--data.num_workers", "0")  # decoding in the main process: the same scores
     assert r.returncode == 0 and "test (flip-shift TTA): top-1" in r.stdout, r.stderr
-    assert json.loads((tmp_path / "tta10" / "eval.json").read_text())["tta"] == "flip-shift"
+    assert json.loads((tmp_path / "tta10" / "eval-flip-shift.json").read_text())["tta"] == "flip-shift"
     # the frozen, compiled copy (bf16 weights where bf16 is fast, else fp32): the same scores
     # within bf16's rounding (the plain eval is the auto choice here: too little work to compile)
     assert "eager (auto:" in cli("eval", "--checkpoint", str(run), "--out", str(tmp_path / "e"), "--device", "cpu").stderr

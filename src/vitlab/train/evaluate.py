@@ -155,11 +155,13 @@ def run(args) -> int:
     width = max(len(c) for c in classes)
     for c, a, n in zip(classes, per_class, conf.sum(1).long().tolist()):
         print(f"  {c:{width}s}  {a:6.2f}%  (n={n})")
-    # the run's own test split keeps the plain names; another split or dataset gets its own files, so
-    # scoring the train split does not overwrite the test score
+    # the run's own test split keeps the plain names; another split, dataset or TTA gets its own files,
+    # so scoring the train split does not overwrite the test score
     parts = [] if same_data(data_cfg.name, run_data) else [safe_name(data_cfg.name)]
     if parts or args.split != "test":
         parts.append(args.split)
+    if args.tta != "none":  # and a TTA score sits beside the plain one (eval-flip.json)
+        parts.append(args.tta)
     tag = "".join(f"-{part}" for part in parts)
     record = {**res, "split": args.split, "data": data_cfg.name, "checkpoint": str(weights),
               "per_class": dict(zip(classes, per_class))}
