@@ -138,6 +138,9 @@ def preprocessor_config(model, mean, std, crop: bool = False) -> dict:
             **common}
 
 
+HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")  # what an export writes
+
+
 def export_hf(model, out_dir, classes=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), overwrite=False,
               crop: bool = False) -> Path:
     """Write `model` to `out_dir` in Hugging Face ViT format; returns the directory.
@@ -155,6 +158,10 @@ def export_hf(model, out_dir, classes=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5,
                           f"write the Hugging Face copy to another folder")
     if not overwrite and any((out / n).exists() for n in ("config.json", "model.safetensors")):
         raise ExportError(f"{out} already holds a model; pass --force to overwrite")
+    others = [f for f in out.iterdir() if f.name not in HF_FILES] if out.is_dir() else []
+    if not overwrite and others:  # a folder of the user's own files (photos, another project)
+        raise ExportError(f"{out} is not empty ({len(others)} other file{'s' if len(others) != 1 else ''}, e.g. "
+                          f"{others[0].name}); choose a new folder, or pass --force to write among them")
     state = hf_state_dict(model)
     # transformers refuses safetensors files without format metadata.
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
@@ -172,7 +179,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the Hugging Face model to")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, for timm/torchvision files of a non-standard width")
-    p.add_argument("--force", action="store_true", help="overwrite a model already in DIR")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite a model already in DIR, or write into a folder that holds other files")
 
 
 def run(args) -> int:
