@@ -358,3 +358,11 @@ def test_what_a_resume_may_and_may_not_change():
         changed = build_config(None, parse_overrides(["--data", "imagefolder:/old/photos", flag, value]))
         with pytest.raises(ConfigError, match=said):
             check_resume_config(saved, changed, "runs/x")
+
+
+def test_demo_checks_the_install_by_fitting_one_batch(capsys):
+    assert cli.main(["demo", "--model", "vit_mini_patch4_32", "--steps", "6", "--batch-size", "16"]) == 0
+    out = capsys.readouterr().out
+    first, last = (float(x) for x in out.split("ok: the loss fell from ")[1].split(" to "))
+    assert last < first
+    assert cli.main(["demo", "--steps", "1"]) == 2

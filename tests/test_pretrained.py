@@ -468,6 +468,9 @@ def test_export_of_an_image_file_run_prepares_images_as_vitlab_predict_does(tmp_
     capsys.readouterr()
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run" / "last.ckpt"), "--out", str(tmp_path / "x")]) == 2
     assert "resumable training state" in capsys.readouterr().err
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")  # ...nor as a fine-tune's source
+    with pytest.raises(UserError, match="run's training state .*pass the run folder"):
+        load_pretrained(tmp_path / "run" / "last.ckpt")
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "run"), "--force"]) == 2
     err = capsys.readouterr().err
     assert "holds a vitlab run" in err and len(err.strip().splitlines()) == 1

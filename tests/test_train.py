@@ -201,6 +201,9 @@ def test_bad_config_key_exits_2_naming_the_closest(tmp_path):
     r = cli("train", "--model", "vit_tiny_patch4_23", "--out", str(tmp_path), *FAST[2:])
     assert r.returncode == 2 and "did you mean 'vit_tiny_patch4_32'" in r.stderr
     r = cli("train", "--resume", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "no such run folder" in r.stderr
+    (tmp_path / "empty_run").mkdir()
+    r = cli("train", "--resume", str(tmp_path / "empty_run"))
     assert r.returncode == 2 and "last.ckpt" in r.stderr
     # fewer training images than one batch: every epoch would be empty (it was a raw traceback)
     r = cli("train", *FAST, "--data.subset", "40", "--out", str(tmp_path))
@@ -333,6 +336,10 @@ def test_short_run_on_shapes_learns_and_writes_a_complete_run(tmp_path):
     assert r.returncode == 0 and f"{paths[0]}:" in r.stdout and f"{tmp_path / 'other' / 'img0.png'}:" in r.stdout
     r = cli("predict", str(tmp_path / "empty"), "--checkpoint", str(run))
     assert r.returncode == 2 and "no image files" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "empty" / "cats").mkdir()  # an image-folder layout: its subfolders are named in the line
+    (tmp_path / "empty" / "dogs").mkdir()
+    r = cli("predict", str(tmp_path / "empty"), "--checkpoint", str(run))
+    assert r.returncode == 2 and "its 2 subfolders are not searched" in r.stderr, r.stderr
     # a bad file in a later chunk fails the command before any answer is printed
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, then junk
     r = cli("predict", *paths[:3], str(tmp_path / "bad.png"), "--checkpoint", str(run), "--batch-size", "2")

@@ -623,8 +623,11 @@ def detect_format(path_or_id) -> str:
 
 def read_source(path_or_id) -> Source:
     """Any supported checkpoint -> Source (vitlab-named tensors + architecture)."""
-    fmt = detect_format(path_or_id)
     p = Path(path_or_id)
+    if p.name == "last.ckpt" and (p.parent / "config.yaml").is_file():  # as eval, predict and export refuse it
+        raise PretrainedError(f"{p} is a vitlab run's training state (for vitlab train --resume); pass the run "
+                              f"folder {p.parent} to start from its best weights")
+    fmt = detect_format(path_or_id)
     if fmt == "hub":
         return read_hf_dir(fetch_hub(str(path_or_id)), name_hint=str(path_or_id).split("/")[-1])
     if fmt == "hf":

@@ -38,6 +38,8 @@ def resolve(args):
     overrides = parse_overrides(args.overrides)
     if args.resume:
         run = Path(args.resume)
+        if not run.is_dir():
+            raise UserError(f"--resume {run}: no such run folder")
         if not (run / "last.ckpt").is_file():
             raise UserError(f"--resume {run}: no last.ckpt there (a run saves it at the end of each epoch)")
         cfg = from_dict(load_yaml(run / "config.yaml"))

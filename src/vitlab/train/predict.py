@@ -18,7 +18,8 @@ def add_arguments(p):
                    help="a run folder (its best weights, model.safetensors) or a .safetensors file")
     p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
     p.add_argument("--batch-size", type=int, default=64,
-                   help="images read and classified at a time (memory grows with it, not with the image count)")
+                   help="images read and classified at a time (default: 64; memory grows with it, not with the "
+                        "image count)")
     p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default="none",
                    help="test-time augmentation, as vitlab eval --tta: average the logits over the image and its "
                         "mirror (flip, 2x the cost) or also their 1-pixel shifts (flip-shift, 10x)")
@@ -38,7 +39,10 @@ def expand_paths(args: list[str]) -> list[str]:
         if p.is_dir():
             found = image_files(p, recursive=False)
             if not found:
-                raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTS))}) in the folder {a}")
+                subs = sum(1 for q in p.iterdir() if q.is_dir())
+                also = (f"; its {subs} subfolder{'s are' if subs != 1 else ' is'} not searched: name "
+                        f"{'them' if subs != 1 else 'it'} instead") if subs else ""
+                raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTS))}) in the folder {a}{also}")
             out += found
         else:
             out.append(a)
