@@ -366,3 +366,14 @@ def test_demo_checks_the_install_by_fitting_one_batch(capsys):
     first, last = (float(x) for x in out.split("ok: the loss fell from ")[1].split(" to "))
     assert last < first
     assert cli.main(["demo", "--steps", "1"]) == 2
+
+
+def test_list_keys_gives_each_keys_type_and_default(capsys):
+    from vitlab.config import all_keys
+
+    assert cli.main(["train", "--list-keys"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == all_keys()
+    row = {ln.split()[0]: ln for ln in lines}
+    assert row["optim.lr"].split()[1:] == ["float", "0.0003"]
+    assert row["model.num_classes"].split()[1:] == ["int", "|", "None", "None"]

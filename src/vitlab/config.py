@@ -256,6 +256,18 @@ def all_keys(cfg_or_cls=TrainConfig) -> list[str]:
     return keys
 
 
+def key_table() -> str:
+    """Every config key with its type and default, one per line (`vitlab train --list-keys`)."""
+    cfg = TrainConfig()
+    rows = []
+    for key in all_keys(cfg):
+        tp = _key_type(cfg, key)
+        name = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
+        rows.append((key, name or str(tp).replace("typing.", ""), repr(get_key(cfg, key))))
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    return "\n".join(f"{k:{w0}s}  {t:{w1}s}  {d}" for k, t, d in rows)
+
+
 def get_key(cfg, key: str):
     """The value of a dotted key (one set_key accepts) on a nested config."""
     obj = cfg

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import all_keys, build_config, check_resume_config, check_values, from_dict, load_yaml, parse_overrides, set_key
+from ..config import (build_config, check_resume_config, check_values, from_dict, key_table, load_yaml,
+                      parse_overrides, set_key)
 from ..errors import UserError
 
 ACCEPTS_OVERRIDES = True
@@ -31,7 +32,7 @@ def add_arguments(p):
     p.add_argument("--config", metavar="PRESET_OR_FILE", help="a preset name from configs/ or a YAML file")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last epoch ended")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--list-keys", action="store_true", help="list every config key and exit")
+    p.add_argument("--list-keys", action="store_true", help="list every config key with its type and default, and exit")
 
 
 def resolve(args):
@@ -108,7 +109,7 @@ def _saved_progress(run: Path) -> tuple[int, bool]:
 
 def run(args) -> int:
     if args.list_keys:
-        print("\n".join(all_keys()))
+        print(key_table())
         return 0
     cfg = resolve(args)
     if args.print_config:
