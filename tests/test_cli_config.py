@@ -55,13 +55,16 @@ def test_dotted_overrides_and_aliases_are_typed():
         build_config(None, parse_overrides(["--ema", "auto"]))
 
 
-def test_debug_is_short_unless_asked_and_keeps_a_bad_subset_refused():
+def test_debug_is_short_unless_asked_and_keeps_a_bad_subset_refused(tmp_path):
     from vitlab.config import apply_debug
 
     assert build_config(None, parse_overrides(["--debug"])).run.epochs == 2  # not the default 100
     assert build_config("shapes", parse_overrides(["--debug"])).run.epochs == 2
     assert build_config(None, parse_overrides(["--debug", "--epochs", "5"])).run.epochs == 5
     assert build_config(None, parse_overrides([])).run.epochs == 100
+    # a config file that says debug (a debug run's own config.yaml, replayed) keeps the epochs it states
+    (tmp_path / "dbg.yaml").write_text("run: {debug: true, epochs: 3}\n")
+    assert build_config(str(tmp_path / "dbg.yaml"), {}).run.epochs == 3
     cfg = build_config(None, parse_overrides(["--debug", "--data.subset", "0"]))
     apply_debug(cfg)
     assert cfg.data.subset == 0  # still 0, so build_data refuses it (it had become 512)
@@ -377,3 +380,6 @@ def test_list_keys_gives_each_keys_type_and_default(capsys):
     row = {ln.split()[0]: ln for ln in lines}
     assert row["optim.lr"].split()[1:] == ["float", "0.0003"]
     assert row["model.num_classes"].split()[1:] == ["int", "|", "None", "None"]
+    assert cli.main(["finetune", "--list-keys"]) == 0  # finetune's defaults are its preset's
+    row = {ln.split()[0]: ln for ln in capsys.readouterr().out.strip().splitlines()}
+    assert row["run.epochs"].split()[1:] == ["int", "15"] and "'flowers102'" in row["data.name"]

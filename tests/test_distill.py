@@ -181,3 +181,6 @@ def test_the_teacher_sees_images_at_its_own_size_channels_and_normalisation():
     x = torch.randn(2, 3, 8, 8)
     same(x)
     assert same.changes == [] and torch.equal(same.teacher.seen, x)
+    # a size recorded as one number, and the log's steps in the order they are applied
+    square = TeacherView(Recorder(), 1, (8, 8), run_mean, run_std, chans=3, size=12, mean=t_mean, std=t_std)
+    assert square.size == (12, 12) and square.changes[0].startswith("grey") and square.changes[-1].startswith("resized")

@@ -480,7 +480,7 @@ def test_export_of_an_image_file_run_prepares_images_as_vitlab_predict_does(tmp_
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"a user's photo")
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "photos")]) == 2
     err = capsys.readouterr().err
-    assert "photos is not empty (1 other file, e.g. cat.jpg)" in err and len(err.strip().splitlines()) == 1
+    assert "photos is not empty (1 other entry, e.g. cat.jpg)" in err and len(err.strip().splitlines()) == 1
     assert sorted(f.name for f in (tmp_path / "photos").iterdir()) == ["cat.jpg"]
     assert cli_main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "photos"), "--force"]) == 0
 

@@ -256,9 +256,9 @@ def all_keys(cfg_or_cls=TrainConfig) -> list[str]:
     return keys
 
 
-def key_table() -> str:
-    """Every config key with its type and default, one per line (`vitlab train --list-keys`)."""
-    cfg = TrainConfig()
+def key_table(cfg=None) -> str:
+    """Every config key with its type and default (cfg's values: a preset's), one per line (--list-keys)."""
+    cfg = cfg if cfg is not None else TrainConfig()
     rows = []
     for key in all_keys(cfg):
         tp = _key_type(cfg, key)
@@ -318,9 +318,9 @@ DEBUG_EPOCHS = 2  # --debug's epochs unless --epochs is given (build_config)
 
 
 def apply_debug(cfg) -> None:
-    """The seed's --debug: a tiny, fast run through every code path (at most 512 training images, and
-    DEBUG_EPOCHS epochs unless --epochs says otherwise). Applied by the engine before the config is
-    saved, so a debug run's config.yaml holds the cap."""
+    """The seed's --debug: a tiny, fast run through every code path (at most 512 training images;
+    build_config caps the epochs at DEBUG_EPOCHS when the flag is given without --epochs). Applied by
+    the engine before the config is saved, so a debug run's config.yaml holds the cap."""
     if cfg.run.debug:
         cfg.data.subset = 512 if cfg.data.subset is None else min(cfg.data.subset, 512)  # (0 stays refused)
 
@@ -455,7 +455,7 @@ def build_config(preset: str | None, overrides: dict[str, object]) -> TrainConfi
         update_from_dict(cfg, load_yaml(find_preset(preset)))
     for k, v in overrides.items():
         set_key(cfg, k, v)
-    if cfg.run.debug and "run.epochs" not in overrides:
+    if overrides.get("run.debug") and "run.epochs" not in overrides:  # (a config file states its own epochs)
         cfg.run.epochs = min(cfg.run.epochs, DEBUG_EPOCHS)  # the preset's 100 epochs are not a quick check
     check_values(cfg)
     return cfg

@@ -7,7 +7,6 @@ train` is the real thing.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -25,8 +24,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .errors import UserError
-    from .train.engine import cpu_has_bf16
+    from .errors import RunFailed, UserError
+    from .train.engine import resolve_precision
 
     if args.steps < 2 or args.batch_size < 1:
         raise UserError(f"--steps must be at least 2 and --batch-size positive, got {args.steps} / {args.batch_size}")
@@ -36,7 +35,7 @@ def run(args) -> int:
     x = torch.randn(args.batch_size, model.in_chans, h, w)
     y = torch.randint(0, model.num_classes, (args.batch_size,))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    bf16 = cpu_has_bf16()  # the training default's fast path where the CPU has it
+    bf16 = resolve_precision("auto", torch.device("cpu"))[0] is not None  # as vitlab train's default decides
     print(f"{args.model}: {count_params(model):,} parameters; fitting one random batch for {args.steps} steps "
           f"({'bf16 autocast' if bf16 else 'fp32'})")
     t0 = time.perf_counter()
@@ -54,8 +53,7 @@ def run(args) -> int:
     print(f"done: {args.steps * args.batch_size / dt:.0f} images/s")
     # memorising one batch is the least a working install does; a loss that does not fall is a fault
     if not losses[-1] < losses[0]:
-        print(f"error: the loss did not fall ({losses[0]:.4f} -> {losses[-1]:.4f}): the install is not "
-              f"training correctly", file=sys.stderr)
-        return 1
+        raise RunFailed(f"the loss did not fall ({losses[0]:.4f} -> {losses[-1]:.4f}): the install is not "
+                        f"training correctly")
     print(f"ok: the loss fell from {losses[0]:.4f} to {losses[-1]:.4f}")
     return 0

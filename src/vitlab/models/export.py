@@ -158,9 +158,9 @@ def export_hf(model, out_dir, classes=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5,
                           f"write the Hugging Face copy to another folder")
     if not overwrite and any((out / n).exists() for n in ("config.json", "model.safetensors")):
         raise ExportError(f"{out} already holds a model; pass --force to overwrite")
-    others = [f for f in out.iterdir() if f.name not in HF_FILES] if out.is_dir() else []
+    others = [f for f in out.iterdir() if f.name not in HF_FILES and not f.name.startswith(".")] if out.is_dir() else []
     if not overwrite and others:  # a folder of the user's own files (photos, another project)
-        raise ExportError(f"{out} is not empty ({len(others)} other file{'s' if len(others) != 1 else ''}, e.g. "
+        raise ExportError(f"{out} is not empty ({len(others)} other entr{'ies' if len(others) != 1 else 'y'}, e.g. "
                           f"{others[0].name}); choose a new folder, or pass --force to write among them")
     state = hf_state_dict(model)
     # transformers refuses safetensors files without format metadata.

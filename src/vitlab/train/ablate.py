@@ -88,10 +88,12 @@ def run(args) -> int:
             print(f"--- # rung {k}: {label}")
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    # the model's name and the data (its name, files, folders) before any folder is made or rung printed
+    # the model's name and the data (its name, files, folders) before any folder is made or rung printed;
+    # a ladder whose rungs are all done only rewrites its report, wherever the data is now
     if not base.model.pretrained:
         get_preset(base.model.name)
-    build_data(base.data)
+    if not all(_finished(out / cfg.run.name, cfg.run.epochs) for _, cfg in rungs):
+        build_data(base.data)
     for _, cfg in rungs:  # all before the first trains: a mismatch in rung 5 must not wait hours
         if (out / cfg.run.name / "last.ckpt").is_file():  # (without it the rung starts afresh)
             check_same_rung(out / cfg.run.name, cfg)
@@ -99,7 +101,7 @@ def run(args) -> int:
     rows = []
     for k, (label, cfg) in enumerate(rungs):
         run_dir = out / cfg.run.name
-        if (run_dir / "metrics.jsonl").is_file() and (run_dir / "last.ckpt").is_file() and _done(run_dir, cfg.run.epochs):
+        if _finished(run_dir, cfg.run.epochs):
             tqdm.write(f"[{k}] {label}: already done, reusing {run_dir}")
         else:
             tqdm.write(f"[{k}] {label}")
@@ -170,6 +172,10 @@ def check_same_rung(run_dir: Path, cfg) -> None:
                 + (f", and {len(differ) - 1} more" if len(differ) > 1 else ""))
         raise UserError(f"{run_dir} was run with other settings ({what}); use another --out, or delete "
                         f"that rung's folder to run it again")
+
+
+def _finished(run_dir: Path, epochs: int) -> bool:
+    return (run_dir / "metrics.jsonl").is_file() and (run_dir / "last.ckpt").is_file() and _done(run_dir, epochs)
 
 
 def _done(run_dir: Path, epochs: int) -> bool:

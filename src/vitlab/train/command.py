@@ -40,7 +40,8 @@ def resolve(args):
     if args.resume:
         run = Path(args.resume)
         if not run.is_dir():
-            raise UserError(f"--resume {run}: no such run folder")
+            raise UserError(f"--resume {run}: " + ("not a folder; pass the run's folder" if run.exists()
+                                                   else "no such run folder"))
         if not (run / "last.ckpt").is_file():
             raise UserError(f"--resume {run}: no last.ckpt there (a run saves it at the end of each epoch)")
         cfg = from_dict(load_yaml(run / "config.yaml"))
@@ -108,8 +109,8 @@ def _saved_progress(run: Path) -> tuple[int, bool]:
 
 
 def run(args) -> int:
-    if args.list_keys:
-        print(key_table())
+    if args.list_keys:  # the defaults this command starts from: its preset's values (finetune's, --config's)
+        print(key_table(build_config(args.config, {})))
         return 0
     cfg = resolve(args)
     if args.print_config:

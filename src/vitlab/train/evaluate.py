@@ -37,14 +37,15 @@ def add_arguments(p):
                         "in a long job (40 TFLOP of forward passes or more)")
     p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's; "
-                        "flip-shift also averages both moved 1 px each way (10 views, 10x the cost)")
+                        "flip-shift also averages both moved 1 px each way (10 views, 10x the cost); written "
+                        "to its own eval-flip.json / eval-flip-shift.json")
 
 
 def data_config_for(meta: dict, name: str | None, data_dir: str | None, num_workers: int | None = None,
                     split: str = "test") -> DataConfig:
     cfg = DataConfig()
     update_from_dict(cfg, (meta.get("config") or {}).get("data", {}), "")
-    if split != "train" or (name and name != cfg.name):
+    if split != "train" or (name and not same_data(name, cfg.name)):
         # data.subset thins the training split only: the run's train split is the images it trained on
         # (the same seeded pick), any other split or dataset is scored whole
         cfg.subset = None

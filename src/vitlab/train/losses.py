@@ -45,10 +45,9 @@ class TeacherView(nn.Module):
                  chans: int | None = None, size=None, mean=None, std=None):
         super().__init__()
         self.teacher = teacher
-        self.changes: list[str] = []
-        self.size = tuple(int(s) for s in size) if size is not None and tuple(size) != tuple(run_size) else None
-        if self.size is not None:
-            self.changes.append(f"resized from {run_size[0]}x{run_size[1]} to {self.size[0]}x{self.size[1]}")
+        self.changes: list[str] = []  # in the order forward() applies them
+        pair = lambda v: (int(v), int(v)) if isinstance(v, (int, float)) else tuple(int(x) for x in v)  # noqa: E731
+        self.size = pair(size) if size is not None and pair(size) != pair(run_size) else None
         self.repeat = chans == 3 and run_chans == 1
         if self.repeat:
             self.changes.append("grey repeated onto 3 channels")
@@ -63,6 +62,8 @@ class TeacherView(nn.Module):
                 # x_teacher = (x * std_run + mean_run - mean_t) / std_t
                 scale, shift = s_run / s_t, (m_run - m_t) / s_t
                 self.changes.append("re-normalised with its own mean/std")
+        if self.size is not None:
+            self.changes.append(f"resized from {run_size[0]}x{run_size[1]} to {self.size[0]}x{self.size[1]}")
         self.register_buffer("scale", None if scale is None else scale.view(1, c, 1, 1), persistent=False)
         self.register_buffer("shift", None if shift is None else shift.view(1, c, 1, 1), persistent=False)
 
