@@ -383,3 +383,18 @@ def test_list_keys_gives_each_keys_type_and_default(capsys):
     assert cli.main(["finetune", "--list-keys"]) == 0  # finetune's defaults are its preset's
     row = {ln.split()[0]: ln for ln in capsys.readouterr().out.strip().splitlines()}
     assert row["run.epochs"].split()[1:] == ["int", "15"] and "'flowers102'" in row["data.name"]
+
+
+def test_a_cuda_device_number_past_the_machines_is_one_line(monkeypatch):
+    import torch
+
+    from vitlab.errors import UserError
+    from vitlab.train.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a one-GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(UserError, match="--device cuda:3: this machine has 1 CUDA device"):
+        resolve_device("cuda:3", flag="--device")
+    with pytest.raises(UserError, match="unknown device 'cuda:x' for --device"):
+        resolve_device("cuda:x", flag="--device")

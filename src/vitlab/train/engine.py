@@ -46,7 +46,14 @@ def resolve_device(pref: str, local_rank: int = 0, flag: str = "--run.device") -
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"{flag} {pref}: no CUDA device is available here")
-        return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
+        try:
+            dev = torch.device(pref if ":" in pref else f"cuda:{local_rank}")
+        except RuntimeError:  # cuda:x, cuda:-1
+            raise UserError(f"unknown device {pref!r} for {flag}; choose auto, cpu, cuda or cuda:N") from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {pref}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0")
+        return dev
     if pref != "cpu":
         raise UserError(f"unknown device {pref!r} for {flag}; choose auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
