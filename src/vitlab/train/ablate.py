@@ -193,7 +193,8 @@ def _write_report(rows: list[dict], out: Path, base) -> None:
     base = from_dict(to_dict(base))
     apply_debug(base)  # --debug's cap on the training images, as the rungs ran
     subset = f" ({base.data.subset:,} training images)" if base.data.subset else ""
-    lines = [f"Ablation ladder: {base.model.name} on {base.data.name}{subset}, {base.run.epochs} epoch{'s' if base.run.epochs != 1 else ''}, "
+    epochs = f"{base.run.epochs} epoch{'s' if base.run.epochs != 1 else ''}"
+    lines = [f"Ablation ladder: {base.model.name} on {base.data.name}{subset}, {epochs}, "
              f"batch {base.run.batch_size}, seed {base.run.seed} (final-epoch {rows[0]['split']} accuracy)", "",
              "| rung | accuracy (%) | change (points) | time (min) |", "|---|---:|---:|---:|"]
     prev = None

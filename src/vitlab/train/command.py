@@ -76,6 +76,7 @@ def _unset_if_as_run(saved, cfg, run: Path) -> None:
     """model.num_classes / model.img_size left unset by the run (derived from the data and the preset)
     and now given on the resume with the value they were derived to change nothing: they are put back
     to unset rather than refused. The derived values are those the run's weights file records."""
+    from ..models.vit import _pair
     from ..train.checkpoint import WEIGHTS, read_meta
 
     asked = {"num_classes": cfg.model.num_classes, "img_size": cfg.model.img_size}
@@ -90,7 +91,7 @@ def _unset_if_as_run(saved, cfg, run: Path) -> None:
         was = derived[field]
         if now is None or getattr(saved.model, field) is not None or was is None:
             continue
-        if (now, now) == tuple(was) if isinstance(was, (list, tuple)) else now == was:
+        if (_pair(now) == _pair(was)) if field == "img_size" else now == was:
             setattr(cfg.model, field, None)
 
 

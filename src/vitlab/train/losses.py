@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..models.vit import _pair
 
 
 def smooth_targets(targets: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -46,8 +47,7 @@ class TeacherView(nn.Module):
         super().__init__()
         self.teacher = teacher
         self.changes: list[str] = []  # in the order forward() applies them
-        pair = lambda v: (int(v), int(v)) if isinstance(v, (int, float)) else tuple(int(x) for x in v)  # noqa: E731
-        self.size = pair(size) if size is not None and pair(size) != pair(run_size) else None
+        self.size = _pair(size) if size is not None and _pair(size) != _pair(run_size) else None
         self.repeat = chans == 3 and run_chans == 1
         if self.repeat:
             self.changes.append("grey repeated onto 3 channels")
