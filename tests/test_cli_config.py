@@ -357,7 +357,7 @@ def test_what_a_resume_may_and_may_not_change():
                                              "--run.threads", "1"]))
     check_resume_config(saved, ok, "runs/x")  # the folder moved, more epochs, another lr: fine
     for flag, value, said in (("--optim.weight_decay", "0.3", "optim.weight_decay"), ("--data", "cifar10", "data.name"),
-                              ("--model.num_classes", "10", "the run has unset")):
+                              ("--model.num_classes", "10", "the run left it unset")):
         changed = build_config(None, parse_overrides(["--data", "imagefolder:/old/photos", flag, value]))
         with pytest.raises(ConfigError, match=said):
             check_resume_config(saved, changed, "runs/x")

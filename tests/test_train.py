@@ -515,6 +515,12 @@ def test_a_resume_may_name_the_class_count_and_size_the_run_derived(tmp_path):
         _unset_if_as_run(saved, cfg, tmp_path)
         with pytest.raises(UserError, match=f"{key} cannot change on a resume"):
             check_resume_config(saved, cfg, tmp_path)
+    # a run paused before its first evaluation has only its last.ckpt, which records the same two values
+    (tmp_path / ckpt.WEIGHTS).unlink()
+    torch.save({"img_size": [64, 64], "num_classes": 3}, tmp_path / ckpt.LAST)
+    cfg = build_config(None, parse_overrides(["--model.num_classes", "3", "--model.img_size", "64"]))
+    _unset_if_as_run(saved, cfg, tmp_path)
+    assert cfg.model.num_classes is None and cfg.model.img_size is None
 
 
 def test_tensorboard_asked_for_but_not_installed_stops_before_the_run_starts(tmp_path, monkeypatch):
@@ -696,7 +702,7 @@ def test_a_pause_before_the_first_evaluation_ends_cleanly_and_resumes(tmp_path, 
     run = tmp_path / "pause"
     assert [("test_acc" in r) for r in metrics(run)] == [False] and not (run / "model.safetensors").exists()
     # resuming with another optimizer than the run's: one clear error, and the run is left as it was
-    with pytest.raises(UserError, match="optim.name cannot change on a resume .*'adamw', asked for 'muon'"):
+    with pytest.raises(UserError, match="optim.name cannot change on a resume .*'adamw'; asked for 'muon'"):
         engine.train(build_config(None, parse_overrides([*over, "--optim.name", "muon"])), resume=str(run))
     assert len(metrics(run)) == 1
     engine.train(build_config(None, parse_overrides(over)), resume=str(run))
@@ -995,11 +1001,13 @@ def test_ablate_runs_the_ladder_and_writes_its_table_chart_and_record(tmp_path):
     table = (out / "ablation.md").read_text()
     assert "| Baseline (SGD) |" in table and "| + AdamW |" in table
     assert "on shapes (512 training images), 1 epoch," in table and rec["subset"] == 512  # --debug's cap said
+    assert rec["train_images"] == 512  # counted on the data the rungs loaded
     assert (out / "ablation.png").stat().st_size > 1000
     # a second call reuses the finished rungs instead of training them again
     r = cli("ablate", "--data", "shapes", "--debug", "--epochs", "1", "--rungs", "2", "--run.precision", "fp32",
             "--out", str(tmp_path))
     assert r.returncode == 0 and r.stdout.count("already done") + r.stderr.count("already done") == 2, r.stderr
+    assert "(512 training images)" in (out / "ablation.md").read_text()  # the count kept, though no data loaded
     # ...but not rungs trained with other settings: their accuracy would go under this ladder's labels
     before = [(out / f).read_text() for f in ("ablation.md", "rung0/metrics.jsonl", "rung1/config.yaml")]
     r = cli("ablate", "--data", "shapes", "--debug", "--epochs", "1", "--rungs", "2", "--run.precision", "fp32",

@@ -309,8 +309,8 @@ def check_resume_config(saved, cfg, run) -> None:
         before, now = get_key(saved, key), get_key(cfg, key)
         if before == now or (key == "data.name" and _same_data(before, now)):
             continue
-        had = "unset" if before is None else repr(before)
-        raise ConfigError(f"--resume {run}: {key} cannot change on a resume (the run has {had}, asked for "
+        had = "left it unset, for its data and preset to decide" if before is None else f"has {before!r}"
+        raise ConfigError(f"--resume {run}: {key} cannot change on a resume (the run {had}; asked for "
                           f"{now!r}); start a new run{hint}")
 
 

@@ -92,8 +92,11 @@ def run(args) -> int:
     # a ladder whose rungs are all done only rewrites its report, wherever the data is now
     if not base.model.pretrained:
         get_preset(base.model.name)
+    n_train = None  # the training images the rungs see (data.subset may ask for more than the split has)
     if not all(_finished(out / cfg.run.name, cfg.run.epochs) for _, cfg in rungs):
-        build_data(base.data)
+        debug = from_dict(to_dict(base))
+        apply_debug(debug)  # --debug's cap, as the rungs run
+        n_train = len(build_data(debug.data).train.labels)
     for _, cfg in rungs:  # all before the first trains: a mismatch in rung 5 must not wait hours
         if (out / cfg.run.name / "last.ckpt").is_file():  # (without it the rung starts afresh)
             check_same_rung(out / cfg.run.name, cfg)
@@ -110,7 +113,7 @@ def run(args) -> int:
         acc_key = "val_acc" if "val_acc" in last else "test_acc"
         rows.append({"rung": label, "acc": last[acc_key], "minutes": last["wall_time"] / 60, "split": acc_key[:-4],
                      "settings": {key: get_key(cfg, key) for key in LADDER[0][1]}})  # as this rung ran them
-    _write_report(rows, out, base)
+    _write_report(rows, out, base, n_train)
     print(f"wrote {out / 'ablation.md'}, {out / 'ablation.png'} and {out / 'ablation.json'}")
     return 0
 
@@ -184,7 +187,9 @@ def _done(run_dir: Path, epochs: int) -> bool:
     return bool(lines) and (len(lines) >= epochs or json.loads(lines[-1]).get("stopped") == "time_limit")
 
 
-def _write_report(rows: list[dict], out: Path, base) -> None:
+def _write_report(rows: list[dict], out: Path, base, n_train: int | None = None) -> None:
+    """ablation.md, .json and .png. n_train: the training images counted when the data was loaded; None
+    when every rung was done already, and the count comes from the report before (or the subset asked)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +197,15 @@ def _write_report(rows: list[dict], out: Path, base) -> None:
 
     base = from_dict(to_dict(base))
     apply_debug(base)  # --debug's cap on the training images, as the rungs ran
-    subset = f" ({base.data.subset:,} training images)" if base.data.subset else ""
+    if n_train is None:
+        try:
+            n_train = json.loads((out / "ablation.json").read_text()).get("train_images")
+        except (OSError, ValueError, AttributeError):
+            n_train = None
+    if n_train is not None:
+        subset = f" ({n_train:,} training images)"
+    else:
+        subset = f" (data.subset {base.data.subset:,})" if base.data.subset else ""
     epochs = f"{base.run.epochs} epoch{'s' if base.run.epochs != 1 else ''}"
     lines = [f"Ablation ladder: {base.model.name} on {base.data.name}{subset}, {epochs}, "
              f"batch {base.run.batch_size}, seed {base.run.seed} (final-epoch {rows[0]['split']} accuracy)", "",
@@ -204,7 +217,8 @@ def _write_report(rows: list[dict], out: Path, base) -> None:
         prev = r["acc"]
     atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "ablation.json", json.dumps({
-        "model": base.model.name, "data": base.data.name, "subset": base.data.subset, "epochs": base.run.epochs,
+        "model": base.model.name, "data": base.data.name, "subset": base.data.subset, "train_images": n_train,
+        "epochs": base.run.epochs,
         "batch_size": base.run.batch_size,
         "seed": base.run.seed, "rungs": rows},
         indent=1) + "\n")

@@ -75,24 +75,43 @@ def resolve(args):
 def _unset_if_as_run(saved, cfg, run: Path) -> None:
     """model.num_classes / model.img_size left unset by the run (derived from the data and the preset)
     and now given on the resume with the value they were derived to change nothing: they are put back
-    to unset rather than refused. The derived values are those the run's weights file records."""
+    to unset rather than refused. The derived values are those the run recorded: in its last.ckpt (a
+    run paused before its first evaluation has no weights file yet), else in its weights file."""
     from ..models.vit import _pair
-    from ..train.checkpoint import WEIGHTS, read_meta
 
     asked = {"num_classes": cfg.model.num_classes, "img_size": cfg.model.img_size}
-    if all(v is None for v in asked.values()) or not (run / WEIGHTS).is_file():
+    if all(v is None for v in asked.values()):
         return
-    try:
-        meta = read_meta(run / WEIGHTS)
-        derived = {"num_classes": meta["arch"]["kwargs"].get("num_classes"), "img_size": meta.get("img_size")}
-    except Exception:  # noqa: BLE001 - an unreadable weights file: the ordinary check refuses the change
-        return
+    derived = _derived_sizes(run)
     for field, now in asked.items():
-        was = derived[field]
+        was = derived.get(field)
         if now is None or getattr(saved.model, field) is not None or was is None:
             continue
         if (_pair(now) == _pair(was)) if field == "img_size" else now == was:
             setattr(cfg.model, field, None)
+
+
+def _derived_sizes(run: Path) -> dict:
+    """{"num_classes", "img_size"} as the run derived them, from whichever record holds them; a value
+    no record holds (or an unreadable file) is left out, and the ordinary check then refuses a change."""
+    import torch
+
+    from ..train.checkpoint import LAST, WEIGHTS, read_meta
+
+    found = {}
+    try:  # memory-mapped: the weights are not read
+        state = torch.load(run / LAST, map_location="cpu", weights_only=True, mmap=True)
+        found = {k: state[k] for k in ("num_classes", "img_size") if state.get(k) is not None}
+    except Exception:  # noqa: BLE001 - no state or an unreadable one: the weights file may still say
+        pass
+    if len(found) < 2 and (run / WEIGHTS).is_file():
+        try:
+            meta = read_meta(run / WEIGHTS)
+            found = {"num_classes": meta["arch"]["kwargs"].get("num_classes"), "img_size": meta.get("img_size"),
+                     **found}
+        except Exception:  # noqa: BLE001 - an unreadable weights file: the ordinary check refuses the change
+            pass
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def _saved_progress(run: Path) -> tuple[int, bool]:

@@ -816,7 +816,7 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "ema": ema.state_dict() if ema else None, "scaler": scaler.state_dict() if scaler else None,
                 "epoch": epoch + 1, "step": step, "best": best, "history": history, "rng": rng_state(),
-                "img_size": list(img_size),
+                "img_size": list(img_size), "num_classes": num_classes,
                 "config": to_dict(cfg)})
             msg = (f"epoch {epoch + 1:3d}/{cfg.run.epochs}  loss {record['train_loss']:.4f}  "
                    f"train {record['train_acc']:5.2f}%")
