@@ -212,9 +212,36 @@ def test_wrong_input_size_is_a_clear_error():
         model(torch.randn(3, 32, 32))
 
 
+def test_inputs_other_than_normalised_float_images_are_refused_in_one_line():
+    """Raw uint8 pixels would otherwise need a cast to run and then predict garbage; float64 (numpy's
+    default) and non-tensors would fail deep inside conv2d."""
+    model = create_model("vit_mini_patch4_32")
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(TypeError, match=r"got torch.uint8 \(raw pixels\?\)"):
+        model((x * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match=r"float64 images for a torch.float32 model; convert them with x.to"):
+        model(x.double())
+    with pytest.raises(TypeError, match="got ndarray"):
+        model(x.numpy())
+    assert model.double()(x.double()).dtype == torch.float64  # a float64 model takes float64 images
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    (dict(drop_path_rate=1.0), "drop_path_rate must be in"), (dict(drop_path_rate=-0.5), "drop_path_rate must be in"),
+    (dict(drop_rate=1.5), "drop_rate must be in"), (dict(attn_drop_rate=-0.1), "attn_drop_rate must be in"),
+    (dict(num_heads=0), "num_heads must be at least 1"), (dict(num_classes=-1), "num_classes must be 0"),
+    (dict(img_size="32"), "a size must be an int or"), (dict(img_size=(32,)), "a size must be an int or"),
+])
+def test_bad_constructor_arguments_are_one_line_at_build_time(kwargs, said):
+    with pytest.raises(ValueError, match=said):
+        create_model("vit_mini_patch4_32", **kwargs)
+
+
 def test_unknown_model_names_the_closest():
     with pytest.raises(ValueError, match="did you mean 'vit_tiny_patch4_32'"):
         vitlab.create_model("vit_tiny_patch4_23")
+    with pytest.raises(ValueError, match="did you mean 'vit_tiny_patch4_32'"):  # whatever the case
+        vitlab.create_model("VIT_TINY_PATCH4_32")
 
 
 def test_position_resampling_to_the_same_grid_is_identity():
@@ -376,6 +403,38 @@ def test_reset_classifier_changes_class_count():
     model.train()
     a, b = model(torch.randn(2, 3, 32, 32))
     assert a.shape == b.shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch4_32", "resnet18_cifar"])
+def test_a_new_head_or_size_is_recorded_so_the_saved_model_loads_back(tmp_path, name):
+    """The notebook fine-tuning path: a new head (and size), then save_model and load_model."""
+    model = create_model(name)
+    model.reset_classifier(7)
+    size = 32
+    if name.startswith("deit"):
+        model.set_img_size(48)
+        size = 48
+    vitlab.save_model(tmp_path / "m.safetensors", model)
+    back, _ = vitlab.load_model(tmp_path / "m.safetensors")
+    x = torch.randn(2, 3, size, size)
+    torch.testing.assert_close(back(x), model.eval()(x))
+    assert back.num_classes == 7
+
+
+def test_load_model_refuses_weights_of_another_shape_than_recorded_in_one_line(tmp_path):
+    from vitlab.train.checkpoint import CheckpointError
+
+    model = create_model("vit_mini_patch4_32")
+    model.reset_classifier(3)
+    model.arch["kwargs"]["num_classes"] = 10  # a record that no longer matches its weights
+    vitlab.save_model(tmp_path / "m.safetensors", model)
+    with pytest.raises(CheckpointError) as e:
+        vitlab.load_model(tmp_path / "m.safetensors")
+    assert "size mismatch for head.weight" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="needs a model built by vitlab.create_model"):
+        vitlab.save_model(tmp_path / "n.safetensors", VisionTransformer(img_size=32, patch_size=4, embed_dim=32,
+                                                                        depth=1, num_heads=2))
+    assert not (tmp_path / "n.safetensors").exists()
 
 
 def test_bf16_autocast_close_to_fp32():

@@ -196,6 +196,23 @@ def test_gradient_rollout_is_rollout_of_positive_grad_times_attention():
     assert torch.allclose(gradient_rollout(model, x, target=target), got, atol=1e-6)
 
 
+def test_rollout_takes_the_stacked_layers_attention_maps_returns_and_refuses_one_layer_alone():
+    torch.manual_seed(0)
+    model = create_model("vit_mini_patch4_32", num_classes=6)
+    x = torch.randn(3, 3, 32, 32)
+    maps = attention_maps(model, x)
+    stacked = rollout(maps["attn"], grid=(8, 8))  # (B, L, h, N, N)
+    assert stacked.shape == (3, 8, 8)
+    torch.testing.assert_close(stacked, rollout(list(maps["attn"].unbind(1)), grid=(8, 8)))
+    torch.testing.assert_close(stacked, maps["rollout"])
+    with pytest.raises(UserError, match=r"got a tensor of shape \(3, 4, 65, 65\)"):  # one layer: the batch
+        rollout(maps["attn"][:, 0], grid=(8, 8))                                     # would pass as layers
+    with pytest.raises(UserError, match="needs a float tensor .* got torch.uint8"):
+        attention_maps(model, (x.clamp(0, 1) * 255).to(torch.uint8))
+    with pytest.raises(UserError, match=r"target class 9 is out of range for a model of 6 classes \(0 to 5\)"):
+        attention_maps(model, x, gradient=True, target=9)
+
+
 def test_upsampled_maps_line_up_with_their_patches():
     grid = torch.zeros(4, 4)
     grid[1, 2] = 1.0  # patch row 1, column 2 -> pixels rows 8..15, columns 16..23 at patch 8

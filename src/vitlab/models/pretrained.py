@@ -704,8 +704,7 @@ def load_pretrained(path_or_id, num_classes: int | None = None, img_size=None, p
     if src.family != "vit":  # a vitlab ResNet checkpoint: nothing to convert
         model, head = src.model, "pretrained"
         if num_classes is not None and num_classes != model.num_classes:
-            model.reset_classifier(num_classes)
-            model.arch["kwargs"]["num_classes"] = num_classes
+            model.reset_classifier(num_classes)  # (which keeps model.arch true)
             src.classes, head = None, "new"
         return model.eval(), _info(src, source, model, head)
 

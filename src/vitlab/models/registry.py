@@ -80,13 +80,17 @@ class UnknownModelError(UserError):
 
 
 def list_models() -> list[str]:
+    """The registry's preset names (`vitlab models` prints them with their sizes)."""
     return list(PRESETS)
 
 
 def get_preset(name: str) -> Preset:
+    """The preset `name` (family, constructor arguments, description); an unknown name is one
+    UserError with the closest name, if one is close."""
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "; `vitlab models` lists them"
+        close = difflib.get_close_matches(str(name).lower(), PRESETS, n=1)
+        hint = (f"; did you mean {close[0]!r}?" if close
+                else "; `vitlab models` lists them (vitlab.list_models() in Python)")
         raise UnknownModelError(f"unknown model {name!r}{hint}")
     return PRESETS[name]
 
@@ -157,4 +161,5 @@ def _looks_like_checkpoint(name: str) -> bool:
 
 
 def count_params(model: nn.Module) -> int:
+    """The number of parameters (every one, trainable or not)."""
     return sum(p.numel() for p in model.parameters())

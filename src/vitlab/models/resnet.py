@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .vit import record_arch
+
 
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN plus a (possibly projected) shortcut."""
@@ -73,7 +75,11 @@ class ResNet(nn.Module):
             raise ValueError("gradient checkpointing is implemented for ViT models only")
 
     def reset_classifier(self, num_classes: int):
+        """Replace the head for a new number of classes (0: no head)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (no head) or more, got {num_classes}")
         self.num_classes = num_classes
+        record_arch(self, num_classes=num_classes)
         self.fc = nn.Linear(512, num_classes).to(self.bn1.weight.device) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ Hugging Face / Google / torchvision layouts need only a renaming
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -24,10 +25,21 @@ from . import ops
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(x, int):
-        return (x, x)
+    """A size given as one int or as (height, width) -> (height, width)."""
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool):
+        return (int(x), int(x))
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__len__") or len(x) != 2:
+        raise ValueError(f"a size must be an int or (height, width), got {x!r}")
     h, w = x
     return (int(h), int(w))
+
+
+def record_arch(model: nn.Module, **kwargs) -> None:
+    """Keep `model.arch` (the record create_model attaches, which save_model writes and load_model
+    rebuilds from) true after an in-place change such as a new head or input size."""
+    arch = getattr(model, "arch", None)
+    if arch is not None:
+        arch.setdefault("kwargs", {}).update(kwargs)
 
 
 def stem_layers(spec) -> list[tuple[int, int]]:
@@ -93,6 +105,14 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(chans, embed_dim, kernel_size=kernel, stride=kernel)
 
     def check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
+        if not x.is_floating_point():  # raw pixels would run, and predict garbage
+            raise TypeError(f"expected float images normalised as for training, got {x.dtype} (raw pixels?): "
+                            f"scale to [0, 1] and normalise with the data's mean and std")
+        if x.dtype == torch.float64 and self.proj.weight.dtype != torch.float64:  # numpy's default
+            raise TypeError(f"got float64 images for a {self.proj.weight.dtype} model; convert them with "
+                            f"x.to({self.proj.weight.dtype})")
         if x.ndim != 4:
             raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
         _, c, h, w = x.shape
@@ -129,6 +149,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be at least 1, got {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         if self.head_dim == 0:
@@ -364,6 +386,12 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if pos_embed_init not in ("trunc_normal", "sincos"):
             raise ValueError(f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}")
+        for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
+                           ("drop_path_rate", drop_path_rate)):
+            if not 0.0 <= rate < 1.0:  # 1.0 would drop everything (DropPath's 1/keep divides by zero)
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (no head) or more, got {num_classes}")
         self.pos_embed_init = pos_embed_init
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
@@ -457,10 +485,14 @@ class VisionTransformer(nn.Module):
         with torch.no_grad():
             new = resample_pos_embed(self.pos_embed.data, pe.grid_size, old_grid, self.num_prefix_tokens)
         self.pos_embed = nn.Parameter(new)
+        record_arch(self, img_size=list(img_size))
 
     def reset_classifier(self, num_classes: int):
         """Replace the head(s) for a new number of classes (fine-tuning)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (no head) or more, got {num_classes}")
         self.num_classes = num_classes
+        record_arch(self, num_classes=num_classes)
         dev = self.cls_token.device
         make = lambda: nn.Linear(self.embed_dim, num_classes).to(dev) if num_classes > 0 else nn.Identity()  # noqa: E731
         self.head = make()

@@ -37,8 +37,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_model(path: str | Path, model: nn.Module, meta: dict | None = None) -> None:
-    """Save weights + architecture (+ any JSON-able meta) to a .safetensors file, atomically."""
+    """Save weights + architecture (+ any JSON-able meta) to a .safetensors file, atomically.
+
+    The model must carry the architecture record (`model.arch`) that `vitlab.create_model`,
+    `load_model` and `load_pretrained` attach; `reset_classifier` / `set_img_size` keep it true."""
     model = unwrap(model)
+    if not isinstance(getattr(model, "arch", None), dict):
+        raise ValueError(f"save_model needs a model built by vitlab.create_model (it records the architecture "
+                         f"load_model rebuilds from); this {type(model).__name__} has no .arch")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     info = {"format": "vitlab", "arch": json.dumps(model.arch)}
     for k, v in (meta or {}).items():
@@ -75,7 +81,8 @@ def read_meta(path: str | Path) -> dict:
                                   f"folder or its {WEIGHTS}") from None
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
     if raw.get("format") != "vitlab" or "arch" not in raw:
-        raise CheckpointError(f"{path} is a safetensors file but not a vitlab checkpoint (no architecture record)")
+        raise CheckpointError(f"{path} is a safetensors file but not a vitlab checkpoint (no architecture record); "
+                              f"Hugging Face or timm weights load as --pretrained (vitlab.load_pretrained in Python)")
     meta = {}
     for k, v in raw.items():
         try:
@@ -97,7 +104,11 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is corrupt ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape than the record builds: torch's message is many lines
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), brief(e))
+        raise CheckpointError(f"{path}: weights do not match the architecture it records ({first})") from None
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the architecture "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -78,10 +78,17 @@ def rollout_matrix(attns: Sequence[torch.Tensor], head_fusion: str = "mean", dis
                    num_prefix_tokens: int = 1, head_weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """The full rollout R = Ahat_L @ ... @ Ahat_1, (B, N, N), rows summing to 1.
 
-    attns: one (B, h, N, N) tensor per layer, first layer first.
+    attns: one (B, h, N, N) tensor per layer, first layer first, or all layers
+        stacked as (B, L, h, N, N) (attention_maps' "attn").
     head_weights: optional per-layer (B, h, N, N) weights (gradients, for
-        gradient rollout); the fused matrix is then mean_h(relu(w * attn)).
+        gradient rollout), listed or stacked as attns; the fused matrix is then
+        mean_h(relu(w * attn)).
     """
+    attns = _layers(attns, "attns")
+    if head_weights is not None:
+        head_weights = _layers(head_weights, "head_weights")
+        if len(head_weights) != len(attns):
+            raise UserError(f"head_weights has {len(head_weights)} layers, attns {len(attns)}")
     if len(attns) == 0:
         raise UserError("rollout needs the attention of at least one layer")
     result = None
@@ -98,6 +105,21 @@ def rollout_matrix(attns: Sequence[torch.Tensor], head_fusion: str = "mean", dis
         a = a / a.sum(dim=-1, keepdim=True)  # each row by its own sum
         result = a if result is None else a @ result  # (B, N, N)
     return result
+
+
+def _layers(attns, what: str):
+    """A stacked (B, L, h, N, N) tensor -> its L layers; a list stays as it is. A lone 4-D tensor is
+    refused: iterating it would walk the batch as if it were the layers, silently."""
+    if isinstance(attns, torch.Tensor):
+        if attns.ndim != 5:
+            raise UserError(f"{what} must be a list of (B, h, N, N) tensors, one per layer, or one (B, L, h, N, N) "
+                            f"tensor; got a tensor of shape {tuple(attns.shape)}")
+        return attns.unbind(1)
+    for a in attns:
+        if not isinstance(a, torch.Tensor) or a.ndim != 4:
+            raise UserError(f"each layer of {what} must be a (B, h, N, N) tensor, got "
+                            f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
+    return attns
 
 
 def token_row_to_grid(rows: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
@@ -173,6 +195,10 @@ def attention_maps(model: nn.Module, images: torch.Tensor, head_fusion: str = "m
     model = getattr(model, "module", model)  # DDP wrapper -> the model
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the model
     _check_vit(model)
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        what = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise UserError(f"attention_maps needs a float tensor of images (B, C, H, W) normalised as for the "
+                        f"model, got {what}")
     p = model.num_prefix_tokens
     t = _token_index(token, p)
     ph, pw = model.patch_embed.patch_size
@@ -194,6 +220,10 @@ def attention_maps(model: nn.Module, images: torch.Tensor, head_fusion: str = "m
                     tgt = pred
                 else:
                     tgt = torch.as_tensor(target, device=device).long().expand(images.shape[0])
+                    if ((tgt < 0) | (tgt >= logits.shape[-1])).any():
+                        bad = sorted({t for t in tgt.tolist() if not 0 <= t < logits.shape[-1]})
+                        raise UserError(f"target class {bad[0]} is out of range for a model of "
+                                        f"{logits.shape[-1]} classes (0 to {logits.shape[-1] - 1})")
                 # Samples are independent, so the gradient of the summed target
                 # scores gives each sample its own. autograd.grad, not backward():
                 # it leaves the parameters' .grad alone (safe mid-training, in a notebook).
