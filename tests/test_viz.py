@@ -438,3 +438,17 @@ def test_trained_model_looks_at_the_object():
     assert r0 < 1.1 and g0 < 1.3, (r0, g0)  # untrained: about uniform, so the check can fail
     assert r1 > 1.4 and r1 > r0 + 0.35, (r1, r0)
     assert g1 > 1.6 and g1 > g0 + 0.4, (g1, g0)
+
+
+def test_pictures_take_an_image_as_numpy_and_pil_hold_it():
+    import numpy as np
+    from PIL import Image
+
+    from vitlab.viz.plots import to_display
+
+    a = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)  # (H, W, C)
+    chw = torch.from_numpy(a).permute(2, 0, 1)
+    assert np.array_equal(to_display(a), to_display(chw)) and np.array_equal(to_display(Image.fromarray(a)), to_display(chw))
+    assert to_display(a[..., 0]).shape == (32, 40)  # grey (H, W)
+    with pytest.raises(ValueError, match=r"1 or 3 channels, got shape \(4, 32, 32\)"):
+        to_display(np.zeros((4, 32, 32)))

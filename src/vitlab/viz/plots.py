@@ -26,10 +26,15 @@ PANEL = 2.2  # inches per image panel
 
 
 def to_display(image) -> np.ndarray:
-    """(C, H, W) uint8 or [0, 1] float -> (H, W, 3) or (H, W) float numpy in [0, 1]."""
-    x = torch.as_tensor(image).detach().cpu()
-    if x.ndim != 3:
-        raise ValueError(f"expected one image (C, H, W), got shape {tuple(x.shape)}")
+    """(C, H, W) uint8 or [0, 1] float -> (H, W, 3) or (H, W) float numpy in [0, 1]. Also takes an
+    image as numpy and PIL hold it, (H, W, C) or (H, W)."""
+    x = (image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))).detach().cpu()
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 3 and x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(2, 0, 1)
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"expected one image (C, H, W) with 1 or 3 channels, got shape {tuple(x.shape)}")
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
     x = x.permute(1, 2, 0).numpy()  # (H, W, C)
     return x[..., 0] if x.shape[-1] == 1 else x
