@@ -139,21 +139,21 @@ def test_ablate_print_config_shows_each_rungs_settings_without_running_them(tmp_
 
 
 def test_ablate_names_the_preset_values_its_ladder_replaces_and_counts_time_limited_rungs_done(tmp_path):
-    import json
-
     from vitlab.train.ablate import _done, preset_values_replaced
 
     base = build_config("shapes", parse_overrides(["--lr", "1e-3"]))
     # shapes sets lr 2e-3 (a flag repeats it: the flag's), warmup 1, Mixup and DropPath 0; label smoothing 0.1 = default
     assert preset_values_replaced(base, {"optim.lr": "1e-3"}) == [
         "sched.warmup_epochs 1.0", "aug.mixup_alpha 0.0", "model.drop_path_rate 0.0"]
+    from vitlab.train.checkpoint import save_state
+
     rows = [{"epoch": 1, "test_acc": 50.0}, {"epoch": 2, "test_acc": 60.0}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_state(tmp_path / "last.ckpt", {"epoch": 2, "history": rows})  # done as the saved state says
     assert _done(tmp_path, 2) and not _done(tmp_path, 3)
     rows[-1]["stopped"] = "time_limit"
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_state(tmp_path / "last.ckpt", {"epoch": 2, "history": rows})
     assert _done(tmp_path, 3)
-    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "last.ckpt").write_bytes(b"")  # an unreadable state: not done (resuming it says why)
     assert not _done(tmp_path, 1)
 
 

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import RunFailed, UserError, VitlabWarning
+from .errors import RunFailed, Terminated, UserError, VitlabWarning
 
 # command -> (module, one-line help). Modules are imported only when used, so
 # `vitlab models` does not pay for matplotlib or the data code.
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from .utils import tune_allocator
 
     tune_allocator()  # before the command allocates its tensors (utils.tune_allocator says why)
+    _on_sigterm()
     _one_line_warnings(f"vitlab {command}")
     module = importlib.import_module(COMMANDS[command][0])
     parser = Parser(prog=f"vitlab {command}", description=COMMANDS[command][1])
@@ -110,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         sys.stderr.write(f"vitlab {command}: {e}\n")
         return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"vitlab {command}: interrupted\n")
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as Terminated (_on_sigterm)
+        said = "terminated" if isinstance(e, Terminated) else "interrupted"
+        sys.stderr.write(f"vitlab {command}: {said}{f'; {e}' if str(e) else ''}\n")
+        return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:
         # `vitlab models | head`: the reader of our stdout has gone; stop quietly, as `ls | head` does.
         # A broken pipe elsewhere (a worker process) is a failure like any other.
@@ -122,6 +124,26 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush goes nowhere
         return 1
+
+
+def _on_sigterm() -> None:
+    """SIGTERM raises Terminated (a KeyboardInterrupt), so a stopped run ends as after Ctrl-C: its
+    loaders' workers stopped, no temporary file left, one line said. Only where SIGTERM still has
+    its default action and in the main thread (a program embedding vitlab keeps its own handler).
+    Forked data-loading workers inherit it; torch's worker loop ends quietly on a KeyboardInterrupt."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _stdout_reader_gone() -> bool:

@@ -14,6 +14,12 @@ class RunFailed(RuntimeError):
     """A run that cannot go on (e.g. a non-finite loss): one clear line, exit status 1."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`, torchrun ending its workers), raised where Ctrl-C's
+    KeyboardInterrupt would be, so a run stops the same tidy way: the CLI says so in one line and exits
+    with status 143 (128 + SIGTERM), as a process killed by it would."""
+
+
 class VitlabWarning(UserWarning):
     """Something the user should hear about that does not stop the command (an unreadable image
     skipped): the CLI prints it as one line, `vitlab <command>: warning: ...`."""

@@ -1,19 +1,21 @@
-"""Small helpers shared across vitlab: atomic file writes and seeding."""
+"""Small helpers shared across vitlab: atomic file writes, a run folder's lock, and seeding."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import RunFailed, UserError, brief
 
 
 def make_dir(path: str | Path) -> Path:
@@ -26,6 +28,8 @@ def make_dir(path: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the folder {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):  # an existing read-only folder: said before the work, not after
+        raise UserError(f"cannot write in the folder {path}: permission denied")
     return path
 
 
@@ -50,16 +54,108 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        reason = write_failure(e, path.parent)
+        if reason is None:
+            raise
+        kept = "the previous copy is kept" if path.exists() else "nothing was written"
+        raise RunFailed(f"cannot write {path}: {reason}; {kept}") from None
+
+
+def write_failure(e: BaseException, folder: Path) -> str | None:
+    """Why writing a file failed, as a line, where the cause is the disk (full, over quota, gone
+    read-only, an I/O error), not vitlab; None for anything else. torch.save reports a full disk as
+    a RuntimeError ("file write failed") and safetensors as its own SafetensorError."""
+    if isinstance(e, OSError):
+        reason = e.strerror or brief(e)
+    elif type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and "write" in str(e).lower()):
+        reason = brief(e)
+    else:
+        return None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return reason
+    if free < (64 << 20) and "space" not in reason.lower():
+        reason += f" (the disk has {free >> 20} MB free)"
+    return reason
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def staged(out: str | Path) -> Iterator[Path]:
+    """A set of files written together: into a hidden folder inside `out`, moved into `out` only once
+    every one is written. An interruption (Ctrl-C, a full disk, a failed plot) leaves `out` as it was,
+    never a mix of the old set and part of the new one.
+
+        with staged(out) as stage:
+            atomic_write(stage / "a.png", ...)   # then the next file, and so on
+    """
+    out = make_dir(out)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
+    except OSError as e:
+        raise UserError(f"cannot write in {out}: {e.strerror or e}") from None
+    try:
+        yield stage
+        for f in sorted(stage.iterdir()):  # renames within one folder's file system: each is atomic
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+class RunLock:
+    """One process at a time in a run folder: an exclusive lock on RUN/.lock, held while the run
+    trains. The operating system drops the lock when its process ends however it ends (SIGKILL
+    included), so a crashed run never leaves a stale lock behind to refuse its --resume. On a
+    system without fcntl (Windows) it does nothing."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self._f = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise UserError(f"cannot write in {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise UserError(f"another vitlab process{f' (pid {holder})' if holder.isdigit() else ''} is training "
+                            f"in {self.path.parent}; wait for it to end, or pick another --run.name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._f = f
+
+    def clean_stale(self) -> int:
+        """Remove the hidden temporary files (.NAME.*.tmp) that a writer killed mid-save left; the lock
+        says no one else is writing here now. -> how many."""
+        n = 0
+        for f in self.path.parent.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                f.unlink()
+                n += 1
+        return n
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()  # closing the file releases the lock
+            self._f = None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..utils import atomic_write, atomic_write_text
+from ..utils import atomic_write, atomic_write_text, staged
 
 
 class ExportError(UserError):
@@ -163,11 +163,12 @@ def export_hf(model, out_dir, classes=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5,
         raise ExportError(f"{out} is not empty ({len(others)} other entr{'ies' if len(others) != 1 else 'y'}, e.g. "
                           f"{others[0].name}); choose a new folder, or pass --force to write among them")
     state = hf_state_dict(model)
-    # transformers refuses safetensors files without format metadata.
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_text(out / "config.json", json.dumps(hf_config(model, classes), indent=2) + "\n")
-    atomic_write_text(out / "preprocessor_config.json",
-                      json.dumps(preprocessor_config(model, mean, std, crop), indent=2) + "\n")
+    with staged(out) as stage:  # the three files replace an earlier export's together, never one by one
+        # transformers refuses safetensors files without format metadata.
+        atomic_write(stage / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write_text(stage / "config.json", json.dumps(hf_config(model, classes), indent=2) + "\n")
+        atomic_write_text(stage / "preprocessor_config.json",
+                          json.dumps(preprocessor_config(model, mean, std, crop), indent=2) + "\n")
     return out
 
 

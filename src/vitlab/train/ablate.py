@@ -108,7 +108,8 @@ def run(args) -> int:
             tqdm.write(f"[{k}] {label}: already done, reusing {run_dir}")
         else:
             tqdm.write(f"[{k}] {label}")
-            train(cfg, resume=str(run_dir) if (run_dir / "last.ckpt").is_file() else None)
+            train(cfg, resume=str(run_dir) if (run_dir / "last.ckpt").is_file() else None,
+                  go_on="the same vitlab ablate command (finished rungs are reused, this one resumes)")
         last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
         acc_key = "val_acc" if "val_acc" in last else "test_acc"
         rows.append({"rung": label, "acc": last[acc_key], "minutes": last["wall_time"] / 60, "split": acc_key[:-4],
@@ -182,9 +183,13 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 
 
 def _done(run_dir: Path, epochs: int) -> bool:
-    """All its epochs, or as many as its time limit allowed (resuming would add one past the limit)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return bool(lines) and (len(lines) >= epochs or json.loads(lines[-1]).get("stopped") == "time_limit")
+    """All its epochs, or as many as its time limit allowed (resuming would add one past the limit),
+    as its last.ckpt holds them: metrics.jsonl is written first, so a save cut short leaves it an
+    epoch ahead."""
+    from .command import _saved_progress
+
+    done, clock = _saved_progress(run_dir)
+    return done >= epochs or clock
 
 
 def _write_report(rows: list[dict], out: Path, base, n_train: int | None = None) -> None:

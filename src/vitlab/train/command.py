@@ -36,6 +36,9 @@ def add_arguments(p):
 
 
 def resolve(args):
+    """The config a train (or finetune) command runs with. Sets args.finish: a resumed run whose
+    training is complete and whose final test step is what remains."""
+    args.finish = False
     overrides = parse_overrides(args.overrides)
     if args.resume:
         run = Path(args.resume)
@@ -56,14 +59,17 @@ def resolve(args):
                             f"; its weights come from its last.ckpt, so --pretrained cannot be "
                             f"{'dropped' if saved.model.pretrained else 'added'} (start a new run for that)")
         done, clock = _saved_progress(run)
-        if not getattr(args, "print_config", False):
+        finished = done >= cfg.run.epochs or (clock and cfg.run.time_limit == saved.run.time_limit)
+        if finished and _test_pending(run):  # stopped during its last step: scoring the best weights on test
+            args.finish = True
+        elif not getattr(args, "print_config", False):
             if done >= cfg.run.epochs:
                 raise UserError(f"--resume {run}: the run has finished {done} epochs of {cfg.run.epochs}; to "
                                 f"train it further pass --epochs above {done}")
             if clock and cfg.run.time_limit == saved.run.time_limit:
                 raise UserError(f"--resume {run}: the run used all of its --run.time_limit ({saved.run.time_limit} "
                                 f"min); to train it further pass a larger one")
-        if (cfg.run.epochs != saved.run.epochs and not getattr(args, "print_config", False)
+        if (cfg.run.epochs != saved.run.epochs and not getattr(args, "print_config", False) and not args.finish
                 and os.environ.get("RANK", "0") == "0"):
             print(f"note: --epochs {cfg.run.epochs} on a run of {saved.run.epochs}: the warmup and cosine schedule "
                   f"are laid out again over {cfg.run.epochs} epochs, so the lr from here follows the new curve")
@@ -128,6 +134,20 @@ def _saved_progress(run: Path) -> tuple[int, bool]:
         return 0, False
 
 
+def _test_pending(run: Path) -> bool:
+    """Whether the run chose its best epoch on a validation split but has no test.json: the final
+    step, scoring those weights on the test split, was cut short (Ctrl-C, a kill) after the last save."""
+    import torch
+
+    if (run / "test.json").is_file():
+        return False
+    try:
+        state = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
+        return any("val_acc" in h for h in state.get("history") or [])
+    except Exception:  # noqa: BLE001 - an unreadable state: the ordinary refusal or the engine's load says why
+        return False
+
+
 def run(args) -> int:
     if args.list_keys:  # the defaults this command starts from: its preset's values (finetune's, --config's)
         print(key_table(build_config(args.config, {})))
@@ -142,5 +162,5 @@ def run(args) -> int:
         return 0
     from .engine import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, finish=args.finish)
     return 0

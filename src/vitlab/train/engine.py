@@ -30,7 +30,7 @@ from ..config import TrainConfig, apply_debug, check_resume_config, from_dict, s
 from ..errors import RunFailed, UserError, brief
 from ..models import build_from_arch, count_params, create_model, get_preset
 from ..models.vit import VisionTransformer
-from ..utils import atomic_write_text, file_part, make_dir, seed_everything
+from ..utils import RunLock, atomic_write_text, file_part, make_dir, seed_everything
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, shutdown
 from .losses import DistillationLoss, TeacherView
@@ -476,17 +476,28 @@ def run_name(cfg: TrainConfig, model_name: str | None = None) -> str:
 
 # -- the loop ---------------------------------------------------------------------
 
-def train(cfg: TrainConfig, resume: str | None = None) -> Path:
-    """Train (or resume) a run; returns the run directory."""
-    opened: list = []  # the run's data loaders: closed however it ends, so no decoding worker outlives it
+def train(cfg: TrainConfig, resume: str | None = None, finish: bool = False,
+          go_on: str = "vitlab train --resume {run}") -> Path:
+    """Train (or resume) a run; returns the run directory.
+
+    finish: the run's training is complete but its final step (scoring the best weights on the test
+    split) was cut short: do only that. go_on: how the user continues an interrupted run, said when
+    Ctrl-C or SIGTERM stops it ({run}: the run folder)."""
+    opened: list = []  # the run's data loaders and lock: closed however it ends, so no worker outlives it
+    run_at: list = []  # the run folder, once this process holds it
     try:
-        return _train(cfg, resume, opened)
+        return _train(cfg, resume, opened, finish, run_at)
+    except KeyboardInterrupt as e:
+        if run_at and (run_at[0] / ckpt.LAST).is_file():  # (the CLI prints it: "vitlab train: interrupted; ...")
+            raise type(e)(f"every finished epoch is saved; continue with {go_on.format(run=run_at[0])}") from None
+        raise
     finally:
-        for loader in opened:
-            loader.close()
+        for item in reversed(opened):  # the lock last: no one starts in the folder while a worker still runs
+            item.close()
 
 
-def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
+def _train(cfg: TrainConfig, resume: str | None, opened: list, finish: bool = False,
+           run_at: list | None = None) -> Path:
     from ..data import build_data, build_eval_transform, build_train_transform, make_loader
 
     t_launch = time.time()
@@ -631,9 +642,15 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
         run_dir = Path(cfg.run.out) / broadcast_object(run_name(cfg, arch), dist)
         if main:
             if (run_dir / ckpt.LAST).exists():
+                RunLock(run_dir).close()  # a run still training there is said as such (resuming it would fail)
                 raise UserError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick --run.name")
             make_dir(run_dir)
     if main:
+        lock = RunLock(run_dir)  # a second process in this folder (the same --run.name twice) stops here
+        opened.append(lock)
+        lock.clean_stale()  # a save that SIGKILL cut short left its temporary file
+        if run_at is not None:
+            run_at.append(run_dir)
         save_yaml(cfg, run_dir / "config.yaml")
         # metrics.jsonl is rewritten from the checkpointed history, so a crash between
         # writing a line and saving last.ckpt cannot leave a duplicate epoch.
@@ -681,7 +698,10 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list) -> Path:
     paused = False  # stopped by run.stop_after, to be resumed
     if main and not history:  # data, model and loaders built: what a user waits for before epoch 1
         log(f"ready in {t_run - t_launch:.0f} s")
-    for epoch in range(start_epoch, cfg.run.epochs):
+    if finish and main:
+        log(f"the run trained all its epochs; scoring its best weights on the test split (the final step, "
+            f"cut short before)")
+    for epoch in range(start_epoch, start_epoch if finish else cfg.run.epochs):
         train_loader.set_epoch(epoch)
         train_model.train()
         criterion.train()

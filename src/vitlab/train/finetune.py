@@ -50,5 +50,5 @@ def run(args) -> int:
         return command.run(args)
     from .engine import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, finish=args.finish, go_on="vitlab finetune --resume {run}")
     return 0

@@ -23,7 +23,7 @@ import torch
 from ..data.files import read_image_file
 from ..errors import UserError
 from ..train.predict import expand_paths
-from ..utils import file_part, make_dir
+from ..utils import file_part, make_dir, staged
 from .attention import HEAD_FUSIONS, TOKENS
 
 
@@ -180,23 +180,24 @@ def run(args) -> int:
     how = f"rollout, heads {args.head_fusion}, discard {args.discard_ratio:g}, [{args.token.upper()}]"
     k = min(len(images), SUMMARY_MAX)  # the overview stays a readable grid; every image gets its own pictures
     first = f" (the first {k} of {len(images)})" if k < len(images) else ""
-    plots.save(plots.plot_summary(images[:k], maps["rollout"][:k], truth[:k], pred[:k], title=f"Attention {how}{first}",
-                                  boxes=boxes[:k]), out / "attention_map.png")
     tags = []
-    for i in tqdm(range(len(images)), desc="pictures", unit="image", disable=quiet, leave=False):
-        # a test sample is named by its true class; a user's image by its file (its class is unknown)
-        if files[i] is None:
-            tag, label = f"sample_{i + 1}_{file_part(truth[i])}", f"sample {i + 1}: true {truth[i]}, pred {pred[i]}"
-        else:
-            tag, label = f"image_{i + 1}_{file_part(Path(files[i]).stem)}", f"{files[i]}: pred {pred[i]}"
-        tags.append(tag)
-        plots.save(plots.plot_heads(images[i], maps["heads"][i], label, token=args.token),
-                   out / f"attention_heads_{tag}.png")
-        plots.save(plots.plot_rollout(images[i], maps["rollout"][i], f"{label}  ({how})", maps["grad_rollout"][i],
-                                      f"why '{pred[i]}' (gradient rollout)", box=boxes[i]),
-                   out / f"attention_rollout_{tag}.png")
-        plots.save(plots.plot_layers(images[i], maps["layers"][i], label, args.head_fusion, token=args.token),
-                   out / f"attention_layers_{tag}.png")
+    with staged(out) as stage:  # the set moves into `out` only once whole: an interrupted call leaves the old one
+        plots.save(plots.plot_summary(images[:k], maps["rollout"][:k], truth[:k], pred[:k],
+                                      title=f"Attention {how}{first}", boxes=boxes[:k]), stage / "attention_map.png")
+        for i in tqdm(range(len(images)), desc="pictures", unit="image", disable=quiet, leave=False):
+            # a test sample is named by its true class; a user's image by its file (its class is unknown)
+            if files[i] is None:
+                tag, label = f"sample_{i + 1}_{file_part(truth[i])}", f"sample {i + 1}: true {truth[i]}, pred {pred[i]}"
+            else:
+                tag, label = f"image_{i + 1}_{file_part(Path(files[i]).stem)}", f"{files[i]}: pred {pred[i]}"
+            tags.append(tag)
+            plots.save(plots.plot_heads(images[i], maps["heads"][i], label, token=args.token),
+                       stage / f"attention_heads_{tag}.png")
+            plots.save(plots.plot_rollout(images[i], maps["rollout"][i], f"{label}  ({how})", maps["grad_rollout"][i],
+                                          f"why '{pred[i]}' (gradient rollout)", box=boxes[i]),
+                       stage / f"attention_rollout_{tag}.png")
+            plots.save(plots.plot_layers(images[i], maps["layers"][i], label, args.head_fusion, token=args.token),
+                       stage / f"attention_layers_{tag}.png")
     written = {f"attention_{kind}_{tag}.png" for kind in ("heads", "rollout", "layers") for tag in tags}
     for f in earlier:  # removed once the new set is written: the folder never mixes two calls' pictures
         if f.name not in written:

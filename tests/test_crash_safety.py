@@ -1,0 +1,247 @@
+"""Nothing lost or mixed when a command is stopped: one run per folder, a full disk said in one line,
+sets of files (pictures, an export) replaced whole, SIGTERM handled like Ctrl-C, the final test
+step of a run finished on --resume."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitlab import cli
+from vitlab.config import build_config, parse_overrides
+from vitlab.errors import RunFailed, UserError
+from vitlab.models import create_model
+from vitlab.train.checkpoint import save_model, save_state
+from vitlab.utils import RunLock, atomic_write, atomic_write_text, staged
+
+FAST = ["--model", "vit_mini_patch4_32", "--data", "shapes", "--data.subset", "256", "--batch-size", "64",
+        "--run.precision", "fp32", "--sched.warmup_epochs", "0.5"]
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# -- files: whole or not at all -------------------------------------------------------------------
+
+@pytest.mark.parametrize("failure, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+                  "file write failed"), "file write failed"),
+])
+def test_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, failure, reason):
+    path = tmp_path / "last.ckpt"
+
+    def half_then_fail(tmp):
+        Path(tmp).write_bytes(b"half a checkpoint")
+        raise failure
+
+    with pytest.raises(RunFailed, match=f"cannot write .*last.ckpt: .*{reason}.*; nothing was written"):
+        atomic_write(path, half_then_fail)
+    atomic_write_text(path, "epoch 1")
+    with pytest.raises(RunFailed, match="the previous copy is kept"):
+        atomic_write(path, half_then_fail)
+    assert path.read_text() == "epoch 1" and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_writer_bug_is_not_reported_as_the_disk(tmp_path):
+    def bug(tmp):
+        raise ValueError("a bug in the writer")
+
+    with pytest.raises(ValueError, match="a bug in the writer"):
+        atomic_write(tmp_path / "x.json", bug)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_mid_training_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        if str(f).endswith(".tmp") and ".last.ckpt." in str(f):
+            Path(f).write_bytes(b"PK\x03\x04 cut short")
+            raise RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    rc = cli.main(["train", *FAST, "--epochs", "1", "--out", str(tmp_path), "--run.name", "full"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert one_line(err).startswith(f"vitlab train: cannot write {tmp_path / 'full' / 'last.ckpt'}: ")
+    assert not (tmp_path / "full" / "last.ckpt").exists()
+    assert not [p for p in (tmp_path / "full").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_staged_files_replace_the_old_set_only_when_all_are_written(tmp_path):
+    out = tmp_path / "out"
+    with staged(out) as stage:
+        for name in ("a", "b", "c"):
+            atomic_write_text(stage / name, "old " + name)
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
+    with pytest.raises(KeyboardInterrupt):
+        with staged(out) as stage:
+            atomic_write_text(stage / "a", "new a")
+            atomic_write_text(stage / "b", "new b")
+            raise KeyboardInterrupt
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a": "old a", "b": "old b", "c": "old c"}
+    with staged(out) as stage:
+        atomic_write_text(stage / "a", "new a")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a": "new a", "b": "old b", "c": "old c"}
+
+
+def test_an_interrupted_picture_save_leaves_no_empty_png(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from vitlab.viz import plots
+
+    fig = plt.figure()
+
+    def cut(path, **kw):
+        Path(path).write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig, "savefig", cut)
+    with pytest.raises(KeyboardInterrupt):
+        plots.save(fig, tmp_path / "a.png")
+    assert not list(tmp_path.iterdir())
+    assert not plt.fignum_exists(fig.number)  # freed all the same
+
+
+def vit_file(tmp_path, seed):
+    torch.manual_seed(seed)
+    model = create_model("vit_tiny_patch4_32", embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=6)
+    from vitlab.data import SHAPES_CLASSES
+
+    run = tmp_path / f"run{seed}"
+    save_model(run / "model.safetensors", model, {"classes": list(SHAPES_CLASSES), "mean": [0.5] * 3,
+                                                  "std": [0.25] * 3, "config": {"data": {"name": "shapes"}}})
+    return run
+
+
+def test_an_interrupted_visualize_leaves_the_earlier_pictures_as_they_were(tmp_path, monkeypatch, capsys):
+    from vitlab.viz import plots
+
+    out = tmp_path / "pics"
+    assert cli.main(["visualize", "--checkpoint", str(vit_file(tmp_path, 0)), "--samples", "3", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) == 10
+    real, calls = plots.plot_layers, []
+
+    def stop_at_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(plots, "plot_layers", stop_at_the_second)
+    assert cli.main(["visualize", "--checkpoint", str(vit_file(tmp_path, 1)), "--samples", "2", "--out", str(out)]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left, nothing replaced
+
+
+def test_an_interrupted_export_force_leaves_the_earlier_export_whole(tmp_path, monkeypatch, capsys):
+    from vitlab.models import export
+
+    out = tmp_path / "hf"
+    assert cli.main(["export", "--checkpoint", str(vit_file(tmp_path, 0)), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "preprocessor_config", interrupted)  # the last of the three files
+    assert cli.main(["export", "--checkpoint", str(vit_file(tmp_path, 1)), "--out", str(out), "--force"]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# -- one run per folder ---------------------------------------------------------------------------
+
+def test_a_second_process_in_a_run_folder_is_refused_and_stale_temporaries_cleaned(tmp_path):
+    from vitlab.train import engine
+
+    run = tmp_path / "same"
+    run.mkdir()
+    held = RunLock(run)  # another process training there (a lock taken through a second open file)
+    assert (run / ".lock").read_text() == str(os.getpid())
+    cfg = build_config(None, parse_overrides([*FAST, "--epochs", "1", "--out", str(tmp_path), "--run.name", "same"]))
+    with pytest.raises(UserError, match=rf"another vitlab process \(pid {os.getpid()}\) is training in .*same; "
+                                        "wait for it to end, or pick another --run.name"):
+        engine.train(cfg)
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # the refused run wrote nothing
+    held.close()
+    (run / ".last.ckpt.x1y2.tmp").write_bytes(b"what SIGKILL left mid-save")
+    engine.train(cfg)
+    assert (run / "last.ckpt").is_file() and not list(run.glob(".*.tmp"))
+    with pytest.raises(UserError, match="already holds a run"):  # the lock was released with the run
+        engine.train(cfg)
+
+
+def test_sigterm_stops_a_run_in_one_line_and_a_second_run_in_its_folder_is_refused(tmp_path):
+    common = [*FAST, "--data.subset", "2048", "--epochs", "50", "--out", str(tmp_path), "--run.name", "t"]
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab.cli", "train", *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "t" / "last.ckpt"
+    t0 = time.time()
+    while not last.exists() and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    second = subprocess.run([sys.executable, "-m", "vitlab.cli", "train", *common], capture_output=True, text=True)
+    assert second.returncode == 2
+    assert "another vitlab process" in one_line(second.stderr) and f"(pid {proc.pid})" in second.stderr
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err[-2000:]
+    last_line = err.strip().splitlines()[-1]
+    assert last_line == (f"vitlab train: terminated; every finished epoch is saved; continue with "
+                         f"vitlab train --resume {tmp_path / 't'}")
+    assert "Traceback" not in err
+    assert not list((tmp_path / "t").glob(".*.tmp"))
+
+
+# -- the final step, finished on resume -------------------------------------------------------------
+
+def test_a_run_stopped_during_its_final_test_step_finishes_it_on_resume(tmp_path, monkeypatch, capsys):
+    from vitlab.train import checkpoint, engine
+
+    args = [*FAST, "--data.val_fraction", "0.25", "--epochs", "2", "--out", str(tmp_path)]
+    engine.train(build_config(None, parse_overrides([*args, "--run.name", "whole"])))
+    whole = json.loads((tmp_path / "whole" / "test.json").read_text())
+
+    real = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt, match=f"continue with vitlab train --resume {tmp_path / 'cut'}$"):
+        engine.train(build_config(None, parse_overrides([*args, "--run.name", "cut"])))
+    assert not (tmp_path / "cut" / "test.json").exists()
+    monkeypatch.setattr(checkpoint, "load_model", real)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    out = capsys.readouterr().out
+    assert "scoring its best weights on the test split" in out and "test accuracy of the best-by-val" in out
+    cut = json.loads((tmp_path / "cut" / "test.json").read_text())
+    assert {k: cut[k] for k in ("acc", "top5", "loss", "n")} == {k: whole[k] for k in ("acc", "top5", "loss", "n")}
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2  # no epoch added
+    # finished now: a resume is refused again, in one line
+    assert cli.main(["train", "--resume", str(tmp_path / "cut")]) == 2
+    assert "has finished 2 epochs of 2" in one_line(capsys.readouterr().err)
+
+
+def test_ablate_counts_a_rung_done_by_its_saved_state_not_its_metrics(tmp_path):
+    from vitlab.train.ablate import _finished
+
+    run = tmp_path / "rung"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')  # written before a save cut short
+    save_state(run / "last.ckpt", {"epoch": 1, "history": [{"epoch": 1}]})
+    assert not _finished(run, 2)
+    save_state(run / "last.ckpt", {"epoch": 2, "history": [{"epoch": 1}, {"epoch": 2}]})
+    assert _finished(run, 2)
+    save_state(run / "last.ckpt", {"epoch": 1, "history": [{"epoch": 1, "stopped": "time_limit"}]})
+    assert _finished(run, 2)  # as far as its time limit allowed
