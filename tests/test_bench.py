@@ -153,6 +153,23 @@ def test_bench_command_writes_its_table(tmp_path, capsys):
     assert f"| the same, counting the peers' FLOPs per image (full last block) | {100 * peer_mfu:.0f}% |" in table
 
 
+def test_an_interrupted_bench_keeps_its_finished_sections_beside_the_whole_result(tmp_path, capsys, monkeypatch):
+    from vitlab import bench
+
+    (tmp_path / "throughput.json").write_text('{"an earlier": "whole result"}')
+    monkeypatch.setattr(bench, "compare", lambda *a, **k: {"rows": [], "measured": True})
+    monkeypatch.setattr(bench, "print_table", lambda compare: None)
+    monkeypatch.setattr(bench, "scaling", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    rc = cli_main(["bench", "--model", "vit_mini_patch4_32", "--scaling", "--out", str(tmp_path)])
+    assert rc == 130
+    partial = tmp_path / "throughput-partial.json"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vitlab bench: interrupted; the sections measured so far (compare) are in {partial}"]
+    kept = json.loads(partial.read_text())
+    assert kept["compare"] == {"rows": [], "measured": True} and kept["partial"] == "stopped after: compare"
+    assert json.loads((tmp_path / "throughput.json").read_text()) == {"an earlier": "whole result"}
+
+
 def test_bench_rejects_a_resnet_or_unknown_model_in_one_line_before_any_output(capsys):
     assert cli_main(["bench", "--model", "resnet18_cifar", "--steps", "1"]) == 2
     cap = capsys.readouterr()

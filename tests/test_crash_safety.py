@@ -97,6 +97,29 @@ def test_staged_files_replace_the_old_set_only_when_all_are_written(tmp_path):
     assert {p.name: p.read_text() for p in out.iterdir()} == {"a": "new a", "b": "old b", "c": "old c"}
 
 
+def test_a_killed_writers_staging_folder_is_swept_and_a_live_ones_kept(tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    dead, live, fresh = out / ".staging.dead", out / ".staging.live", out / ".staging.fresh"
+    for d in (dead, live, fresh):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    (dead / ".held").touch()  # its writer was SIGKILLed: the lock went with it
+    holder = open(live / ".held", "a+")  # a writer still at work
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # `fresh` has no lock file yet: its writer may be about to take it
+    with staged(out) as stage:
+        atomic_write_text(stage / "a", "a")
+    assert sorted(p.name for p in out.iterdir()) == [".staging.fresh", ".staging.live", "a"]
+    holder.close()
+    old = time.time() - 2 * 3600
+    os.utime(fresh, (old, old))  # no lock file two hours on: abandoned
+    with staged(out):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == ["a"]
+
+
 def test_an_interrupted_picture_save_leaves_no_empty_png(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
@@ -245,3 +268,23 @@ def test_ablate_counts_a_rung_done_by_its_saved_state_not_its_metrics(tmp_path):
     assert _finished(run, 2)
     save_state(run / "last.ckpt", {"epoch": 1, "history": [{"epoch": 1, "stopped": "time_limit"}]})
     assert _finished(run, 2)  # as far as its time limit allowed
+
+
+@pytest.mark.parametrize("signum, word, status", [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143)])
+def test_a_benchmark_script_stopped_by_a_signal_says_so_in_one_line(capsys, signum, word, status):
+    """benchmarks/*.py end through run_script: Ctrl-C or SIGTERM there is one line too, not a traceback."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    def work():
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the signal arrives here
+        return 0
+
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with pytest.raises(SystemExit) as stop:
+            cli.run_script(work, "some_benchmark.py")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stop.value.code == status
+    assert one_line(capsys.readouterr().err) == f"some_benchmark.py: {word}"

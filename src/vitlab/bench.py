@@ -25,7 +25,8 @@ the peers get torch's foreach AdamW).
     vitlab bench --loop                           # + the full `vitlab train` loop against the bare step
 
 Results go to --out: throughput.json always, scaling.png with --scaling; `--markdown` prints the
-README table.
+README table. Stopped midway (Ctrl-C), it keeps the sections it finished in throughput-partial.json,
+leaving an earlier whole throughput.json as it was.
 """
 
 from __future__ import annotations
@@ -975,6 +976,21 @@ def run(args) -> int:
     # the ratios compare the models, not the allocators (benchmarks/allocator.py times the setting)
     res["allocator"] = ("glibc thresholds raised for every setup (vitlab.utils.tune_allocator)" if tune_allocator()
                         else "the platform's default")
+    try:
+        _measure(args, res, out, device)
+    except KeyboardInterrupt as e:  # minutes of timings are not thrown away: kept beside, not over, a whole result
+        done = [k for k in ("compare", "scaling", "memory") if k in res]
+        if not done:
+            raise
+        partial = write_json(out / "throughput-partial.json", {**res, "partial": f"stopped after: {', '.join(done)}"})
+        raise type(e)(f"the sections measured so far ({', '.join(done)}) are in {partial}") from None
+    write_json(out / "throughput.json", res)
+    print(f"wrote {out / 'throughput.json'}")
+    return 0
+
+
+def _measure(args, res: dict, out: Path, device) -> None:
+    """vitlab bench's sections, each added to `res` as it ends."""
     print(f"training step and inference, {args.model}, batch {args.batch_size}:")
     res["compare"] = compare(args.model, args.batch_size, args.steps, args.warmup, args.impl, device=device)
     if args.loop or args.all:
@@ -990,6 +1006,3 @@ def run(args) -> int:
     if args.memory or args.all:
         print("memory per training step (fp32):")
         res["memory"] = memory(device=device)
-    write_json(out / "throughput.json", res)
-    print(f"wrote {out / 'throughput.json'}")
-    return 0

@@ -178,7 +178,9 @@ def _one_line_warnings(prog: str) -> None:
 def run_script(main_fn, name: str):
     """A benchmark script's entry point: exit with main_fn's status; bad input (a UserError: an
     unknown model or preset, a missing data directory) is one line on stderr and exit status 2; a run
-    that cannot go on (RunFailed) one line and exit status 1."""
+    that cannot go on (RunFailed) one line and exit status 1; Ctrl-C or SIGTERM one line and 130 or 143,
+    as for `vitlab` itself."""
+    _on_sigterm()
     try:
         sys.exit(main_fn())
     except UserError as e:
@@ -187,6 +189,10 @@ def run_script(main_fn, name: str):
     except RunFailed as e:
         sys.stderr.write(f"{name}: error: {e}\n")
         sys.exit(1)
+    except KeyboardInterrupt as e:
+        said = "terminated" if isinstance(e, Terminated) else "interrupted"
+        sys.stderr.write(f"{name}: {said}{f'; {e}' if str(e) else ''}\n")
+        sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
 if __name__ == "__main__":

@@ -103,12 +103,63 @@ def staged(out: str | Path) -> Iterator[Path]:
         stage = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
     except OSError as e:
         raise UserError(f"cannot write in {out}: {e.strerror or e}") from None
+    held = _flock(stage / HELD)  # while held, this set is being written: no other call sweeps it away
     try:
+        _sweep_stages(out, stage)
         yield stage
         for f in sorted(stage.iterdir()):  # renames within one folder's file system: each is atomic
-            os.replace(f, out / f.name)
+            if f.name != HELD:
+                os.replace(f, out / f.name)
     finally:
+        if held is not None:
+            held.close()
         shutil.rmtree(stage, ignore_errors=True)
+
+
+HELD = ".held"  # a staging folder's lock file
+
+
+def _flock(path: Path, create: bool = True):
+    """`path` opened and exclusively locked (flock: the OS drops it when the process ends, however it
+    ends). -> the open file, which holds the lock until closed; None where it is locked already, or
+    on a system without fcntl (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        f = open(path, "a+" if create else "r")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def _sweep_stages(out: Path, keep: Path) -> None:
+    """Remove staging folders in `out` that a killed process (SIGKILL, a power cut) left: those whose
+    lock nobody holds. One without a lock file yet is left alone unless it is old: its writer may be
+    between making it and locking it."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        return
+    import time
+
+    for d in out.glob(".staging.*"):
+        if d == keep or not d.is_dir():
+            continue
+        f = _flock(d / HELD, create=False)
+        if f is None:
+            with contextlib.suppress(OSError):
+                if (d / HELD).exists() or time.time() - d.stat().st_mtime < 3600:
+                    continue
+        else:
+            f.close()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class RunLock:
