@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import RunFailed, Terminated, UserError, VitlabWarning
+from .errors import RunFailed, Terminated, UserError, VitlabWarning, stopped_by_signal
 
 # command -> (module, one-line help). Modules are imported only when used, so
 # `vitlab models` does not pay for matplotlib or the data code.
@@ -112,9 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"vitlab {command}: {e}\n")
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as Terminated (_on_sigterm)
-        said = "terminated" if isinstance(e, Terminated) else "interrupted"
-        sys.stderr.write(f"vitlab {command}: {said}{f'; {e}' if str(e) else ''}\n")
-        return 143 if isinstance(e, Terminated) else 130
+        return _stopped(f"vitlab {command}", e)
+    except RuntimeError as e:
+        stop = stopped_by_signal(e)
+        if stop is None:
+            raise
+        return _stopped(f"vitlab {command}", stop)
     except BrokenPipeError:
         # `vitlab models | head`: the reader of our stdout has gone; stop quietly, as `ls | head` does.
         # A broken pipe elsewhere (a worker process) is a failure like any other.
@@ -126,24 +129,54 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _stopped(prog: str, e: KeyboardInterrupt) -> int:
+    said = "terminated" if isinstance(e, Terminated) else "interrupted"
+    sys.stderr.write(f"{prog}: {said}{f'; {e}' if str(e) else ''}\n")
+    return 143 if isinstance(e, Terminated) else 130
+
+
 def _on_sigterm() -> None:
     """SIGTERM raises Terminated (a KeyboardInterrupt), so a stopped run ends as after Ctrl-C: its
-    loaders' workers stopped, no temporary file left, one line said. Only where SIGTERM still has
-    its default action and in the main thread (a program embedding vitlab keeps its own handler).
-    Forked data-loading workers inherit it; torch's worker loop ends quietly on a KeyboardInterrupt."""
+    loaders' workers stopped, no temporary file left, one line said. Both handlers record the
+    signal (errors.stopped_by_signal: the workers' end, reported first, is then read as the stop).
+    Only where the signal still has its default handling and in the main thread (a program
+    embedding vitlab keeps its own handlers). The decoding workers ignore both
+    (data.files._ignore_stop_signals): this process stops them."""
     import signal
     import threading
 
+    from .errors import _STOPPED_BY
+
+    _STOPPED_BY.clear()  # a new command (tests run several in one process)
     if threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
 
-    def handler(signum, frame):
+    def on_term(signum, frame):
+        _STOPPED_BY.append(signum)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
         raise Terminated()
 
-    signal.signal(signal.SIGTERM, handler)
+    def on_int(signum, frame):
+        _STOPPED_BY.append(signum)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, on_term)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_int)
+    if not getattr(sys.unraisablehook, "vitlab", False):
+        default = sys.unraisablehook
+
+        def unraisable(u):
+            # The stop raised inside a weakref callback or __del__ (a plot's garbage being collected),
+            # where Python can only print and drop it: silent here, raised again at the next batch
+            # (errors.raise_if_stopped).
+            if isinstance(u.exc_value, KeyboardInterrupt) and _STOPPED_BY:
+                return
+            default(u)
+
+        unraisable.vitlab = True
+        sys.unraisablehook = unraisable
 
 
 def _stdout_reader_gone() -> bool:
@@ -190,9 +223,12 @@ def run_script(main_fn, name: str):
         sys.stderr.write(f"{name}: error: {e}\n")
         sys.exit(1)
     except KeyboardInterrupt as e:
-        said = "terminated" if isinstance(e, Terminated) else "interrupted"
-        sys.stderr.write(f"{name}: {said}{f'; {e}' if str(e) else ''}\n")
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+        sys.exit(_stopped(name, e))
+    except RuntimeError as e:
+        stop = stopped_by_signal(e)
+        if stop is None:
+            raise
+        sys.exit(_stopped(name, stop))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,34 @@ class Terminated(KeyboardInterrupt):
     with status 143 (128 + SIGTERM), as a process killed by it would."""
 
 
+# The signal stopping this process (SIGINT or SIGTERM), once the CLI's handler has seen it.
+_STOPPED_BY: list[int] = []
+
+
+def stopped_by_signal(e: BaseException) -> KeyboardInterrupt | None:
+    """The stop that `e` really is, when a signal is stopping this process: Ctrl-C or a scheduler's
+    SIGTERM reaches the data-loading workers too (they share the process group), and torch's child
+    watcher may report their end ("DataLoader worker ... exited unexpectedly") before the main
+    process's own handler runs. -> the KeyboardInterrupt (Terminated for SIGTERM) to raise instead,
+    or None where `e` is not that."""
+    import signal
+
+    if not _STOPPED_BY or not isinstance(e, RuntimeError) or "DataLoader worker" not in str(e):
+        return None
+    return Terminated() if _STOPPED_BY[-1] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def raise_if_stopped() -> None:
+    """Raise the stop a signal asked for, if one did and its exception was lost: Python runs a
+    signal handler between any two bytecodes, and an exception it raises inside a weakref callback
+    or a __del__ is printed as "Exception ignored" and dropped, so the run would train on. The
+    loaders call this at every batch."""
+    if _STOPPED_BY:
+        import signal
+
+        raise Terminated() if _STOPPED_BY[-1] == signal.SIGTERM else KeyboardInterrupt()
+
+
 class VitlabWarning(UserWarning):
     """Something the user should hear about that does not stop the command (an unreadable image
     skipped): the CLI prints it as one line, `vitlab <command>: warning: ...`."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import UserError, VitlabWarning
+from ..errors import UserError, VitlabWarning, raise_if_stopped, stopped_by_signal
 from .base import DataError, FileSplit
 from .loader import epoch_indices
 
@@ -152,7 +152,11 @@ class FileLoader:
         if self._loader is not None:
             it = getattr(self._loader, "_iterator", None)  # torch's persistent worker pool, if started
             if it is not None and hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
+                try:
+                    it._shutdown_workers()
+                except RuntimeError as e:  # workers a Ctrl-C or SIGTERM already ended: nothing left to stop
+                    if stopped_by_signal(e) is None:
+                        raise
             self._loader = None
 
     @property
@@ -185,8 +189,10 @@ class FileLoader:
             # minutes after its last line), and a uint8 batch is small enough (4.8 MB at batch 32,
             # 224 px) that copying it from pageable memory costs the GPU step next to nothing.
             self._loader = DataLoader(self.dataset, batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
-                                      collate_fn=_collate, persistent_workers=self.num_workers > 0)
+                                      collate_fn=_collate, persistent_workers=self.num_workers > 0,
+                                      worker_init_fn=_ignore_stop_signals)
         for x, y, bad in self._loader:
+            raise_if_stopped()
             for err in bad:
                 path = err.split(" (", 1)[0]
                 if self.on_corrupt == "fail":
@@ -198,6 +204,29 @@ class FileLoader:
             if x is None:
                 continue
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A decoding worker ignores Ctrl-C's SIGINT and SIGTERM, which a terminal or a scheduler sends to
+    the whole process group: the main process takes the signal and stops its workers itself (they
+    also end on their own once it is gone, torch's watchdog). Taken in a worker, the signal would
+    land mid-decode: a KeyboardInterrupt printed from a weakref callback, or torch's SIGTERM handler
+    dying by the signal, which the main process's child watcher then reports as a RuntimeError
+    traceback ("DataLoader worker ... is killed by signal: Terminated") instead of one line.
+    Nor does a worker print a traceback when the main process, stopping, hangs up on the thread
+    that hands it a batch's shared memory (multiprocessing's resource sharer: a broken pipe)."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    default = threading.excepthook
+
+    def quiet_hangup(args):
+        if not issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError)):
+            default(args)
+
+    threading.excepthook = quiet_hangup
 
 
 class _EpochBatches:

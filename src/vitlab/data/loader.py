@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, raise_if_stopped
 from .base import FileSplit, TensorSplit
 
 
@@ -94,6 +94,7 @@ class TensorLoader:
     def __iter__(self):
         idx = self._indices().to(self.device)
         for b in range(len(self)):
+            raise_if_stopped()
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]  # (B,)
             yield self.images.index_select(0, sel), self.labels.index_select(0, sel)
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig, apply_debug, check_resume_config, from_dict, save_yaml, to_dict
-from ..errors import RunFailed, UserError, brief
+from ..errors import RunFailed, UserError, brief, stopped_by_signal
 from ..models import build_from_arch, count_params, create_model, get_preset
 from ..models.vit import VisionTransformer
 from ..utils import RunLock, atomic_write_text, file_part, make_dir, seed_everything
@@ -487,10 +487,13 @@ def train(cfg: TrainConfig, resume: str | None = None, finish: bool = False,
     run_at: list = []  # the run folder, once this process holds it
     try:
         return _train(cfg, resume, opened, finish, run_at)
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, RuntimeError) as e:
+        stop = e if isinstance(e, KeyboardInterrupt) else stopped_by_signal(e)
+        if stop is None:
+            raise
         if run_at and (run_at[0] / ckpt.LAST).is_file():  # (the CLI prints it: "vitlab train: interrupted; ...")
-            raise type(e)(f"every finished epoch is saved; continue with {go_on.format(run=run_at[0])}") from None
-        raise
+            raise type(stop)(f"every finished epoch is saved; continue with {go_on.format(run=run_at[0])}") from None
+        raise stop from None
     finally:
         for item in reversed(opened):  # the lock last: no one starts in the folder while a worker still runs
             item.close()
