@@ -109,12 +109,21 @@ def test_a_killed_writers_staging_folder_is_swept_and_a_live_ones_kept(tmp_path)
     holder = open(live / ".held", "a+")  # a writer still at work
     fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
     # `fresh` has no lock file yet: its writer may be about to take it
-    with staged(out) as stage:
-        atomic_write_text(stage / "a", "a")
+
+    def age(d, seconds):
+        t = time.time() - seconds
+        os.utime(d, (t, t))
+
+    with staged(out) as stage:  # all three under a minute old: none is swept (a writer may be between
+        atomic_write_text(stage / "a", "a")  # making its folder and locking it)
+    assert sorted(p.name for p in out.iterdir()) == [".staging.dead", ".staging.fresh", ".staging.live", "a"]
+    for d in (dead, live, fresh):
+        age(d, 120)
+    with staged(out):
+        pass
     assert sorted(p.name for p in out.iterdir()) == [".staging.fresh", ".staging.live", "a"]
-    holder.close()
-    old = time.time() - 2 * 3600
-    os.utime(fresh, (old, old))  # no lock file two hours on: abandoned
+    holder.close()  # its writer gone
+    age(fresh, 2 * 3600)  # no lock file two hours on: abandoned
     with staged(out):
         pass
     assert sorted(p.name for p in out.iterdir()) == ["a"]
@@ -196,15 +205,49 @@ def test_a_second_process_in_a_run_folder_is_refused_and_stale_temporaries_clean
     assert (run / ".lock").read_text() == str(os.getpid())
     cfg = build_config(None, parse_overrides([*FAST, "--epochs", "1", "--out", str(tmp_path), "--run.name", "same"]))
     with pytest.raises(UserError, match=rf"another vitlab process \(pid {os.getpid()}\) is training in .*same; "
-                                        "wait for it to end, or pick another --run.name"):
+                                        r"wait for it to end, or write to another folder \(--run.name, --out\)"):
         engine.train(cfg)
     assert sorted(p.name for p in run.iterdir()) == [".lock"]  # the refused run wrote nothing
     held.close()
     (run / ".last.ckpt.x1y2.tmp").write_bytes(b"what SIGKILL left mid-save")
+    (run / ".eval.json.a1b2.tmp").write_bytes(b"vitlab eval, writing here now")  # not the run's to remove
     engine.train(cfg)
-    assert (run / "last.ckpt").is_file() and not list(run.glob(".*.tmp"))
+    assert (run / "last.ckpt").is_file() and [p.name for p in run.glob(".*.tmp")] == [".eval.json.a1b2.tmp"]
     with pytest.raises(UserError, match="already holds a run"):  # the lock was released with the run
         engine.train(cfg)
+
+
+def test_the_lock_ends_with_its_process_not_with_a_forked_worker(tmp_path):
+    """A run's data-loading workers are forked after it takes the lock: they must not hold it, or a
+    killed run would block its own --resume until each worker noticed."""
+    held = RunLock(tmp_path)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker: alive well after its parent lets go
+        os.write(ready_w, b"1")
+        time.sleep(5)
+        os._exit(0)
+    try:
+        os.read(ready_r, 1)
+        held.close()  # (as when the run's process dies)
+        RunLock(tmp_path).close()  # not refused
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
+    import fcntl
+
+    from vitlab.errors import VitlabWarning
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(VitlabWarning, match="refuses file locks \\(No locks available\\); nothing stops a second run"):
+        lock = RunLock(tmp_path)
+    lock.close()
 
 
 def test_sigterm_stops_a_run_in_one_line_and_a_second_run_in_its_folder_is_refused(tmp_path):
@@ -247,13 +290,34 @@ def test_a_run_stopped_during_its_final_test_step_finishes_it_on_resume(tmp_path
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(tmp_path / "cut")]) == 0
     out = capsys.readouterr().out
-    assert "scoring its best weights on the test split" in out and "test accuracy of the best-by-val" in out
+    assert "the run trained all its epochs (2); what a stop cut short is its final step: scoring the best " \
+           "weights on the test split" in out and "test accuracy of the best-by-val" in out
     cut = json.loads((tmp_path / "cut" / "test.json").read_text())
     assert {k: cut[k] for k in ("acc", "top5", "loss", "n")} == {k: whole[k] for k in ("acc", "top5", "loss", "n")}
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2  # no epoch added
     # finished now: a resume is refused again, in one line
     assert cli.main(["train", "--resume", str(tmp_path / "cut")]) == 2
     assert "has finished 2 epochs of 2" in one_line(capsys.readouterr().err)
+    # trained further and stopped in that final step: the earlier test score, of weights model.safetensors
+    # may no longer hold, is not kept, and the resume finishes the new final step
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert cli.main(["train", "--resume", str(tmp_path / "cut"), "--epochs", "3"]) == 130
+    assert not (tmp_path / "cut" / "test.json").exists()
+    monkeypatch.setattr(checkpoint, "load_model", real)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    assert "trained all its epochs (3)" in capsys.readouterr().out and (tmp_path / "cut" / "test.json").is_file()
+
+
+def test_a_lower_epochs_does_not_turn_a_paused_run_into_a_finished_one(tmp_path, capsys):
+    from vitlab.train import engine
+
+    args = [*FAST, "--data.val_fraction", "0.25", "--epochs", "2", "--out", str(tmp_path), "--run.name", "p"]
+    engine.train(build_config(None, parse_overrides([*args, "--run.stop_after", "1"])))
+    assert not (tmp_path / "p" / "test.json").exists()
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "p"), "--epochs", "1"]) == 2
+    assert "has finished 1 epochs of 1" in one_line(capsys.readouterr().err)
 
 
 def test_ablate_counts_a_rung_done_by_its_saved_state_not_its_metrics(tmp_path):
@@ -294,8 +358,9 @@ def test_a_benchmark_script_stopped_by_a_signal_says_so_in_one_line(capsys, sign
                 cli.run_script(fn, "some_benchmark.py")
             assert stop.value.code == status
             assert one_line(capsys.readouterr().err) == f"some_benchmark.py: {word}"
-            assert _STOPPED_BY == [signum]
-            _STOPPED_BY.clear()
+            # and all put back: no stop left recorded, the default handlers again
+            assert not _STOPPED_BY and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         def workers_ended():
             raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
 
@@ -322,7 +387,9 @@ def test_a_stop_lost_in_a_weakref_callback_is_raised_at_the_next_batch_and_not_p
     hook = sys.unraisablehook
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        cli._on_sigterm()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stops = cli.stop_signals()
+        stops.__enter__()
 
         class Plot:
             pass
@@ -343,6 +410,10 @@ def test_a_stop_lost_in_a_weakref_callback_is_raised_at_the_next_batch_and_not_p
             next(iter(loader))
         _STOPPED_BY.clear()
         assert len(list(loader)) == 2  # no signal: the batches come
+        stops.__exit__(None, None, None)
+        # all put back as it was: a program that runs a command in-process keeps its own handling
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and sys.unraisablehook is hook
     finally:
         _STOPPED_BY.clear()
         sys.unraisablehook = hook

@@ -8,6 +8,7 @@ Each command lives in its own module and exposes `add_arguments(parser)` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -91,33 +92,28 @@ def main(argv: list[str] | None = None) -> int:
     from .utils import tune_allocator
 
     tune_allocator()  # before the command allocates its tensors (utils.tune_allocator says why)
-    _on_sigterm()
     _one_line_warnings(f"vitlab {command}")
-    module = importlib.import_module(COMMANDS[command][0])
-    parser = Parser(prog=f"vitlab {command}", description=COMMANDS[command][1])
-    module.add_arguments(parser)
     try:
-        if getattr(module, "ACCEPTS_OVERRIDES", False):
-            # Config-driven commands take any config field as --section.key VALUE.
-            args, extra = parser.parse_known_args(argv[1:])
-            args.overrides = extra
-        else:
-            args = parser.parse_args(argv[1:])
-        args.argv = argv[1:]  # as typed, for records that cite their command
-        return int(module.run(args) or 0)
+        with stop_signals():
+            module = importlib.import_module(COMMANDS[command][0])
+            parser = Parser(prog=f"vitlab {command}", description=COMMANDS[command][1])
+            module.add_arguments(parser)
+            if getattr(module, "ACCEPTS_OVERRIDES", False):
+                # Config-driven commands take any config field as --section.key VALUE.
+                args, extra = parser.parse_known_args(argv[1:])
+                args.overrides = extra
+            else:
+                args = parser.parse_args(argv[1:])
+            args.argv = argv[1:]  # as typed, for records that cite their command
+            return int(module.run(args) or 0)
     except UserError as e:
         sys.stderr.write(f"vitlab {command}: error: {e}\n")
         return 2
     except RunFailed as e:
         sys.stderr.write(f"vitlab {command}: {e}\n")
         return 1
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as Terminated (_on_sigterm)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as Terminated (stop_signals)
         return _stopped(f"vitlab {command}", e)
-    except RuntimeError as e:
-        stop = stopped_by_signal(e)
-        if stop is None:
-            raise
-        return _stopped(f"vitlab {command}", stop)
     except BrokenPipeError:
         # `vitlab models | head`: the reader of our stdout has gone; stop quietly, as `ls | head` does.
         # A broken pipe elsewhere (a worker process) is a failure like any other.
@@ -130,25 +126,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stopped(prog: str, e: KeyboardInterrupt) -> int:
-    said = "terminated" if isinstance(e, Terminated) else "interrupted"
-    sys.stderr.write(f"{prog}: {said}{f'; {e}' if str(e) else ''}\n")
+    """The line a stopped command ends with (said once, by torchrun's rank 0: the others stop quietly)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        said = "terminated" if isinstance(e, Terminated) else "interrupted"
+        sys.stderr.write(f"{prog}: {said}{f'; {e}' if str(e) else ''}\n")
     return 143 if isinstance(e, Terminated) else 130
 
 
-def _on_sigterm() -> None:
-    """SIGTERM raises Terminated (a KeyboardInterrupt), so a stopped run ends as after Ctrl-C: its
-    loaders' workers stopped, no temporary file left, one line said. Both handlers record the
-    signal (errors.stopped_by_signal: the workers' end, reported first, is then read as the stop).
-    Only where the signal still has its default handling and in the main thread (a program
-    embedding vitlab keeps its own handlers). The decoding workers ignore both
-    (data.files._ignore_stop_signals): this process stops them."""
+@contextlib.contextmanager
+def stop_signals():
+    """While a command runs: SIGTERM raises Terminated (a KeyboardInterrupt), so a stopped run ends as
+    after Ctrl-C: its loaders' workers stopped, no temporary file left, one line said. Both handlers
+    record the signal, so that torch's report of the workers' end, which can come first, is read as
+    the stop (errors.stopped_by_signal), and so that a stop Python dropped inside a weakref callback
+    is raised again at the next batch (errors.raise_if_stopped) without its "Exception ignored"
+    print. Handlers are installed only where the signal still has its default handling and in the
+    main thread (a program embedding vitlab keeps its own), and all is put back afterwards. The
+    decoding workers ignore both signals (data.files._ignore_stop_signals): this process stops them."""
     import signal
     import threading
 
     from .errors import _STOPPED_BY
 
-    _STOPPED_BY.clear()  # a new command (tests run several in one process)
+    _STOPPED_BY.clear()
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
 
     def on_term(signum, frame):
@@ -160,23 +164,30 @@ def _on_sigterm() -> None:
         _STOPPED_BY.append(signum)
         raise KeyboardInterrupt
 
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    def unraisable(u):
+        if isinstance(u.exc_value, KeyboardInterrupt) and _STOPPED_BY:
+            return  # raised again at the next batch
+        hook(u)
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    hook = sys.unraisablehook
+    if before[signal.SIGTERM] is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, on_term)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if before[signal.SIGINT] is signal.default_int_handler:
         signal.signal(signal.SIGINT, on_int)
-    if not getattr(sys.unraisablehook, "vitlab", False):
-        default = sys.unraisablehook
-
-        def unraisable(u):
-            # The stop raised inside a weakref callback or __del__ (a plot's garbage being collected),
-            # where Python can only print and drop it: silent here, raised again at the next batch
-            # (errors.raise_if_stopped).
-            if isinstance(u.exc_value, KeyboardInterrupt) and _STOPPED_BY:
-                return
-            default(u)
-
-        unraisable.vitlab = True
-        sys.unraisablehook = unraisable
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    except RuntimeError as e:
+        stop = stopped_by_signal(e)
+        if stop is None:
+            raise
+        raise stop from None
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = hook
+        _STOPPED_BY.clear()
 
 
 def _stdout_reader_gone() -> bool:
@@ -213,9 +224,10 @@ def run_script(main_fn, name: str):
     unknown model or preset, a missing data directory) is one line on stderr and exit status 2; a run
     that cannot go on (RunFailed) one line and exit status 1; Ctrl-C or SIGTERM one line and 130 or 143,
     as for `vitlab` itself."""
-    _on_sigterm()
     try:
-        sys.exit(main_fn())
+        with stop_signals():
+            status = main_fn()
+        sys.exit(status)
     except UserError as e:
         sys.stderr.write(f"{name}: error: {e}\n")
         sys.exit(2)
@@ -224,11 +236,6 @@ def run_script(main_fn, name: str):
         sys.exit(1)
     except KeyboardInterrupt as e:
         sys.exit(_stopped(name, e))
-    except RuntimeError as e:
-        stop = stopped_by_signal(e)
-        if stop is None:
-            raise
-        sys.exit(_stopped(name, stop))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -10,12 +11,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+import weakref
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from .errors import RunFailed, UserError, brief
+from .errors import RunFailed, UserError, brief, raise_if_stopped
 
 
 def make_dir(path: str | Path) -> Path:
@@ -45,6 +47,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):  # the disk, not the folder the user named
+            raise RunFailed(f"cannot write {path}: {write_failure(e, path.parent)}") from None
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
@@ -70,7 +74,8 @@ def write_failure(e: BaseException, folder: Path) -> str | None:
     a RuntimeError ("file write failed") and safetensors as its own SafetensorError."""
     if isinstance(e, OSError):
         reason = e.strerror or brief(e)
-    elif type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and "write" in str(e).lower()):
+    elif type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and any(
+            k in str(e) for k in ("write", "PytorchStreamWriter", "unexpected pos"))):
         reason = brief(e)
     else:
         return None
@@ -90,10 +95,11 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def staged(out: str | Path) -> Iterator[Path]:
+def staged(out: str | Path, stale: Callable[[set[str]], Iterable[Path]] | None = None) -> Iterator[Path]:
     """A set of files written together: into a hidden folder inside `out`, moved into `out` only once
     every one is written. An interruption (Ctrl-C, a full disk, a failed plot) leaves `out` as it was,
-    never a mix of the old set and part of the new one.
+    never a mix of the old set and part of the new one. stale(names moved in) -> an earlier set's
+    files to delete with the move. Ctrl-C and SIGTERM wait until the move and the deletion are done.
 
         with staged(out) as stage:
             atomic_write(stage / "a.png", ...)   # then the next file, and so on
@@ -107,22 +113,64 @@ def staged(out: str | Path) -> Iterator[Path]:
     try:
         _sweep_stages(out, stage)
         yield stage
-        for f in sorted(stage.iterdir()):  # renames within one folder's file system: each is atomic
-            if f.name != HELD:
-                os.replace(f, out / f.name)
+        raise_if_stopped()  # a stop dropped on the way (errors.raise_if_stopped): not moved in
+        with _signals_held():
+            names = {f.name for f in stage.iterdir() if f.name != HELD}
+            for name in sorted(names):  # renames within one folder's file system: each is atomic
+                os.replace(stage / name, out / name)
+            for f in (stale(names) if stale else ()):
+                f.unlink(missing_ok=True)
     finally:
         if held is not None:
             held.close()
         shutil.rmtree(stage, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM delivered after the block, not inside it (main thread, POSIX; elsewhere
+    the block simply runs)."""
+    import signal
+    import threading
+
+    stops = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 HELD = ".held"  # a staging folder's lock file
+STAGE_GRACE_S = 60  # a staging folder this young is never swept: its writer may be about to lock it
+
+# Files this process holds a lock through. A forked child (a data-loading worker) gets copies of
+# their descriptors, and flock's lock lasts while any copy is open: the child closes its copies,
+# so the lock ends with this process, not with its last worker.
+_LOCKED_FILES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    for f in list(_LOCKED_FILES):
+        with contextlib.suppress(OSError, ValueError):
+            # the descriptor pointed at /dev/null instead: the lock file is let go, and the file
+            # object's own close later (at the child's exit) closes nothing of anyone else's
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, f.fileno())
+            os.close(null)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _flock(path: Path, create: bool = True):
     """`path` opened and exclusively locked (flock: the OS drops it when the process ends, however it
     ends). -> the open file, which holds the lock until closed; None where it is locked already, or
-    on a system without fcntl (Windows)."""
+    on a system without fcntl (Windows) or whose file system refuses locks."""
     try:
         import fcntl
     except ImportError:
@@ -136,13 +184,14 @@ def _flock(path: Path, create: bool = True):
     except OSError:
         f.close()
         return None
+    _LOCKED_FILES.add(f)
     return f
 
 
 def _sweep_stages(out: Path, keep: Path) -> None:
     """Remove staging folders in `out` that a killed process (SIGKILL, a power cut) left: those whose
-    lock nobody holds. One without a lock file yet is left alone unless it is old: its writer may be
-    between making it and locking it."""
+    lock nobody holds and that are older than a minute (a younger one's writer may be between making
+    it and locking it). One without a lock file is left for an hour."""
     try:
         import fcntl  # noqa: F401
     except ImportError:
@@ -152,21 +201,31 @@ def _sweep_stages(out: Path, keep: Path) -> None:
     for d in out.glob(".staging.*"):
         if d == keep or not d.is_dir():
             continue
+        try:
+            age = time.time() - d.stat().st_mtime
+        except OSError:
+            continue
+        if age < STAGE_GRACE_S or (not (d / HELD).exists() and age < 3600):
+            continue
         f = _flock(d / HELD, create=False)
-        if f is None:
-            with contextlib.suppress(OSError):
-                if (d / HELD).exists() or time.time() - d.stat().st_mtime < 3600:
-                    continue
-        else:
+        if f is None and (d / HELD).exists():  # held: its writer is at work
+            continue
+        if f is not None:
             f.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+# the temporary files a run's own writes leave when SIGKILL cuts one short (atomic_write's names):
+# others in the folder (`vitlab eval` writing eval.json there) are not the run's to remove
+RUN_FILES = ("last.ckpt", "model.safetensors", "metrics.jsonl", "curves.png", "config.yaml", "test.json")
 
 
 class RunLock:
     """One process at a time in a run folder: an exclusive lock on RUN/.lock, held while the run
     trains. The operating system drops the lock when its process ends however it ends (SIGKILL
-    included), so a crashed run never leaves a stale lock behind to refuse its --resume. On a
-    system without fcntl (Windows) it does nothing."""
+    included; its data-loading workers do not hold it), so a crashed run never leaves a stale lock
+    behind to refuse its --resume. Without fcntl (Windows), or on a file system that refuses locks
+    (some network mounts), there is no lock: a warning says so once."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
@@ -174,6 +233,7 @@ class RunLock:
         try:
             import fcntl
         except ImportError:
+            self._no_lock("this system has no flock (fcntl)")
             return
         try:
             f = open(self.path, "a+")
@@ -181,32 +241,61 @@ class RunLock:
             raise UserError(f"cannot write in {self.path.parent}: {e.strerror or e}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another process
             f.seek(0)
             holder = f.read().strip()
             f.close()
             raise UserError(f"another vitlab process{f' (pid {holder})' if holder.isdigit() else ''} is training "
-                            f"in {self.path.parent}; wait for it to end, or pick another --run.name") from None
+                            f"in {self.path.parent}; wait for it to end, or write to another folder "
+                            f"(--run.name, --out)") from None
+        except OSError as e:  # ENOLCK, ENOSYS, EOPNOTSUPP: the file system has no locks
+            f.close()
+            self._no_lock(f"{self.path.parent}'s file system refuses file locks ({e.strerror or e})")
+            return
+        _LOCKED_FILES.add(f)
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
         self._f = f
 
+    @staticmethod
+    def _no_lock(why: str) -> None:
+        import warnings
+
+        from .errors import VitlabWarning
+
+        warnings.warn(f"{why}; nothing stops a second run from writing into this folder at the same time",
+                      VitlabWarning, stacklevel=3)
+
     def clean_stale(self) -> int:
-        """Remove the hidden temporary files (.NAME.*.tmp) that a writer killed mid-save left; the lock
-        says no one else is writing here now. -> how many."""
+        """Remove the hidden temporary files (.NAME.*.tmp) of the run's own files that a writer killed
+        mid-save left; the lock says no other run is writing here now (without one: nothing). -> how many."""
         n = 0
-        for f in self.path.parent.glob(".*.tmp"):
-            with contextlib.suppress(OSError):
-                f.unlink()
-                n += 1
+        if self._f is None:
+            return n
+        for name in RUN_FILES:
+            for f in self.path.parent.glob(f".{name}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+                    n += 1
         return n
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()  # closing the file releases the lock
             self._f = None
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """One line added to a log file (metrics.jsonl); a full disk is one RunFailed line, as for
+    atomic_write (the file is rewritten whole from the checkpoint on --resume)."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise RunFailed(f"cannot write {path}: {write_failure(e, path.parent)}") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -152,11 +152,19 @@ class FileLoader:
         if self._loader is not None:
             it = getattr(self._loader, "_iterator", None)  # torch's persistent worker pool, if started
             if it is not None and hasattr(it, "_shutdown_workers"):
+                workers = list(getattr(it, "_workers", []))
                 try:
                     it._shutdown_workers()
                 except RuntimeError as e:  # workers a Ctrl-C or SIGTERM already ended: nothing left to stop
                     if stopped_by_signal(e) is None:
                         raise
+                finally:
+                    # torch's last resort for a worker that does not stop is SIGTERM, which ours ignore
+                    # (_ignore_stop_signals): SIGKILL instead, so none outlives its run
+                    for w in workers:
+                        if w.is_alive():
+                            w.kill()
+                            w.join(timeout=5)
             self._loader = None
 
     @property

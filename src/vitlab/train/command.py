@@ -59,9 +59,12 @@ def resolve(args):
                             f"; its weights come from its last.ckpt, so --pretrained cannot be "
                             f"{'dropped' if saved.model.pretrained else 'added'} (start a new run for that)")
         done, clock = _saved_progress(run)
-        finished = done >= cfg.run.epochs or (clock and cfg.run.time_limit == saved.run.time_limit)
-        if finished and _test_pending(run):  # stopped during its last step: scoring the best weights on test
+        # the run's own plan complete (its epochs, or its time limit) and nothing more asked for
+        complete = done >= saved.run.epochs or clock
+        more = cfg.run.time_limit != saved.run.time_limit if clock else cfg.run.epochs > done
+        if complete and not more and _test_pending(run):  # stopped in its final step: scoring on test
             args.finish = True
+            cfg.run.epochs, cfg.run.time_limit = saved.run.epochs, saved.run.time_limit  # as the run was
         elif not getattr(args, "print_config", False):
             if done >= cfg.run.epochs:
                 raise UserError(f"--resume {run}: the run has finished {done} epochs of {cfg.run.epochs}; to "

@@ -30,7 +30,7 @@ from ..config import TrainConfig, apply_debug, check_resume_config, from_dict, s
 from ..errors import RunFailed, UserError, brief, stopped_by_signal
 from ..models import build_from_arch, count_params, create_model, get_preset
 from ..models.vit import VisionTransformer
-from ..utils import RunLock, atomic_write_text, file_part, make_dir, seed_everything
+from ..utils import RunLock, append_line, atomic_write_text, file_part, make_dir, seed_everything
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, shutdown
 from .losses import DistillationLoss, TeacherView
@@ -483,8 +483,8 @@ def train(cfg: TrainConfig, resume: str | None = None, finish: bool = False,
     finish: the run's training is complete but its final step (scoring the best weights on the test
     split) was cut short: do only that. go_on: how the user continues an interrupted run, said when
     Ctrl-C or SIGTERM stops it ({run}: the run folder)."""
-    opened: list = []  # the run's data loaders and lock: closed however it ends, so no worker outlives it
-    run_at: list = []  # the run folder, once this process holds it
+    opened: list = []  # the run's data loaders: closed however it ends, so no worker outlives it
+    run_at: list = []  # [the run folder, its RunLock], once this process holds it
     try:
         return _train(cfg, resume, opened, finish, run_at)
     except (KeyboardInterrupt, RuntimeError) as e:
@@ -495,8 +495,10 @@ def train(cfg: TrainConfig, resume: str | None = None, finish: bool = False,
             raise type(stop)(f"every finished epoch is saved; continue with {go_on.format(run=run_at[0])}") from None
         raise stop from None
     finally:
-        for item in reversed(opened):  # the lock last: no one starts in the folder while a worker still runs
-            item.close()
+        for loader in opened:
+            loader.close()
+        if run_at:  # the lock last: no one starts in the folder while a worker of this run still runs
+            run_at[1].close()
 
 
 def _train(cfg: TrainConfig, resume: str | None, opened: list, finish: bool = False,
@@ -650,10 +652,13 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list, finish: bool = Fa
             make_dir(run_dir)
     if main:
         lock = RunLock(run_dir)  # a second process in this folder (the same --run.name twice) stops here
-        opened.append(lock)
-        lock.clean_stale()  # a save that SIGKILL cut short left its temporary file
         if run_at is not None:
-            run_at.append(run_dir)
+            run_at[:] = [run_dir, lock]
+        lock.clean_stale()  # a save that SIGKILL cut short left its temporary file
+        if start_epoch < cfg.run.epochs and not finish:
+            # more epochs may change model.safetensors: the test score of the weights it held goes with
+            # them (else a stop before the new final step would leave it describing other weights)
+            (run_dir / "test.json").unlink(missing_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
         # metrics.jsonl is rewritten from the checkpointed history, so a crash between
         # writing a line and saving last.ckpt cannot leave a duplicate epoch.
@@ -702,8 +707,9 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list, finish: bool = Fa
     if main and not history:  # data, model and loaders built: what a user waits for before epoch 1
         log(f"ready in {t_run - t_launch:.0f} s")
     if finish and main:
-        log(f"the run trained all its epochs; scoring its best weights on the test split (the final step, "
-            f"cut short before)")
+        how = "as long as its time limit allowed" if history[-1].get("stopped") == "time_limit" else "all its epochs"
+        log(f"the run trained {how} ({len(history)}); what a stop cut short is its final step: scoring the "
+            f"best weights on the test split")
     for epoch in range(start_epoch, start_epoch if finish else cfg.run.epochs):
         train_loader.set_epoch(epoch)
         train_model.train()
@@ -829,8 +835,7 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list, finish: bool = Fa
         history.append(record)
         reserve = eval_reserve(history)
         if main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(run_dir / "metrics.jsonl", json.dumps(record))
             _plot_curves(history, run_dir / "curves.png", eval_name)
             if tb is not None:
                 for k, v in record.items():

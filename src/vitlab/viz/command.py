@@ -180,8 +180,9 @@ def run(args) -> int:
     how = f"rollout, heads {args.head_fusion}, discard {args.discard_ratio:g}, [{args.token.upper()}]"
     k = min(len(images), SUMMARY_MAX)  # the overview stays a readable grid; every image gets its own pictures
     first = f" (the first {k} of {len(images)})" if k < len(images) else ""
-    tags = []
-    with staged(out) as stage:  # the set moves into `out` only once whole: an interrupted call leaves the old one
+    # the set moves into `out` only once whole, and the earlier call's other pictures go with that move:
+    # an interrupted call leaves the old set, never a mix of two
+    with staged(out, stale=lambda names: [f for f in earlier if f.name not in names]) as stage:
         plots.save(plots.plot_summary(images[:k], maps["rollout"][:k], truth[:k], pred[:k],
                                       title=f"Attention {how}{first}", boxes=boxes[:k]), stage / "attention_map.png")
         for i in tqdm(range(len(images)), desc="pictures", unit="image", disable=quiet, leave=False):
@@ -190,7 +191,6 @@ def run(args) -> int:
                 tag, label = f"sample_{i + 1}_{file_part(truth[i])}", f"sample {i + 1}: true {truth[i]}, pred {pred[i]}"
             else:
                 tag, label = f"image_{i + 1}_{file_part(Path(files[i]).stem)}", f"{files[i]}: pred {pred[i]}"
-            tags.append(tag)
             plots.save(plots.plot_heads(images[i], maps["heads"][i], label, token=args.token),
                        stage / f"attention_heads_{tag}.png")
             plots.save(plots.plot_rollout(images[i], maps["rollout"][i], f"{label}  ({how})", maps["grad_rollout"][i],
@@ -198,10 +198,6 @@ def run(args) -> int:
                        stage / f"attention_rollout_{tag}.png")
             plots.save(plots.plot_layers(images[i], maps["layers"][i], label, args.head_fusion, token=args.token),
                        stage / f"attention_layers_{tag}.png")
-    written = {f"attention_{kind}_{tag}.png" for kind in ("heads", "rollout", "layers") for tag in tags}
-    for f in earlier:  # removed once the new set is written: the folder never mixes two calls' pictures
-        if f.name not in written:
-            f.unlink(missing_ok=True)
     known = [t for t in truth if t is not None]
     right = sum(t == p for t, p in zip(truth, pred) if t is not None)
     score = f", {right}/{len(known)} predicted right" if known else ""

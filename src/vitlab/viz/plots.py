@@ -228,9 +228,11 @@ def plot_layers(image, layers, title: str = "", head_fusion: str = "mean", token
 def save(fig: Figure, path, dpi: int = 100) -> None:
     """Write a figure as PNG, whole or not at all (an interrupted save leaves no 0-byte picture), and
     free it (figures are not garbage-collected by pyplot otherwise)."""
+    from ..errors import raise_if_stopped
     from ..utils import atomic_write
 
     try:
+        raise_if_stopped()  # a Ctrl-C Python dropped while collecting an earlier figure (errors.py)
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
         plt.close(fig)
