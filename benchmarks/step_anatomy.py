@@ -23,8 +23,12 @@ Six measurements, each a median over repeats (this host's speed drifts, so compa
 6. the Linears on other kernels, each against the default compiled step, alternating: oneDNN's
    packed-weight Linear for qkv, fc1 and fc2 (section 1's forward and input gradient, as custom
    operators, the weight packed every step), and torch.compile's max-autotune mode.
+7. what is left outside the matmuls, each against the default compiled step, alternating: the
+   packed-weight Linear for all four Linears (qkv, proj, fc1, fc2), forward and input gradient;
+   the same for the forward alone (one packing per Linear instead of two); and inductor's
+   cpp_wrapper (the compiled graph's kernels called from C++ instead of Python).
 
-Writes benchmarks/results/step_anatomy.json (--out).
+Writes benchmarks/results/step_anatomy.json (--out); --sections runs some of them (e.g. 1,3,7).
 """
 
 from __future__ import annotations
@@ -128,25 +132,30 @@ def gelu(a: dict, batch: int) -> dict:
         x, g = torch.randn(rows, a["mlp_dim"], dtype=dtype), torch.randn(rows, a["mlp_dim"], dtype=dtype)
         res[name] = {"aten_forward": ms(lambda: F.gelu(x)), "inductor_forward": ms(lambda: fwd(x)),
                      "aten_backward": ms(lambda: torch.ops.aten.gelu_backward(g, x)),
-                     "inductor_backward": ms(lambda: bwd(x, g))}
+                     "inductor_backward": ms(lambda: bwd(x, g)),
+                     # the tanh approximation, which a faster GELU might have been (it is not)
+                     "aten_tanh_forward": ms(lambda: F.gelu(x, approximate="tanh")),
+                     "aten_tanh_backward": ms(lambda: torch.ops.aten.gelu_backward(g, x, approximate="tanh"))}
         print(f"  GELU {rows}x{a['mlp_dim']} {name} (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res[name].items()))
     return res
 
 
-def compiled_steps(preset: str, batch: int, variants: dict, modes: dict | None = None) -> dict:
+def compiled_steps(preset: str, batch: int, variants: dict, modes: dict | None = None,
+                   options: dict | None = None) -> dict:
     """One compiled bf16 training step (AdamW included) per variant: {name: edit(model) or None};
-    modes: {name: torch.compile mode} where a variant compiles with other than the default."""
+    modes: {name: torch.compile mode} where a variant compiles with other than the default;
+    options: {name: inductor options} likewise."""
     a = arch_of(preset)
     x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
     y = torch.randint(0, a["num_classes"], (batch,))
 
-    def make(edit, mode):
+    def make(edit, mode, opts):
         torch.manual_seed(0)
         model = create_model(preset)
         if edit is not None:
             edit(model)
         opt = build_optimizer(model, OptimConfig(), lr=1e-4)
-        compiled = torch.compile(model, mode=mode)
+        compiled = torch.compile(model, mode=mode) if opts is None else torch.compile(model, options=opts)
 
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -156,7 +165,7 @@ def compiled_steps(preset: str, batch: int, variants: dict, modes: dict | None =
             opt.zero_grad(set_to_none=True)
         return step
 
-    return {name: make(edit, (modes or {}).get(name)) for name, edit in variants.items()}
+    return {name: make(edit, (modes or {}).get(name), (options or {}).get(name)) for name, edit in variants.items()}
 
 
 def paired(steps: dict, fast: str, slow: str, batch: int, pairs: int, what: str) -> dict:
@@ -262,6 +271,60 @@ class PackedLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+@torch.library.custom_op("vitlab_bench::packed_linear_fwd", mutates_args=())
+def packed_linear_fwd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """packed_linear's forward; its backward is a plain matmul (one packing per call, not two)."""
+    return packed_linear(x, w, b)
+
+
+@packed_linear_fwd.register_fake
+def _packed_linear_fwd_fake(x, w, b):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _packed_linear_fwd_backward(ctx, g):
+    x, w = ctx.saved_tensors
+    g = g.to(x.dtype)
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    return g @ w, g2.t() @ x2, g2.sum(0)
+
+
+packed_linear_fwd.register_autograd(_packed_linear_fwd_backward, setup_context=_packed_linear_setup)
+
+
+class PackedForwardLinear(nn.Linear):
+    """PackedLinear with the input gradient through matmul as usual."""
+
+    def forward(self, x):
+        if (torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu") and x.requires_grad
+                and self.bias is not None):
+            dt = torch.get_autocast_dtype("cpu")
+            return packed_linear_fwd(x.to(dt), self.weight.to(dt), self.bias.to(dt))
+        return F.linear(x, self.weight, self.bias)
+
+
+def outside_matmuls(preset: str, batch: int, pairs: int) -> dict:
+    """Section 7: the packed-weight Linear for all four Linears (forward and input gradient, then
+    the forward alone) and inductor's cpp_wrapper, each against the default compiled step."""
+    res = {}
+    if packed_linear_available():
+        for name, cls in (("packed_all_four", PackedLinear), ("packed_forward_all_four", PackedForwardLinear)):
+            def edit(model, cls=cls):
+                for blk in model.blocks:
+                    for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+                        lin.__class__ = cls
+
+            steps = compiled_steps(preset, batch, {name: edit, "default": None})
+            res[name] = paired(steps, name, "default", batch, pairs, "compiled bf16 step")
+            del steps
+    else:
+        print("  (no oneDNN packed Linear in this torch build: the packed-weight steps are skipped)")
+    steps = compiled_steps(preset, batch, {"cpp_wrapper": None, "default": None},
+                           options={"cpp_wrapper": {"cpp_wrapper": True}})
+    res["cpp_wrapper"] = paired(steps, "cpp_wrapper", "default", batch, pairs, "compiled bf16 step")
+    return res
+
+
 def linear_kernels(preset: str, batch: int, pairs: int) -> dict:
     """Two ways to run the Linears of the compiled training step on other kernels, each against the
     default step: oneDNN's packed-weight Linear (PackedLinear for qkv, fc1 and fc2: section 1's
@@ -291,28 +354,39 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4, 5 and 6 (inference: 3x as many)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7", help="which sections to run, e.g. 1,3,7 (default: all)")
     args = p.parse_args(argv)
     make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     if args.pairs < 2:
         p.error("--pairs must be 2 or more (the quartiles need two)")
+    try:
+        sections = {int(v) for v in args.sections.split(",") if v.strip()}
+    except ValueError:
+        sections = set()
+    if not sections or not sections <= set(range(1, 8)):
+        p.error(f"--sections takes numbers from 1 to 7 separated by commas, got {args.sections!r}")
     tune_allocator()  # as every `vitlab` command does
     a = arch_of(args.model)
     print(f"step anatomy, {args.model}, batch {args.batch_size}, on {machine()}")
     res = dict(date=str(date.today()), machine=machine(),
                command=" ".join(["python benchmarks/step_anatomy.py", *(argv if argv is not None else sys.argv[1:])]),
-               model=args.model, batch=args.batch_size)
-    print("matmuls (bf16):")
-    res["matmuls_bf16"] = matmuls(a, args.batch_size, torch.bfloat16)
-    print("attention:")
-    res["attention_ms"] = attention(a, args.batch_size)
-    print("GELU:")
-    res["gelu_ms"] = gelu(a, args.batch_size)
-    print("the compiled step, GELU operator or not:")
-    res["gelu_operator_step"] = gelu_operator_step(args.model, args.batch_size, args.pairs)
-    print("the last block for the prefix tokens only, or the full last block:")
-    res["prefix_only_last_block"] = prefix_only_last_block(args.model, args.batch_size, args.pairs)
-    print("the Linears on other kernels: oneDNN's packed weights, torch.compile's max-autotune:")
-    res["linear_kernels"] = linear_kernels(args.model, args.batch_size, args.pairs)
+               model=args.model, batch=args.batch_size, sections=sorted(sections))
+    b, n = args.batch_size, args.pairs
+    for k, key, title, fn in (
+            (1, "matmuls_bf16", "matmuls (bf16):", lambda: matmuls(a, b, torch.bfloat16)),
+            (2, "attention_ms", "attention:", lambda: attention(a, b)),
+            (3, "gelu_ms", "GELU:", lambda: gelu(a, b)),
+            (4, "gelu_operator_step", "the compiled step, GELU operator or not:",
+             lambda: gelu_operator_step(args.model, b, n)),
+            (5, "prefix_only_last_block", "the last block for the prefix tokens only, or the full last block:",
+             lambda: prefix_only_last_block(args.model, b, n)),
+            (6, "linear_kernels", "the Linears on other kernels: oneDNN's packed weights, torch.compile's max-autotune:",
+             lambda: linear_kernels(args.model, b, n)),
+            (7, "outside_matmuls", "what is left outside the matmuls: all four Linears packed, the forward alone, "
+             "cpp_wrapper:", lambda: outside_matmuls(args.model, b, n))):
+        if k in sections:
+            print(title)
+            res[key] = fn()
     out = write_json(Path(args.out) / "step_anatomy.json", res)
     print(f"wrote {out}")
     return 0

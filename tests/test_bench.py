@@ -352,6 +352,10 @@ def test_machine_names_the_cpus_bf16_units_on_x86_and_arm():
 
     amx = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
     assert describe_cpu(amx, "x86_64") == "Intel(R) Xeon(R) Processor (AVX-512 BF16, AMX)"
+    # two cores' records: the first core's family and model name the generation
+    zen5 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+            "flags\t\t: fpu avx512f avx512_bf16\n\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\n")
+    assert describe_cpu(zen5, "x86_64") == "AMD EPYC (family 26 model 2; AVX-512 BF16)"
     plain = "model name\t: Intel(R) Core(TM) i7\nflags\t\t: fpu avx2\n"
     assert describe_cpu(plain, "x86_64") == "Intel(R) Core(TM) i7 (no bf16 matmul units)"
     arm = "processor\t: 0\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd sve bf16 i8mm\nCPU part\t: 0xd4f\n"
@@ -425,24 +429,27 @@ def test_step_anatomy_packed_linear_gives_the_linear_s_output_and_gradients():
     torch.manual_seed(0)
     x, w, b = (torch.randn(*s, dtype=torch.bfloat16, requires_grad=True) for s in ((2, 65, 192), (576, 192), (576,)))
     g = torch.randn(2, 65, 576, dtype=torch.bfloat16)
-    got = sa.packed_linear(x, w, b)
-    got_grads = torch.autograd.grad(got, (x, w, b), g)
     want = F.linear(x, w, b)
     want_grads = torch.autograd.grad(want, (x, w, b), g)
-    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
-    for a, e in zip(got_grads, want_grads):
-        assert a.shape == e.shape
-        torch.testing.assert_close(a.float(), e.float(), rtol=1.6e-2, atol=2e-2 * e.abs().max().item())
-    # and a compiled, autocast training forward of PackedLinear does go through it (else section 6
-    # would time the default step twice); eager keeps F.linear
-    graphs = []
+    # section 6's op (forward and input gradient packed) and section 7's forward-only one
+    for op in (sa.packed_linear, sa.packed_linear_fwd):
+        got = op(x, w, b)
+        got_grads = torch.autograd.grad(got, (x, w, b), g)
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
+        for a, e in zip(got_grads, want_grads):
+            assert a.shape == e.shape
+            torch.testing.assert_close(a.float(), e.float(), rtol=1.6e-2, atol=2e-2 * e.abs().max().item())
+    # and a compiled, autocast training forward of either Linear does go through its op (else
+    # sections 6 and 7 would time the default step twice); eager keeps F.linear
+    for cls, name in ((sa.PackedLinear, "packed_linear.default("), (sa.PackedForwardLinear, "packed_linear_fwd.default(")):
+        graphs = []
 
-    def capture(gm, example_inputs):
-        graphs.append(gm.code)
-        return gm.forward
+        def capture(gm, example_inputs):
+            graphs.append(gm.code)
+            return gm.forward
 
-    lin = sa.PackedLinear(192, 576)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = torch.compile(lin, backend=capture)(torch.randn(2, 65, 192, requires_grad=True))
-    assert out.dtype == torch.bfloat16 and graphs and "packed_linear" in graphs[0]
-    torch.testing.assert_close(lin(x.detach().float()), F.linear(x.detach().float(), lin.weight, lin.bias))
+        lin = cls(192, 576)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.compile(lin, backend=capture)(torch.randn(2, 65, 192, requires_grad=True))
+        assert out.dtype == torch.bfloat16 and graphs and name in graphs[0]
+        torch.testing.assert_close(lin(x.detach().float()), F.linear(x.detach().float(), lin.weight, lin.bias))

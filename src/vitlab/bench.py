@@ -854,15 +854,21 @@ def loop_vs_step(preset: str, batch: int, steps: int, warmup: int, log=print, ro
 # -- command ---------------------------------------------------------------------------------------
 
 def describe_cpu(cpuinfo: str, fallback: str) -> str:
-    """/proc/cpuinfo's text -> the CPU's name and its bf16 matmul units, e.g.
-    "Intel(R) Xeon(R) Processor (AVX-512 BF16, AMX)". The same model name covers hosts with
-    and without AMX, whose bf16 speeds differ ~3x, so the units are named from the flags."""
-    name, x86, arm = fallback, None, None
+    """/proc/cpuinfo's text -> the CPU's name, its x86 family and model, and its bf16 matmul
+    units, e.g. "AMD EPYC (family 26 model 2; AVX-512 BF16)". One model name covers hosts whose
+    bf16 speeds differ 2-4x (an "Intel Xeon Processor" with and without AMX; an "AMD EPYC" of
+    family 25, Zen 4, and of family 26, Zen 5, whose AVX-512 units are twice as wide), so the
+    units are named from the flags and the generation from the family."""
+    name, x86, arm, family, model = fallback, None, None, None, None
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "model name" and name == fallback:
             name = value.strip()
+        elif key == "cpu family" and family is None:
+            family = value.strip()
+        elif key == "model" and model is None:
+            model = value.strip()
         elif key == "flags" and x86 is None:  # x86
             x86 = set(value.split())
         elif key == "Features" and arm is None:  # Arm: no model name, one "Features" line per core
@@ -873,7 +879,10 @@ def describe_cpu(cpuinfo: str, fallback: str) -> str:
         units = [label for flag, label in (("bf16", "Arm BF16"), ("sme", "SME")) if flag in arm]
     else:
         return name
-    return f"{name} ({', '.join(units) if units else 'no bf16 matmul units'})"
+    units = ", ".join(units) if units else "no bf16 matmul units"
+    if x86 is not None and family and model:
+        return f"{name} (family {family} model {model}; {units})"
+    return f"{name} ({units})"
 
 
 def machine(device=CPU) -> str:
