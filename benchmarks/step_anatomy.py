@@ -250,24 +250,30 @@ def _packed_linear_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1])
 
 
-def _packed_linear_backward(ctx, g):
-    x, w = ctx.saved_tensors
-    g = g.to(x.dtype)
-    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-    return packed_linear_input_grad(g, w), g2.t() @ x2, g2.sum(0)
+def _linear_backward(input_grad):
+    """A Linear's backward with the input gradient from input_grad(g, w); the weight gradient
+    through mm as autograd issues it, the bias gradient a sum."""
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g = g.to(x.dtype)
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        return input_grad(g, w), g2.t() @ x2, g2.sum(0)
+    return backward
 
 
-packed_linear.register_autograd(_packed_linear_backward, setup_context=_packed_linear_setup)
+packed_linear.register_autograd(_linear_backward(packed_linear_input_grad), setup_context=_packed_linear_setup)
 
 
 class PackedLinear(nn.Linear):
     """nn.Linear whose compiled bf16-autocast training forward goes through packed_linear."""
 
+    op = staticmethod(packed_linear)
+
     def forward(self, x):
         if (torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu") and x.requires_grad
                 and self.bias is not None):
             dt = torch.get_autocast_dtype("cpu")
-            return packed_linear(x.to(dt), self.weight.to(dt), self.bias.to(dt))
+            return self.op(x.to(dt), self.weight.to(dt), self.bias.to(dt))
         return F.linear(x, self.weight, self.bias)
 
 
@@ -282,25 +288,13 @@ def _packed_linear_fwd_fake(x, w, b):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-def _packed_linear_fwd_backward(ctx, g):
-    x, w = ctx.saved_tensors
-    g = g.to(x.dtype)
-    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-    return g @ w, g2.t() @ x2, g2.sum(0)
+packed_linear_fwd.register_autograd(_linear_backward(torch.matmul), setup_context=_packed_linear_setup)
 
 
-packed_linear_fwd.register_autograd(_packed_linear_fwd_backward, setup_context=_packed_linear_setup)
-
-
-class PackedForwardLinear(nn.Linear):
+class PackedForwardLinear(PackedLinear):
     """PackedLinear with the input gradient through matmul as usual."""
 
-    def forward(self, x):
-        if (torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu") and x.requires_grad
-                and self.bias is not None):
-            dt = torch.get_autocast_dtype("cpu")
-            return packed_linear_fwd(x.to(dt), self.weight.to(dt), self.bias.to(dt))
-        return F.linear(x, self.weight, self.bias)
+    op = staticmethod(packed_linear_fwd)
 
 
 def outside_matmuls(preset: str, batch: int, pairs: int) -> dict:
