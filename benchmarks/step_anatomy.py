@@ -1,8 +1,8 @@
 """Why the ViT-Tiny training step runs at the rate it does on this CPU: its parts, timed one by one.
 
-    python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; three to four minutes
+    python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; several minutes
 
-Six measurements, each a median over repeats (this host's speed drifts, so compare within a section):
+Seven measurements, each a median over repeats (this host's speed drifts, so compare within a section):
 
 1. matmuls: each Linear's three products at the step's shapes (rows = batch x tokens): the forward
    (addmm with bias), the input gradient (grad @ W) and the weight gradient both ways autograd
@@ -140,22 +140,21 @@ def gelu(a: dict, batch: int) -> dict:
     return res
 
 
-def compiled_steps(preset: str, batch: int, variants: dict, modes: dict | None = None,
-                   options: dict | None = None) -> dict:
+def compiled_steps(preset: str, batch: int, variants: dict, compile_kwargs: dict | None = None) -> dict:
     """One compiled bf16 training step (AdamW included) per variant: {name: edit(model) or None};
-    modes: {name: torch.compile mode} where a variant compiles with other than the default;
-    options: {name: inductor options} likewise."""
+    compile_kwargs: {name: torch.compile's keyword arguments} where a variant compiles with other
+    than the defaults (a mode, or inductor options)."""
     a = arch_of(preset)
     x = torch.randn(batch, a["in_chans"], a["img_size"], a["img_size"])
     y = torch.randint(0, a["num_classes"], (batch,))
 
-    def make(edit, mode, opts):
+    def make(edit, kwargs):
         torch.manual_seed(0)
         model = create_model(preset)
         if edit is not None:
             edit(model)
         opt = build_optimizer(model, OptimConfig(), lr=1e-4)
-        compiled = torch.compile(model, mode=mode) if opts is None else torch.compile(model, options=opts)
+        compiled = torch.compile(model, **kwargs)
 
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -165,7 +164,7 @@ def compiled_steps(preset: str, batch: int, variants: dict, modes: dict | None =
             opt.zero_grad(set_to_none=True)
         return step
 
-    return {name: make(edit, (modes or {}).get(name), (options or {}).get(name)) for name, edit in variants.items()}
+    return {name: make(edit, (compile_kwargs or {}).get(name, {})) for name, edit in variants.items()}
 
 
 def paired(steps: dict, fast: str, slow: str, batch: int, pairs: int, what: str) -> dict:
@@ -297,24 +296,30 @@ class PackedForwardLinear(PackedLinear):
     op = staticmethod(packed_linear_fwd)
 
 
+def swap_linears(cls, names):
+    """An edit for compiled_steps: each block's Linears at `names` (e.g. "attn.qkv") become `cls`,
+    same parameters, other forward."""
+    def edit(model):
+        for blk in model.blocks:
+            for name in names:
+                blk.get_submodule(name).__class__ = cls
+    return edit
+
+
 def outside_matmuls(preset: str, batch: int, pairs: int) -> dict:
     """Section 7: the packed-weight Linear for all four Linears (forward and input gradient, then
     the forward alone) and inductor's cpp_wrapper, each against the default compiled step."""
     res = {}
     if packed_linear_available():
         for name, cls in (("packed_all_four", PackedLinear), ("packed_forward_all_four", PackedForwardLinear)):
-            def edit(model, cls=cls):
-                for blk in model.blocks:
-                    for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
-                        lin.__class__ = cls
-
-            steps = compiled_steps(preset, batch, {name: edit, "default": None})
+            steps = compiled_steps(preset, batch, {name: swap_linears(cls, ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")),
+                                                   "default": None})
             res[name] = paired(steps, name, "default", batch, pairs, "compiled bf16 step")
             del steps
     else:
         print("  (no oneDNN packed Linear in this torch build: the packed-weight steps are skipped)")
     steps = compiled_steps(preset, batch, {"cpp_wrapper": None, "default": None},
-                           options={"cpp_wrapper": {"cpp_wrapper": True}})
+                           compile_kwargs={"cpp_wrapper": {"options": {"cpp_wrapper": True}}})
     res["cpp_wrapper"] = paired(steps, "cpp_wrapper", "default", batch, pairs, "compiled bf16 step")
     return res
 
@@ -326,18 +331,14 @@ def linear_kernels(preset: str, batch: int, pairs: int) -> dict:
     max-autotune mode (inductor benchmarks its own C++ GEMM templates against ATen's per product)."""
     res = {}
     if packed_linear_available():
-        def packed(model):
-            for blk in model.blocks:
-                for lin in (blk.attn.qkv, blk.mlp.fc1, blk.mlp.fc2):
-                    lin.__class__ = PackedLinear  # same parameters, other forward
-
+        packed = swap_linears(PackedLinear, ("attn.qkv", "mlp.fc1", "mlp.fc2"))
         steps = compiled_steps(preset, batch, {"packed_linear": packed, "default": None})
         res["packed_linear"] = paired(steps, "packed_linear", "default", batch, pairs, "compiled bf16 step")
         del steps
     else:
         print("  (no oneDNN packed Linear in this torch build: the packed-weight step is skipped)")
     steps = compiled_steps(preset, batch, {"max_autotune": None, "default": None},
-                           modes={"max_autotune": "max-autotune-no-cudagraphs"})
+                           compile_kwargs={"max_autotune": {"mode": "max-autotune-no-cudagraphs"}})
     res["max_autotune"] = paired(steps, "max_autotune", "default", batch, pairs, "compiled bf16 step")
     return res
 
@@ -346,7 +347,7 @@ def main(argv=None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4, 5 and 6 (inference: 3x as many)")
+    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4 to 7 (inference: 3x as many)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--sections", default="1,2,3,4,5,6,7", help="which sections to run, e.g. 1,3,7 (default: all)")
     args = p.parse_args(argv)
