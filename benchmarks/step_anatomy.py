@@ -13,10 +13,13 @@ Seven measurements, each a median over repeats (this host's speed drifts, so com
 2. attention: the core (q, k, v -> softmax(q k^T / sqrt(d)) v) forward and backward, per block: the
    explicit bf16 path vitlab trains with on a CPU, the same in fp32, and torch's
    scaled_dot_product_attention (flash kernel, and the math fallback).
-3. GELU at the MLP's shape, forward and backward: ATen's kernels against inductor's compiled loop.
-4. the compiled training step with GELU as vitlab's opaque operator (vitlab.models.ops) against the
-   same step with nn.GELU, which inductor compiles itself: steps alternate pair by pair, the speed-up
-   is the median of the pairs' ratios.
+3. GELU at the MLP's shape, forward and backward: ATen's kernels against inductor's compiled loop,
+   and vitlab's native kernel (vitlab.models.native: GELU and its derivative in one pass; the
+   backward pass is then a multiply).
+4. the compiled training step with GELU as vitlab's opaque operator on ATen's kernels
+   (vitlab.models.ops) against the same step with nn.GELU, which inductor compiles itself, and
+   the step with vitlab's native kernel (the default where it runs) against that operator: steps
+   alternate pair by pair, the speed-up is the median of the pairs' ratios.
 5. the last block run for the prefix tokens alone (VisionTransformer.prefix_only_last_block, on by
    default) against the full last block, alternating in the same way: the compiled bf16 training
    step, and the frozen bf16 inference copy.
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from vitlab.bench import _median_rate, alternate, arch_of, machine, speedup
 from vitlab.cli import Parser
 from vitlab.config import OptimConfig
-from vitlab.models import create_model
+from vitlab.models import create_model, native
 from vitlab.train.optim import build_optimizer
 from vitlab.utils import make_dir, tune_allocator, write_json
 
@@ -136,6 +139,11 @@ def gelu(a: dict, batch: int) -> dict:
                      # the tanh approximation, which a faster GELU might have been (it is not)
                      "aten_tanh_forward": ms(lambda: F.gelu(x, approximate="tanh")),
                      "aten_tanh_backward": ms(lambda: torch.ops.aten.gelu_backward(g, x, approximate="tanh"))}
+        lib = native.gelu_kernel()
+        if lib is not None:  # vitlab's kernel: GELU and its derivative; its backward is a multiply
+            d = native.gelu_and_grad(lib, x)[1]
+            res[name]["native_forward_and_derivative"] = ms(lambda: native.gelu_and_grad(lib, x))
+            res[name]["native_backward_multiply"] = ms(lambda: g * d)
         print(f"  GELU {rows}x{a['mlp_dim']} {name} (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res[name].items()))
     return res
 
@@ -182,13 +190,25 @@ def paired(steps: dict, fast: str, slow: str, batch: int, pairs: int, what: str)
 
 
 def gelu_operator_step(preset: str, batch: int, pairs: int) -> dict:
-    """Compiled bf16 steps, vitlab's GELU operator against inductor's own GELU, alternating."""
+    """Compiled bf16 steps, alternating: vitlab's GELU operator on ATen's kernels against
+    inductor's own GELU, and (where it runs) vitlab's native kernel against that operator."""
     def inductor_gelu(model):
         for blk in model.blocks:
             blk.mlp.act = nn.GELU()  # inductor lowers this one itself
 
-    steps = compiled_steps(preset, batch, {"inductor_gelu": inductor_gelu, "vitlab_gelu_op": None})
-    return paired(steps, "vitlab_gelu_op", "inductor_gelu", batch, pairs, "compiled bf16 step")
+    def aten_gelu_op(model):
+        for blk in model.blocks:
+            blk.mlp.act.use_native = False
+
+    steps = compiled_steps(preset, batch, {"inductor_gelu": inductor_gelu, "vitlab_gelu_op": aten_gelu_op})
+    res = {"op_vs_inductor": paired(steps, "vitlab_gelu_op", "inductor_gelu", batch, pairs, "compiled bf16 step")}
+    del steps
+    if native.gelu_kernel() is None:
+        print(f"  vitlab's GELU kernel does not run here: {native.why_not()}")
+        return res
+    steps = compiled_steps(preset, batch, {"vitlab_gelu_op": aten_gelu_op, "native_gelu": None})
+    res["native_vs_op"] = paired(steps, "native_gelu", "vitlab_gelu_op", batch, pairs, "compiled bf16 step")
+    return res
 
 
 def prefix_only_last_block(preset: str, batch: int, pairs: int) -> dict:
@@ -371,7 +391,7 @@ def main(argv=None) -> int:
             (1, "matmuls_bf16", "matmuls (bf16):", lambda: matmuls(a, b, torch.bfloat16)),
             (2, "attention_ms", "attention:", lambda: attention(a, b)),
             (3, "gelu_ms", "GELU:", lambda: gelu(a, b)),
-            (4, "gelu_operator_step", "the compiled step, GELU operator or not:",
+            (4, "gelu_operator_step", "the compiled step: GELU as inductor lowers it, as an operator on ATen's kernels, on vitlab's:",
              lambda: gelu_operator_step(args.model, b, n)),
             (5, "prefix_only_last_block", "the last block for the prefix tokens only, or the full last block:",
              lambda: prefix_only_last_block(args.model, b, n)),

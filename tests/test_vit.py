@@ -594,9 +594,11 @@ def test_gelu_operator_is_atens_gelu_bit_for_bit(dtype):
 
 
 def test_compiled_cpu_training_graph_calls_the_gelu_operator_and_inference_does_not():
+    from vitlab.models import native
     from vitlab.models.vit import GELU, Mlp
 
     graphs = []
+    ours = {"vitlab.gelu.default", "vitlab.gelu_and_grad.default"}
 
     def record(gm, example_inputs):  # a dynamo backend that keeps the traced graph and runs it as is
         graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
@@ -610,13 +612,21 @@ def test_compiled_cpu_training_graph_calls_the_gelu_operator_and_inference_does_
     with torch.no_grad():
         compiled(x)
     torch._dynamo.reset()
-    assert len(graphs) == 2
-    assert "vitlab.gelu.default" in graphs[0]  # training: ATen's kernels as one opaque operator
-    assert "vitlab.gelu.default" not in graphs[1] and any("gelu" in t for t in graphs[1])  # inference: F.gelu
+    mlp.act.use_native = False
+    torch.compile(mlp, backend=record)(x).sum().backward()
+    torch._dynamo.reset()
+    mlp.act.use_native = True
+    assert len(graphs) == 3
+    train, infer, train_aten = graphs
+    # training: vitlab's kernel (GELU and its derivative) where it runs, else ATen's as one opaque operator
+    op = "vitlab.gelu_and_grad.default" if native.gelu_kernel() is not None else "vitlab.gelu.default"
+    assert ours & train == {op}
+    assert ours & train_aten == {"vitlab.gelu.default"}  # use_native off: ATen's kernels even here
+    assert not ours & infer and any("gelu" in t for t in infer)  # inference: F.gelu
     assert torch.equal(mlp.act(x), F.gelu(x))  # eager: plain F.gelu
     tanh = GELU(approximate="tanh")  # nn.GELU's option is honoured, never swapped for the erf operator
     assert torch.equal(torch.compile(tanh, backend=record)(x.requires_grad_()), F.gelu(x, approximate="tanh"))
-    assert "vitlab.gelu.default" not in graphs[-1]
+    assert not ours & graphs[-1]
     exported = torch.export.export(mlp, (x,))  # an exported graph must run without vitlab: plain GELU
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert "vitlab.gelu.default" not in targets and any("gelu" in t for t in targets)
+    assert not ours & targets and any("gelu" in t for t in targets)

@@ -224,15 +224,20 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch
 class GELU(nn.GELU):
     """Exact (erf) GELU, as in the original ViT and every checkpoint.
 
-    nn.GELU, except inside a compiled CPU graph that trains through it: there it calls ATen's
-    kernels as one opaque operator, because inductor's own GELU loop is slower on a CPU
-    (ops.py). Inference keeps inductor's lowering, which a frozen graph folds into the Linear
+    nn.GELU, except inside a compiled CPU graph that trains through it: there it calls vitlab's
+    own kernel, which also writes the derivative for the backward pass (native.py), or where
+    that cannot run, ATen's kernels as one opaque operator, because inductor's own GELU loop is
+    slower on a CPU (ops.py). Inference keeps inductor's lowering, which a frozen graph folds into the Linear
     before it; torch.export (and the ONNX exporter on top of it) sees plain GELU.
     """
+
+    use_native = True  # False: ATen's kernels even where vitlab's runs (benchmarks/step_anatomy.py)
 
     def forward(self, x):
         if (self.approximate == "none" and x.requires_grad and x.device.type == "cpu"
                 and torch.compiler.is_compiling() and not _is_exporting()):
+            if self.use_native and x.dtype in (torch.bfloat16, torch.float32) and ops.native_gelu():
+                return ops.gelu_and_grad(x)[0]  # GELU and its derivative in one pass (native.py)
             return ops.gelu(x)
         return F.gelu(x, approximate=self.approximate)
 

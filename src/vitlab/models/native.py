@@ -1,0 +1,134 @@
+"""vitlab's one native kernel: exact GELU with its derivative in one pass (gelu_kernel.c).
+
+Built on first use with the C compiler that torch.compile needs anyway on a CPU, about a
+tenth of a second, and kept in ~/.cache/vitlab/native (or $XDG_CACHE_HOME/vitlab/native) under a
+name that hashes the source, the flags and the compiler, so that an edit or another compiler
+builds afresh. The file appears there by an atomic rename: a process that stops mid-build leaves
+no half-written library, and several (torchrun ranks) may build at once.
+
+Only on Linux x86-64 with AVX-512 BF16 (the CPUs where vitlab trains in bf16 by default:
+Sapphire Rapids and later Xeons, Zen 4 and later EPYCs and Ryzens). Anywhere else, with no
+compiler, or with VITLAB_NATIVE=0, `gelu_kernel()` returns None and the compiled step keeps
+ATen's GELU kernels (ops.gelu): nothing changes but the speed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gelu_kernel.c")
+FLAGS = ["-O2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+         "-fopenmp", "-shared", "-fPIC"]
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
+
+_why_not: list[str] = []  # the reason the kernel is unavailable, once known
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vitlab" / "native"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(cc: str, dest_dir: Path) -> Path:
+    """Compile gelu_kernel.c into dest_dir (reused when already there). Raises OSError or
+    subprocess.SubprocessError on failure."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    lib = dest_dir / f"gelu-{key}.so"
+    if lib.exists():
+        return lib
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".gelu-", suffix=".so", dir=dest_dir)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            raise OSError(f"{Path(cc).name} failed: {first}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name in ("vitlab_gelu_fwd_bf16", "vitlab_gelu_fwd_f32"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+    return lib
+
+
+@functools.cache
+def gelu_kernel() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it cannot run here (why_not() says why)."""
+    if os.environ.get("VITLAB_NATIVE", "1") == "0":
+        _why_not.append("VITLAB_NATIVE=0")
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        _why_not.append(f"not Linux x86-64 ({platform.system()} {platform.machine()})")
+        return None
+    missing = CPU_FLAGS - _cpu_flags()
+    if missing:
+        _why_not.append(f"the CPU lacks {', '.join(sorted(missing))}")
+        return None
+    cc = _compiler()
+    if cc is None:
+        _why_not.append("no C compiler (cc, gcc or $CC)")
+        return None
+    reason = ""
+    for dest in (cache_dir(), Path(tempfile.gettempdir()) / f"vitlab-native-{os.getuid()}"):
+        try:
+            path = _build(cc, dest)
+            try:
+                return _load(path)
+            except OSError:  # a damaged file in the cache: build it again once
+                path.unlink(missing_ok=True)
+                return _load(_build(cc, dest))
+        except (OSError, subprocess.SubprocessError) as e:
+            reason = f"building the GELU kernel in {dest} failed ({e})"
+    _why_not.append(reason)
+    return None
+
+
+def why_not() -> str | None:
+    """Why gelu_kernel() returned None (None if it has not, or has not been asked)."""
+    return _why_not[-1] if _why_not else None
+
+
+def gelu_and_grad(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu(x), gelu'(x)) for a contiguous bf16 or fp32 CPU tensor, by the kernel."""
+    y, d = torch.empty_like(x), torch.empty_like(x)
+    fn = lib.vitlab_gelu_fwd_bf16 if x.dtype == torch.bfloat16 else lib.vitlab_gelu_fwd_f32
+    fn(x.data_ptr(), y.data_ptr(), d.data_ptr(), x.numel())
+    return y, d

@@ -1,0 +1,155 @@
+"""vitlab's native GELU kernel (vitlab/models/native.py, gelu_kernel.c): its values against
+ATen's, its build and cache, and the fallback where it cannot run."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitlab.models import create_model, native, ops
+
+RUNS_HERE = native.CPU_FLAGS <= native._cpu_flags() and native._compiler() is not None
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """gelu_kernel() decided afresh, with the cache in tmp_path; the process's choice restored after."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.gelu_kernel.cache_clear()
+    yield tmp_path / "vitlab" / "native"
+    native.gelu_kernel.cache_clear()
+
+
+def reference(x):
+    """Exact GELU and derivative in fp64, from erfc (no cancellation in the negative tail)."""
+    x64 = x.double()
+    cdf = 0.5 * torch.special.erfc(-x64 / 2**0.5)
+    return x64 * cdf, cdf + x64 * torch.exp(-0.5 * x64 * x64) / (2 * torch.pi) ** 0.5
+
+
+def close(got, want, x, rel, abs_per_x):
+    """|got - want| <= rel |want| + abs_per_x max(1, |x|), elementwise."""
+    return bool(((got.double() - want).abs() <= rel * want.abs() + abs_per_x * x.double().abs().clamp(min=1)).all())
+
+
+def inputs(dtype, n):
+    torch.manual_seed(n)
+    x = torch.randn(n, dtype=torch.float32) * 4
+    x[: min(n, 8)] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 12.0, -12.0, 30.0, -30.0])[: min(n, 8)]
+    return x.to(dtype)
+
+
+def test_the_kernel_runs_where_the_cpu_and_a_compiler_allow(fresh_kernel):
+    lib = native.gelu_kernel()
+    if RUNS_HERE:
+        assert lib is not None and native.why_not() is None
+        assert len(list(fresh_kernel.glob("gelu-*.so"))) == 1
+    else:
+        assert lib is None and native.why_not()
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 31, 32, 33, 8320 * 3 + 5])  # every tail length class
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_values_and_derivative_match_exact_gelu(dtype, n):
+    lib = native.gelu_kernel()
+    if lib is None:  # nothing of vitlab's runs here: the op is ATen's, bit for bit
+        x = inputs(dtype, n)
+        y, d = ops.gelu_and_grad(x)
+        assert torch.equal(y, F.gelu(x))
+        assert torch.equal(d, torch.ops.aten.gelu_backward(torch.ones_like(x), x))
+        return
+    x = inputs(dtype, n)
+    y, d = native.gelu_and_grad(lib, x)
+    assert y.dtype == d.dtype == dtype and y.shape == d.shape == x.shape
+    ry, rd = reference(x)
+    aten_y, aten_d = F.gelu(x), torch.ops.aten.gelu_backward(torch.ones_like(x), x)
+    if dtype == torch.float32:
+        # A&S 7.1.26 is good to 1.5e-7 absolute in erf, about what fp32's own erf gives (ATen's
+        # fp32 GELU is off by up to 3e-7 |x| here)
+        assert close(y, ry, x, 0, 2e-7) and close(d, rd, x, 0, 4e-7)
+    else:
+        # bf16: within one unit in the last place (2^-8 relative) of the exact value
+        assert close(y, ry, x, 2**-8, 1e-7) and close(d, rd, x, 2**-8, 1e-7)
+        if n > 1000:  # and the exact value rounded at least as often as ATen's bf16 GELU is
+            for got, aten, exact in ((y, aten_y, ry), (d, aten_d, rd)):
+                assert (got != exact.to(dtype)).float().mean() <= (aten != exact.to(dtype)).float().mean() + 0.01
+
+
+def test_kernel_propagates_nan():
+    lib = native.gelu_kernel()
+    x = torch.tensor([float("nan"), 1.0, -2.0] * 11)
+    for dtype in (torch.float32, torch.bfloat16):
+        # without the kernel, the op's fallback: ATen's own GELU
+        y, d = native.gelu_and_grad(lib, x.to(dtype)) if lib is not None else ops.gelu_and_grad(x.to(dtype))
+        assert torch.isnan(y[0::3]).all() and torch.isnan(d[0::3]).all()
+        assert torch.isfinite(y[1::3]).all() and torch.isfinite(d[2::3]).all()
+
+
+def test_gelu_and_grad_operator_trains_like_gelu():
+    """The op's autograd: the gradient is grad * derivative, as ATen's GELU backward gives."""
+    x = torch.randn(7, 33, requires_grad=True)
+    g = torch.randn(7, 33)
+    y, _ = ops.gelu_and_grad(x)
+    (grad,) = torch.autograd.grad(y, x, g)
+    ref = F.gelu(x)
+    (ref_grad,) = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(y, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-5)
+    torch.library.opcheck(ops.gelu_and_grad, (x.detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, None])
+def test_compiled_training_step_gives_eager_gradients(dtype):
+    """The default compiled CPU step (vitlab's kernel where it runs) against eager mode."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4_32", num_classes=10, depth=2)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    grads = []
+    torch._dynamo.reset()
+    for m in (model, torch.compile(model)):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(m(x).float(), y)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch._dynamo.reset()
+    tol = 3e-2 if dtype is not None else 1e-4  # bf16: the two graphs round differently
+    for eager, compiled in zip(*grads):
+        assert (eager - compiled).norm() <= tol * eager.norm() + 1e-12
+
+
+def test_build_is_cached_and_a_damaged_file_is_rebuilt(fresh_kernel):
+    if not RUNS_HERE:
+        assert native.gelu_kernel() is None and native.why_not()
+        return
+    cc = native._compiler()
+    first = native._build(cc, fresh_kernel)
+    stamp = first.stat().st_mtime_ns
+    assert native._build(cc, fresh_kernel) == first and first.stat().st_mtime_ns == stamp  # reused
+    assert not list(fresh_kernel.glob(".gelu-*"))  # no temporaries left
+    first.write_bytes(b"not a shared library")
+    assert native.gelu_kernel() is not None  # loaded after one rebuild
+    assert first.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_no_kernel_where_it_cannot_run(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("VITLAB_NATIVE", "0")
+    assert native.gelu_kernel() is None and "VITLAB_NATIVE=0" in native.why_not()
+    monkeypatch.delenv("VITLAB_NATIVE")
+    native.gelu_kernel.cache_clear()
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"fma", "avx512f"})
+    assert native.gelu_kernel() is None and "lacks avx512_bf16" in native.why_not()
+    native.gelu_kernel.cache_clear()
+    monkeypatch.setattr(native, "_cpu_flags", lambda: set(native.CPU_FLAGS))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert native.gelu_kernel() is None and "no C compiler" in native.why_not()
+    if RUNS_HERE:  # a compiler that fails: a one-line reason, no library, no temporary left
+        native.gelu_kernel.cache_clear()
+        fake = fresh_kernel.parent / "fakecc"
+        fake.parent.mkdir(parents=True, exist_ok=True)
+        fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fakecc 1; exit 0; }\necho 'error: no' >&2; exit 1\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("CC", str(fake))
+        assert native.gelu_kernel() is None and "fakecc failed: error: no" in native.why_not()
+        assert not list(fresh_kernel.glob("*"))
+    assert os.environ.get("VITLAB_NATIVE") is None
