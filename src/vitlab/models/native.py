@@ -92,6 +92,7 @@ def _load(path: Path) -> ctypes.CDLL:
 @functools.cache
 def gelu_kernel() -> ctypes.CDLL | None:
     """The loaded kernel library, or None where it cannot run here (why_not() says why)."""
+    _why_not.clear()
     if os.environ.get("VITLAB_NATIVE", "1") == "0":
         _why_not.append("VITLAB_NATIVE=0")
         return None
