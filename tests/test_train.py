@@ -895,6 +895,31 @@ def test_compile_failure_falls_back_to_eager_with_a_note(tmp_path, monkeypatch, 
     assert comparable(metrics(run)) == comparable(metrics(ref))
 
 
+def test_a_gelu_kernel_that_fails_to_build_is_one_note(tmp_path, monkeypatch, capsys):
+    """A compiled CPU run whose GELU kernel does not build says so once and trains on."""
+    from vitlab.models import native
+    from vitlab.train import engine
+
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fakecc 1; exit 0; }\necho 'error: broken' >&2; exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_cpu_flags", lambda: set(native.CPU_FLAGS))  # as if the CPU could run it
+    monkeypatch.setattr(engine.torch, "compile", lambda m, **kw: m)  # the note, not compiling, is under test
+    native.gelu_kernel.cache_clear()
+    try:
+        common = [*FAST, "--epochs", "1", "--data.subset", "64", "--out", str(tmp_path)]
+        engine.train(build_config(None, parse_overrides([*common, "--run.name", "k", "--run.compile", "true"])))
+        out = capsys.readouterr().out
+        assert out.count("note: building the GELU kernel in") == 1
+        assert "(cc failed: error: broken); GELU runs on ATen's kernels" in out
+        engine.train(build_config(None, parse_overrides([*common, "--run.name", "e", "--run.compile", "false"])))
+        assert "GELU kernel" not in capsys.readouterr().out  # eager: nothing to say
+    finally:
+        native.gelu_kernel.cache_clear()
+
+
 def test_two_processes_agree_with_one(tmp_path):
     # Same global batch (64): one process with 64, or two with 32 each. No randomness
     # that differs per process (no augmentation, no dropout), fp32.

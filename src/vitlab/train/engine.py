@@ -683,6 +683,12 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list, finish: bool = Fa
                 "and its score is optimistic; --data.val_fraction 0.1 holds out one")
         if teacher is not None and teacher.changes:
             log(f"note: the teacher sees this run's images as it was trained to: {'; '.join(teacher.changes)}")
+        if compiled and device.type == "cpu":
+            from ..models import native
+
+            # a CPU that cannot run vitlab's GELU kernel is no news; one whose build failed is
+            if native.gelu_kernel() is None and (native.why_not() or "").startswith("building"):
+                log(f"note: {native.why_not()}; GELU runs on ATen's kernels (a few percent slower)")
         what = (f"{cfg.model.pretrained} ({getattr(model, 'arch', {}).get('name', 'pretrained')})"
                 if cfg.model.pretrained else cfg.model.name)  # model.name is unused when fine-tuning
         log(f"run {run_dir}: {what} ({count_params(model):,} params) on {cfg.data.name} "
