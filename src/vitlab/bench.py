@@ -943,7 +943,8 @@ def _print_markdown(res: dict) -> None:
     if c.get("frozen_first_call_s"):
         print(f"\nThe frozen copy's first call, which compiles it: {c['frozen_first_call_s']:.1f} s.")
     alloc = f"; allocator: {res['allocator']}" if "allocator" in res else ""
-    print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`{alloc}_")
+    gelu = f"; compiled training's GELU kernel: {res['gelu_kernel']}" if "gelu_kernel" in res else ""
+    print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`{alloc}{gelu}_")
 
 
 def run(args) -> int:
@@ -985,6 +986,12 @@ def run(args) -> int:
     # the ratios compare the models, not the allocators (benchmarks/allocator.py times the setting)
     res["allocator"] = ("glibc thresholds raised for every setup (vitlab.utils.tune_allocator)" if tune_allocator()
                         else "the platform's default")
+    if device.type == "cpu":  # which GELU the compiled vitlab rows train with (vitlab.models.native)
+        from .models import native
+
+        res["gelu_kernel"] = ("vitlab's (GELU and its derivative in one pass)" if native.gelu_kernel() is not None
+                              else f"ATen's ({native.why_not()})")
+        print(f"compiled vitlab training steps use {res['gelu_kernel']} GELU kernel")
     try:
         _measure(args, res, out, device)
     except KeyboardInterrupt as e:  # minutes of timings are not thrown away: kept beside, not over, a whole result
