@@ -145,6 +145,29 @@ def gelu(a: dict, batch: int) -> dict:
             res[name]["native_forward_and_derivative"] = ms(lambda: native.gelu_and_grad(lib, x))
             res[name]["native_backward_multiply"] = ms(lambda: g * d)
         print(f"  GELU {rows}x{a['mlp_dim']} {name} (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res[name].items()))
+    if native.gelu_kernel() is not None:
+        res["accuracy"] = gelu_accuracy()
+    return res
+
+
+def gelu_accuracy() -> dict:
+    """GELU's error against fp64 (from erfc, which does not cancel in the negative tail), vitlab's
+    kernel and ATen's, on 100,001 points per range: the largest |error| / max(1, |x|), and the
+    largest relative error."""
+    lib = native.gelu_kernel()
+    res = {}
+    for lo, hi in ((-5, -3), (-3, 3), (3, 10)):
+        x = torch.linspace(lo, hi, 100_001)
+        x64 = x.double()
+        exact = x64 * 0.5 * torch.special.erfc(-x64 / 2**0.5)
+        scale = x64.abs().clamp(min=1)
+        row = {}
+        for who, y in (("native", native.gelu_and_grad(lib, x)[0]), ("aten", F.gelu(x))):
+            err = (y.double() - exact).abs()
+            row[who] = {"abs_over_max1x": (err / scale).max().item(), "relative": (err / exact.abs()).max().item()}
+        res[f"fp32 x in [{lo}, {hi}]"] = row
+        print(f"  fp32 GELU error, x in [{lo}, {hi}]: " + "; ".join(
+            f"{who} {v['abs_over_max1x']:.2g} max(1,|x|), {v['relative']:.2g} relative" for who, v in row.items()))
     return res
 
 

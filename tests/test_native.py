@@ -2,6 +2,11 @@
 ATen's, its build and cache, and the fallback where it cannot run."""
 
 import os
+import platform
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,16 +14,43 @@ import torch.nn.functional as F
 
 from vitlab.models import create_model, native, ops
 
-RUNS_HERE = native.CPU_FLAGS <= native._cpu_flags() and native._compiler() is not None
+def _gcc() -> bool:
+    cc = native._compiler()
+    if cc is None:
+        return False
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    return "Free Software Foundation" in version  # GCC's banner (clang's differs)
+
+
+# where the kernel must build and run: elsewhere the tests check the fallback instead
+RUNS_HERE = (platform.system() == "Linux" and platform.machine() == "x86_64"
+             and native.CPU_FLAGS <= native._cpu_flags() and _gcc())
 
 
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
-    """gelu_kernel() decided afresh, with the cache in tmp_path; the process's choice restored after."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    """gelu_kernel() decided afresh, with the cache and temporary files in tmp_path; the
+    process's own choice restored after."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("VITLAB_NATIVE", raising=False)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     native.gelu_kernel.cache_clear()
-    yield tmp_path / "vitlab" / "native"
+    yield tmp_path / "cache" / "vitlab" / "native"
     native.gelu_kernel.cache_clear()
+
+
+def as_if_linux_x86_with_the_flags(monkeypatch):
+    monkeypatch.setattr(native.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: set(native.CPU_FLAGS))
+
+
+def fake_compiler(path, message):
+    """A `cc` that answers --version and fails every compile with `message`."""
+    path.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && {{ echo fakecc 1; exit 0; }}\necho '{message}' >&2; exit 1\n")
+    path.chmod(0o755)
+    return path
 
 
 def reference(x):
@@ -120,36 +152,62 @@ def test_compiled_training_step_gives_eager_gradients(dtype):
 
 def test_build_is_cached_and_a_damaged_file_is_rebuilt(fresh_kernel):
     if not RUNS_HERE:
-        assert native.gelu_kernel() is None and native.why_not()
+        lib = native.gelu_kernel()
+        assert lib is not None or native.why_not()
         return
     cc = native._compiler()
     first = native._build(cc, fresh_kernel)
     stamp = first.stat().st_mtime_ns
     assert native._build(cc, fresh_kernel) == first and first.stat().st_mtime_ns == stamp  # reused
     assert not list(fresh_kernel.glob(".gelu-*"))  # no temporaries left
+    stale = fresh_kernel / "gelu-0123456789abcdef.so"
+    stale.write_bytes(b"an older build")
     first.write_bytes(b"not a shared library")
     assert native.gelu_kernel() is not None  # loaded after one rebuild
     assert first.read_bytes()[:4] == b"\x7fELF"
+    assert not stale.exists()  # a build clears out older ones (another source or compiler)
 
 
-def test_no_kernel_where_it_cannot_run(fresh_kernel, monkeypatch):
+def test_an_unwritable_cache_builds_into_a_private_temporary_folder(fresh_kernel, tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache folder would go")
+    lib = native.gelu_kernel()
+    if not RUNS_HERE:
+        assert lib is not None or native.why_not()
+        return
+    assert lib is not None
+    where = Path(lib._name).parent
+    assert where.parent == tmp_path / "tmp" and where.name.startswith("vitlab-native-")
+    assert stat.S_IMODE(where.stat().st_mode) == 0o700  # no one else can put a library there
+
+
+def test_no_kernel_where_it_cannot_run(fresh_kernel, monkeypatch, tmp_path):
     monkeypatch.setenv("VITLAB_NATIVE", "0")
     assert native.gelu_kernel() is None and "VITLAB_NATIVE=0" in native.why_not()
     monkeypatch.delenv("VITLAB_NATIVE")
     native.gelu_kernel.cache_clear()
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert native.gelu_kernel() is None and "not Linux x86-64" in native.why_not()
+    as_if_linux_x86_with_the_flags(monkeypatch)
     monkeypatch.setattr(native, "_cpu_flags", lambda: {"fma", "avx512f"})
+    native.gelu_kernel.cache_clear()
     assert native.gelu_kernel() is None and "lacks avx512_bf16" in native.why_not()
     native.gelu_kernel.cache_clear()
-    monkeypatch.setattr(native, "_cpu_flags", lambda: set(native.CPU_FLAGS))
+    as_if_linux_x86_with_the_flags(monkeypatch)
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert native.gelu_kernel() is None and "no C compiler" in native.why_not()
-    if RUNS_HERE:  # a compiler that fails: a one-line reason, no library, no temporary left
+    if os.name == "posix":  # a compiler that fails: a one-line reason, no library, no temporary left
         native.gelu_kernel.cache_clear()
-        fake = fresh_kernel.parent / "fakecc"
-        fake.parent.mkdir(parents=True, exist_ok=True)
-        fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fakecc 1; exit 0; }\necho 'error: no' >&2; exit 1\n")
-        fake.chmod(0o755)
-        monkeypatch.setenv("CC", str(fake))
-        assert native.gelu_kernel() is None and "fakecc failed: error: no" in native.why_not()
-        assert not list(fresh_kernel.glob("*"))
-    assert os.environ.get("VITLAB_NATIVE") is None
+        monkeypatch.setenv("CC", str(fake_compiler(tmp_path / "fakecc", "error: no")))
+        assert native.gelu_kernel() is None
+        assert native.why_not() == "building the GELU kernel failed (fakecc failed: error: no)"
+        assert not list(fresh_kernel.glob("*")) and not list((tmp_path / "tmp").glob("*"))  # not retried elsewhere
+
+
+def test_a_second_openmp_runtime_keeps_atens_gelu(fresh_kernel, monkeypatch):
+    if not RUNS_HERE:
+        assert native.gelu_kernel() is not None or native.why_not()
+        return
+    calls = iter([{"/x/libgomp.so.1"}, {"/x/libgomp.so.1", "/y/libomp.so.5"}])
+    monkeypatch.setattr(native, "_openmp_runtimes", lambda: next(calls))
+    assert native.gelu_kernel() is None
+    assert native.why_not() == "the kernel brought an OpenMP runtime torch does not use (/y/libomp.so.5)"

@@ -4,7 +4,8 @@ Built on first use with the C compiler that torch.compile needs anyway on a CPU,
 tenth of a second, and kept in ~/.cache/vitlab/native (or $XDG_CACHE_HOME/vitlab/native) under a
 name that hashes the source, the flags and the compiler, so that an edit or another compiler
 builds afresh. The file appears there by an atomic rename: a process that stops mid-build leaves
-no half-written library, and several (torchrun ranks) may build at once.
+no half-written library, and several (torchrun ranks) may build at once. Where that folder
+cannot be written, each process builds into a private temporary folder of its own.
 
 Only on Linux x86-64 with AVX-512 BF16 (the CPUs where vitlab trains in bf16 by default:
 Sapphire Rapids and later Xeons, Zen 4 and later EPYCs and Ryzens). Anywhere else, with no
@@ -28,10 +29,18 @@ import torch
 
 SOURCE = Path(__file__).with_name("gelu_kernel.c")
 FLAGS = ["-O2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
-         "-fopenmp", "-shared", "-fPIC"]
+         "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
+# torch's CPU builds use GNU OpenMP (libgomp.so.1, loaded before this library, so the kernel's
+# reference to it resolves to the same runtime and follows torch.set_num_threads); clang's
+# -fopenmp would link LLVM's libomp, a second thread pool, so clang is asked for libgomp
+OPENMP = {"gcc": "-fopenmp", "clang": "-fopenmp=libgomp"}
 
 _why_not: list[str] = []  # the reason the kernel is unavailable, once known
+
+
+class CompileError(RuntimeError):
+    """The compiler ran and refused (or timed out): no other folder would help."""
 
 
 def _cpu_flags() -> set[str]:
@@ -57,11 +66,26 @@ def _compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtimes mapped into this process (file names, e.g. {'libgomp.so.1'})."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
+    except OSError:
+        return set()
+    return {p for p in paths if any(k in Path(p).name for k in ("libgomp", "libomp", "libiomp"))}
+
+
 def _build(cc: str, dest_dir: Path) -> Path:
-    """Compile gelu_kernel.c into dest_dir (reused when already there). Raises OSError or
-    subprocess.SubprocessError on failure."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    """Compile gelu_kernel.c into dest_dir, reused when already there; older builds there (another
+    source or compiler) are removed. Raises CompileError if the compiler fails, OSError if the
+    folder cannot take the file."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CompileError(f"{Path(cc).name} --version failed: {e}") from None
+    flags = [*FLAGS, OPENMP["clang" if "clang" in version.lower() else "gcc"]]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     lib = dest_dir / f"gelu-{key}.so"
     if lib.exists():
         return lib
@@ -69,14 +93,20 @@ def _build(cc: str, dest_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".gelu-", suffix=".so", dir=dest_dir)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        try:
+            done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        except subprocess.SubprocessError as e:
+            raise CompileError(f"{Path(cc).name}: {e}") from None
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            raise OSError(f"{Path(cc).name} failed: {first}")
+            raise CompileError(f"{Path(cc).name} failed: {first}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    for old in dest_dir.glob("gelu-*.so"):  # a process that has one loaded keeps its mapping
+        if old != lib:
+            old.unlink(missing_ok=True)
     return lib
 
 
@@ -87,6 +117,20 @@ def _load(path: Path) -> ctypes.CDLL:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         fn.restype = None
     return lib
+
+
+def _build_and_load(cc: str) -> ctypes.CDLL:
+    """Build into the cache, or, where that folder cannot be written, into a fresh private
+    temporary one (never a shared, predictable path another user could have filled)."""
+    try:
+        path = _build(cc, cache_dir())
+    except OSError:
+        path = _build(cc, Path(tempfile.mkdtemp(prefix="vitlab-native-")))  # mode 0700, new each time
+    try:
+        return _load(path)
+    except OSError:  # a damaged file in the cache: build it again, once
+        path.unlink(missing_ok=True)
+        return _load(_build(cc, path.parent))
 
 
 @functools.cache
@@ -107,19 +151,17 @@ def gelu_kernel() -> ctypes.CDLL | None:
     if cc is None:
         _why_not.append("no C compiler (cc, gcc or $CC)")
         return None
-    reason = ""
-    for dest in (cache_dir(), Path(tempfile.gettempdir()) / f"vitlab-native-{os.getuid()}"):
-        try:
-            path = _build(cc, dest)
-            try:
-                return _load(path)
-            except OSError:  # a damaged file in the cache: build it again once
-                path.unlink(missing_ok=True)
-                return _load(_build(cc, dest))
-        except (OSError, subprocess.SubprocessError) as e:
-            reason = f"building the GELU kernel in {dest} failed ({e})"
-    _why_not.append(reason)
-    return None
+    before = _openmp_runtimes()
+    try:
+        lib = _build_and_load(cc)
+    except (OSError, CompileError) as e:
+        _why_not.append(f"building the GELU kernel failed ({e})")
+        return None
+    added = _openmp_runtimes() - before
+    if added:  # its threads would not be torch's (a second pool, oversubscribed cores): not used
+        _why_not.append(f"the kernel brought an OpenMP runtime torch does not use ({', '.join(sorted(added))})")
+        return None
+    return lib
 
 
 def why_not() -> str | None:

@@ -75,6 +75,7 @@ def gelu_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lib = native.gelu_kernel()
     if lib is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
         return native.gelu_and_grad(lib, x.contiguous())
+    x = x.contiguous()  # as the fake kernel promises
     return F.gelu(x), torch.ops.aten.gelu_backward(torch.ones_like(x), x)
 
 
