@@ -211,3 +211,22 @@ def test_a_second_openmp_runtime_keeps_atens_gelu(fresh_kernel, monkeypatch):
     monkeypatch.setattr(native, "_openmp_runtimes", lambda: next(calls))
     assert native.gelu_kernel() is None
     assert native.why_not() == "the kernel brought an OpenMP runtime torch does not use (/y/libomp.so.5)"
+
+
+def test_processes_building_at_once_all_load_one_library(tmp_path):
+    """torchrun ranks start together: each builds or reuses, none sees a half-written file."""
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("VITLAB_NATIVE", None)
+    code = ("from vitlab.models import native; lib = native.gelu_kernel(); "
+            "print(lib._name if lib is not None else 'none: ' + str(native.why_not()))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    names = {out.strip() for out, _ in outs}
+    assert len(names) == 1  # all three agree
+    if RUNS_HERE:
+        built = list((tmp_path / "cache" / "vitlab" / "native").iterdir())
+        assert [Path(n) for n in names] == built  # one library, no temporaries left
