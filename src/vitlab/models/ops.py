@@ -16,9 +16,9 @@ into the Linear before it (`vitlab.train.inference`).
 
 Where vitlab's own kernel runs (native.py: Linux x86-64 with AVX-512 BF16 and a C compiler), the
 graph calls `gelu_and_grad` instead: one pass writes GELU and its derivative, and the backward
-pass is grad * derivative, which inductor fuses with the bias gradient's sum, in place of ATen's
-gelu_backward evaluating erf and exp again. The ViT-Tiny bf16 step ran 1.028-1.039x faster than
-with `gelu` (three runs of benchmarks/step_anatomy.py, section 4, on a Zen 5 EPYC).
+pass is grad * derivative in inductor's own loops (one of them also sums the bias gradient),
+in place of ATen's gelu_backward evaluating erf and exp again. The ViT-Tiny bf16 step ran
+1.028-1.039x faster than with `gelu` (three runs of benchmarks/step_anatomy.py, section 4, on a Zen 5 EPYC).
 """
 
 from __future__ import annotations
