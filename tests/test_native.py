@@ -35,9 +35,9 @@ def fresh_kernel(monkeypatch, tmp_path):
     monkeypatch.delenv("VITLAB_NATIVE", raising=False)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    native.gelu_kernel.cache_clear()
+    native._decide.cache_clear()
     yield tmp_path / "cache" / "vitlab" / "native"
-    native.gelu_kernel.cache_clear()
+    native._decide.cache_clear()
 
 
 def as_if_linux_x86_with_the_flags(monkeypatch):
@@ -184,19 +184,19 @@ def test_no_kernel_where_it_cannot_run(fresh_kernel, monkeypatch, tmp_path):
     monkeypatch.setenv("VITLAB_NATIVE", "0")
     assert native.gelu_kernel() is None and "VITLAB_NATIVE=0" in native.why_not()
     monkeypatch.delenv("VITLAB_NATIVE")
-    native.gelu_kernel.cache_clear()
+    native._decide.cache_clear()
     monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
     assert native.gelu_kernel() is None and "not Linux x86-64" in native.why_not()
     as_if_linux_x86_with_the_flags(monkeypatch)
     monkeypatch.setattr(native, "_cpu_flags", lambda: {"fma", "avx512f"})
-    native.gelu_kernel.cache_clear()
+    native._decide.cache_clear()
     assert native.gelu_kernel() is None and "lacks avx512_bf16" in native.why_not()
-    native.gelu_kernel.cache_clear()
+    native._decide.cache_clear()
     as_if_linux_x86_with_the_flags(monkeypatch)
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert native.gelu_kernel() is None and "no C compiler" in native.why_not()
     if os.name == "posix":  # a compiler that fails: a one-line reason, no library, no temporary left
-        native.gelu_kernel.cache_clear()
+        native._decide.cache_clear()
         monkeypatch.setenv("CC", str(fake_compiler(tmp_path / "fakecc", "error: no")))
         assert native.gelu_kernel() is None
         assert native.why_not() == "building the GELU kernel failed (fakecc failed: error: no)"

@@ -897,21 +897,17 @@ def test_compile_failure_falls_back_to_eager_with_a_note(tmp_path, monkeypatch, 
 
 def test_a_gelu_kernel_that_fails_to_build_is_one_note(tmp_path, monkeypatch, capsys):
     """A compiled CPU run whose GELU kernel does not build says so once and trains on."""
+    from test_native import as_if_linux_x86_with_the_flags, fake_compiler
+
     from vitlab.models import native
     from vitlab.train import engine
 
-    fake = tmp_path / "cc"
-    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fakecc 1; exit 0; }\necho 'error: broken' >&2; exit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("CC", str(fake_compiler(tmp_path / "cc", "error: broken")))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("VITLAB_NATIVE", raising=False)
-    # as if this were a CPU that could run it
-    monkeypatch.setattr(native.platform, "system", lambda: "Linux")
-    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(native, "_cpu_flags", lambda: set(native.CPU_FLAGS))
+    as_if_linux_x86_with_the_flags(monkeypatch)  # a CPU that could run it
     monkeypatch.setattr(engine.torch, "compile", lambda m, **kw: m)  # the note, not compiling, is under test
-    native.gelu_kernel.cache_clear()
+    native._decide.cache_clear()
     try:
         common = [*FAST, "--epochs", "1", "--data.subset", "64", "--out", str(tmp_path)]
         engine.train(build_config(None, parse_overrides([*common, "--run.name", "k", "--run.compile", "true"])))
@@ -921,7 +917,7 @@ def test_a_gelu_kernel_that_fails_to_build_is_one_note(tmp_path, monkeypatch, ca
         engine.train(build_config(None, parse_overrides([*common, "--run.name", "e", "--run.compile", "false"])))
         assert "GELU kernel" not in capsys.readouterr().out  # eager: nothing to say
     finally:
-        native.gelu_kernel.cache_clear()
+        native._decide.cache_clear()
 
 
 def test_two_processes_agree_with_one(tmp_path):

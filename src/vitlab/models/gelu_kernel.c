@@ -5,7 +5,8 @@
  * ViT-Tiny bf16 step). Here the forward pass also writes g'(x), which costs one more store but
  * shares the exp: erf(x / sqrt 2) needs exp(-x^2 / 2) anyway, and so does the normal density in
  * the derivative. The backward pass is then grad * g'(x), a multiply in inductor's own loops
- * (one of which also sums the bias gradient). See vitlab/models/native.py (build, loading) and ops.py (the op).
+ * (one of which also sums the bias gradient). See vitlab/models/native.py (build, loading) and
+ * ops.py (the op).
  *
  * For each x:  e = exp(-x^2 / 2),  h = erfc(|x| / sqrt 2) / 2  (Abramowitz & Stegun 7.1.26:
  * erfc(u) ~ (a1 t + ... + a5 t^5) exp(-u^2), t = 1 / (1 + p u), absolute error < 1.5e-7),

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -35,9 +36,6 @@ CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"
 # reference to it resolves to the same runtime and follows torch.set_num_threads); clang's
 # -fopenmp would link LLVM's libomp, a second thread pool, so clang is asked for libgomp
 OPENMP = {"gcc": "-fopenmp", "clang": "-fopenmp=libgomp"}
-
-_why_not: list[str] = []  # the reason the kernel is unavailable, once known
-
 
 class CompileError(RuntimeError):
     """The compiler ran and refused (or timed out): no other folder would help."""
@@ -133,40 +131,52 @@ def _build_and_load(cc: str) -> ctypes.CDLL:
         return _load(_build(cc, path.parent))
 
 
+class _Decision(NamedTuple):
+    lib: ctypes.CDLL | None
+    reason: str | None = None  # why lib is None
+    failed: bool = False  # the machine could run the kernel, but building or loading it failed
+
+
 @functools.cache
-def gelu_kernel() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None where it cannot run here (why_not() says why)."""
-    _why_not.clear()
+def _decide() -> _Decision:
+    """Build and load the kernel once per process, or say why not."""
     if os.environ.get("VITLAB_NATIVE", "1") == "0":
-        _why_not.append("VITLAB_NATIVE=0")
-        return None
+        return _Decision(None, "VITLAB_NATIVE=0")
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        _why_not.append(f"not Linux x86-64 ({platform.system()} {platform.machine()})")
-        return None
+        return _Decision(None, f"not Linux x86-64 ({platform.system()} {platform.machine()})")
     missing = CPU_FLAGS - _cpu_flags()
     if missing:
-        _why_not.append(f"the CPU lacks {', '.join(sorted(missing))}")
-        return None
+        return _Decision(None, f"the CPU lacks {', '.join(sorted(missing))}")
     cc = _compiler()
     if cc is None:
-        _why_not.append("no C compiler (cc, gcc or $CC)")
-        return None
+        return _Decision(None, "no C compiler (cc, gcc or $CC)")
     before = _openmp_runtimes()
     try:
         lib = _build_and_load(cc)
     except (OSError, CompileError) as e:
-        _why_not.append(f"building the GELU kernel failed ({e})")
-        return None
+        return _Decision(None, f"building the GELU kernel failed ({e})", failed=True)
     added = _openmp_runtimes() - before
     if added:  # its threads would not be torch's (a second pool, oversubscribed cores): not used
-        _why_not.append(f"the kernel brought an OpenMP runtime torch does not use ({', '.join(sorted(added))})")
-        return None
-    return lib
+        return _Decision(None, f"the kernel brought an OpenMP runtime torch does not use "
+                               f"({', '.join(sorted(added))})", failed=True)
+    return _Decision(lib)
+
+
+def gelu_kernel() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it cannot run here (why_not() says why)."""
+    return _decide().lib
 
 
 def why_not() -> str | None:
-    """Why gelu_kernel() returned None (None if it has not, or has not been asked)."""
-    return _why_not[-1] if _why_not else None
+    """Why gelu_kernel() is None here (None when it is not)."""
+    return _decide().reason
+
+
+def build_failure() -> str | None:
+    """why_not(), where the machine could have run the kernel but building or loading it failed
+    (worth a note in a run's log; a CPU without AVX-512 BF16 is not)."""
+    d = _decide()
+    return d.reason if d.failed else None
 
 
 def gelu_and_grad(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

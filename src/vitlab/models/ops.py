@@ -18,7 +18,8 @@ Where vitlab's own kernel runs (native.py: Linux x86-64 with AVX-512 BF16 and a 
 graph calls `gelu_and_grad` instead: one pass writes GELU and its derivative, and the backward
 pass is grad * derivative in inductor's own loops (one of them also sums the bias gradient),
 in place of ATen's gelu_backward evaluating erf and exp again. The ViT-Tiny bf16 step ran
-1.028-1.039x faster than with `gelu` (three runs of benchmarks/step_anatomy.py, section 4, on a Zen 5 EPYC).
+1.028-1.039x faster than with `gelu` (three runs of benchmarks/step_anatomy.py, section 4, on a
+Zen 5 EPYC).
 """
 
 from __future__ import annotations
@@ -72,10 +73,10 @@ def native_gelu() -> bool:
 @torch.library.custom_op("vitlab::gelu_and_grad", mutates_args=())
 def gelu_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gelu(x), gelu'(x)): vitlab's kernel for bf16 and fp32 on a CPU that runs it, ATen elsewhere."""
+    x = x.contiguous()  # as the fake kernel promises
     lib = native.gelu_kernel()
     if lib is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
-        return native.gelu_and_grad(lib, x.contiguous())
-    x = x.contiguous()  # as the fake kernel promises
+        return native.gelu_and_grad(lib, x)
     return F.gelu(x), torch.ops.aten.gelu_backward(torch.ones_like(x), x)
 
 
@@ -92,7 +93,7 @@ def _save_derivative(ctx, inputs, output):
 
 def _gelu_and_grad_grad(ctx, grad, _):
     (d,) = ctx.saved_tensors
-    return grad.to(d.dtype) * d  # plain torch ops: the compiled backward fuses them with what follows
+    return grad.to(d.dtype) * d  # plain torch ops: the compiled backward runs them in its own loops
 
 
 gelu_and_grad.register_autograd(_gelu_and_grad_grad, setup_context=_save_derivative)

@@ -227,8 +227,8 @@ class GELU(nn.GELU):
     nn.GELU, except inside a compiled CPU graph that trains through it: there it calls vitlab's
     own kernel, which also writes the derivative for the backward pass (native.py), or where
     that cannot run, ATen's kernels as one opaque operator, because inductor's own GELU loop is
-    slower on a CPU (ops.py). Inference keeps inductor's lowering, which a frozen graph folds into the Linear
-    before it; torch.export (and the ONNX exporter on top of it) sees plain GELU.
+    slower on a CPU (ops.py). Inference keeps inductor's lowering, which a frozen graph folds
+    into the Linear before it; torch.export (and the ONNX exporter on top of it) sees plain GELU.
     """
 
     use_native = True  # False: ATen's kernels even where vitlab's runs (benchmarks/step_anatomy.py)

@@ -687,8 +687,8 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list, finish: bool = Fa
             from ..models import native
 
             # a CPU that cannot run vitlab's GELU kernel is no news; one whose build failed is
-            if native.gelu_kernel() is None and (native.why_not() or "").startswith("building"):
-                log(f"note: {native.why_not()}; GELU runs on ATen's kernels (a few percent slower)")
+            if native.build_failure():
+                log(f"note: {native.build_failure()}; GELU runs on ATen's kernels (a few percent slower)")
         what = (f"{cfg.model.pretrained} ({getattr(model, 'arch', {}).get('name', 'pretrained')})"
                 if cfg.model.pretrained else cfg.model.name)  # model.name is unused when fine-tuning
         log(f"run {run_dir}: {what} ({count_params(model):,} params) on {cfg.data.name} "
