@@ -2,7 +2,7 @@
 
     python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; several minutes
 
-Seven measurements, each a median over repeats (this host's speed drifts, so compare within a section):
+Eight measurements, each a median over repeats (this host's speed drifts, so compare within a section):
 
 1. matmuls: each Linear's three products at the step's shapes (rows = batch x tokens): the forward
    (addmm with bias), the input gradient (grad @ W) and the weight gradient both ways autograd
@@ -11,8 +11,10 @@ Seven measurements, each a median over repeats (this host's speed drifts, so com
    where torch has oneDNN, also the forward and the input gradient through oneDNN's Linear with
    the weight packed into its blocked layout (as frozen inference runs them), and the packing's cost.
 2. attention: the core (q, k, v -> softmax(q k^T / sqrt(d)) v) forward and backward, per block: the
-   explicit bf16 path vitlab trains with on a CPU, the same in fp32, and torch's
-   scaled_dot_product_attention (flash kernel, and the math fallback).
+   explicit bf16 path (two batched matmuls and a softmax), the same in fp32, torch's
+   scaled_dot_product_attention (flash kernel, and the math fallback), and vitlab's attention
+   kernel (vitlab.models.ops.attention, attention_kernel.c), which the compiled bf16 step uses
+   where it runs: from the qkv Linear's output to the projection's input, layout included.
 3. GELU at the MLP's shape, forward and backward: ATen's kernels against inductor's compiled loop,
    and vitlab's native kernel (vitlab.models.native: GELU and its derivative in one pass; the
    backward pass is then a multiply).
@@ -30,6 +32,8 @@ Seven measurements, each a median over repeats (this host's speed drifts, so com
    packed-weight Linear for all four Linears (qkv, proj, fc1, fc2), forward and input gradient;
    the same for the forward alone (one packing per Linear instead of two); and inductor's
    cpp_wrapper (the compiled graph's kernels called from C++ instead of Python).
+8. the compiled training step with vitlab's attention kernel (the default where it runs) against
+   the same step with the explicit path (Attention.use_native off), alternating.
 
 Writes benchmarks/results/step_anatomy.json (--out); --sections runs some of them (e.g. 1,3,7).
 """
@@ -49,7 +53,7 @@ import torch.nn.functional as F
 from vitlab.bench import _median_rate, alternate, arch_of, machine, speedup
 from vitlab.cli import Parser
 from vitlab.config import OptimConfig
-from vitlab.models import create_model, native
+from vitlab.models import create_model, native, ops
 from vitlab.train.optim import build_optimizer
 from vitlab.utils import make_dir, tune_allocator, write_json
 
@@ -120,8 +124,16 @@ def attention(a: dict, batch: int) -> dict:
                 F.scaled_dot_product_attention(*split(torch.bfloat16)).backward(grad)
         return run
 
+    def kernel():  # from the qkv Linear's output (B, N, 3*h*d) to the projection's input (B, N, h*d)
+        x = qkv.detach().reshape(batch, n, 3 * h * hd).requires_grad_()
+        ops.attention(x, h, hd**-0.5)[0].backward(grad.transpose(1, 2).reshape(batch, n, h * hd))
+
     res = {"explicit_bf16": ms(explicit(torch.bfloat16)), "explicit_fp32": ms(explicit(torch.float32)),
            "sdpa_flash_bf16": ms(sdpa(SDPBackend.FLASH_ATTENTION)), "sdpa_math_bf16": ms(sdpa(SDPBackend.MATH))}
+    if native.library() is not None:
+        res["vitlab_kernel_bf16"] = ms(kernel)
+    else:
+        print(f"  vitlab's attention kernel does not run here: {native.why_not()}")
     print("  attention core forward + backward per block (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
     return res
 
@@ -139,13 +151,13 @@ def gelu(a: dict, batch: int) -> dict:
                      # the tanh approximation, which a faster GELU might have been (it is not)
                      "aten_tanh_forward": ms(lambda: F.gelu(x, approximate="tanh")),
                      "aten_tanh_backward": ms(lambda: torch.ops.aten.gelu_backward(g, x, approximate="tanh"))}
-        lib = native.gelu_kernel()
+        lib = native.library()
         if lib is not None:  # vitlab's kernel: GELU and its derivative; its backward is a multiply
             d = native.gelu_and_grad(lib, x)[1]
             res[name]["native_forward_and_derivative"] = ms(lambda: native.gelu_and_grad(lib, x))
             res[name]["native_backward_multiply"] = ms(lambda: g * d)
         print(f"  GELU {rows}x{a['mlp_dim']} {name} (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in res[name].items()))
-    if native.gelu_kernel() is not None:
+    if native.library() is not None:
         res["accuracy"] = gelu_accuracy()
     return res
 
@@ -154,7 +166,7 @@ def gelu_accuracy() -> dict:
     """GELU's error against fp64 (from erfc, which does not cancel in the negative tail), vitlab's
     kernel and ATen's, on 100,001 points per range: the largest |error| / max(1, |x|), and the
     largest relative error."""
-    lib = native.gelu_kernel()
+    lib = native.library()
     res = {}
     for lo, hi in ((-5, -3), (-3, 3), (3, 10)):
         x = torch.linspace(lo, hi, 100_001)
@@ -226,12 +238,28 @@ def gelu_operator_step(preset: str, batch: int, pairs: int) -> dict:
     steps = compiled_steps(preset, batch, {"inductor_gelu": inductor_gelu, "vitlab_gelu_op": aten_gelu_op})
     res = {"op_vs_inductor": paired(steps, "vitlab_gelu_op", "inductor_gelu", batch, pairs, "compiled bf16 step")}
     del steps
-    if native.gelu_kernel() is None:
+    if native.library() is None:
         print(f"  vitlab's GELU kernel does not run here: {native.why_not()}")
         return res
     steps = compiled_steps(preset, batch, {"vitlab_gelu_op": aten_gelu_op, "native_gelu": None})
     res["native_vs_op"] = paired(steps, "native_gelu", "vitlab_gelu_op", batch, pairs, "compiled bf16 step")
     return res
+
+
+def attention_kernel_step(preset: str, batch: int, pairs: int) -> dict:
+    """The compiled bf16 step with vitlab's attention kernel (the default where it runs) against
+    the same step with the explicit path: two batched matmuls, a softmax and inductor's layout
+    copies around them."""
+    if native.library() is None:
+        print(f"  vitlab's attention kernel does not run here: {native.why_not()}")
+        return {}
+
+    def explicit(model):
+        for blk in model.blocks:
+            blk.attn.use_native = False
+
+    steps = compiled_steps(preset, batch, {"explicit": explicit, "kernel": None})
+    return {"kernel_vs_explicit": paired(steps, "kernel", "explicit", batch, pairs, "compiled bf16 step")}
 
 
 def prefix_only_last_block(preset: str, batch: int, pairs: int) -> dict:
@@ -390,9 +418,9 @@ def main(argv=None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4 to 7 (inference: 3x as many)")
+    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4 to 8 (inference: 3x as many)")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--sections", default="1,2,3,4,5,6,7", help="which sections to run, e.g. 1,3,7 (default: all)")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="which sections to run, e.g. 1,3,7 (default: all)")
     args = p.parse_args(argv)
     make_dir(args.out)  # a bad --out is one line now, not after minutes of work
     if args.pairs < 2:
@@ -401,8 +429,8 @@ def main(argv=None) -> int:
         sections = {int(v) for v in args.sections.split(",") if v.strip()}
     except ValueError:
         sections = set()
-    if not sections or not sections <= set(range(1, 8)):
-        p.error(f"--sections takes numbers from 1 to 7 separated by commas, got {args.sections!r}")
+    if not sections or not sections <= set(range(1, 9)):
+        p.error(f"--sections takes numbers from 1 to 8 separated by commas, got {args.sections!r}")
     tune_allocator()  # as every `vitlab` command does
     a = arch_of(args.model)
     print(f"step anatomy, {args.model}, batch {args.batch_size}, on {machine()}")
@@ -421,7 +449,9 @@ def main(argv=None) -> int:
             (6, "linear_kernels", "the Linears on other kernels: oneDNN's packed weights, torch.compile's max-autotune:",
              lambda: linear_kernels(args.model, b, n)),
             (7, "outside_matmuls", "what is left outside the matmuls: all four Linears packed, the forward alone, "
-             "cpp_wrapper:", lambda: outside_matmuls(args.model, b, n))):
+             "cpp_wrapper:", lambda: outside_matmuls(args.model, b, n)),
+            (8, "attention_kernel_step", "the compiled step: vitlab's attention kernel, or the explicit path:",
+             lambda: attention_kernel_step(args.model, b, n))):
         if k in sections:
             print(title)
             res[key] = fn()

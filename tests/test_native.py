@@ -1,5 +1,5 @@
-"""vitlab's native GELU kernel (vitlab/models/native.py, gelu_kernel.c): its values against
-ATen's, its build and cache, and the fallback where it cannot run."""
+"""vitlab's native kernels (vitlab/models/native.py; gelu_kernel.c, attention_kernel.c): their
+values against exact references, their build and cache, and the fallback where they cannot run."""
 
 import os
 import platform
@@ -29,7 +29,7 @@ RUNS_HERE = (platform.system() == "Linux" and platform.machine() == "x86_64"
 
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
-    """gelu_kernel() decided afresh, with the cache and temporary files in tmp_path; the
+    """library() decided afresh, with the cache and temporary files in tmp_path; the
     process's own choice restored after."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("VITLAB_NATIVE", raising=False)
@@ -73,10 +73,10 @@ def inputs(dtype, n):
 
 
 def test_the_kernel_runs_where_the_cpu_and_a_compiler_allow(fresh_kernel):
-    lib = native.gelu_kernel()
+    lib = native.library()
     if RUNS_HERE:
         assert lib is not None and native.why_not() is None
-        assert len(list(fresh_kernel.glob("gelu-*.so"))) == 1
+        assert len(list(fresh_kernel.glob("native-*.so"))) == 1
     else:
         assert lib is None and native.why_not()
 
@@ -84,7 +84,7 @@ def test_the_kernel_runs_where_the_cpu_and_a_compiler_allow(fresh_kernel):
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 31, 32, 33, 8320 * 3 + 5])  # every tail length class
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_values_and_derivative_match_exact_gelu(dtype, n):
-    lib = native.gelu_kernel()
+    lib = native.library()
     if lib is None:  # nothing of vitlab's runs here: the op is ATen's, bit for bit
         x = inputs(dtype, n)
         y, d = ops.gelu_and_grad(x)
@@ -109,7 +109,7 @@ def test_kernel_values_and_derivative_match_exact_gelu(dtype, n):
 
 
 def test_kernel_propagates_nan():
-    lib = native.gelu_kernel()
+    lib = native.library()
     x = torch.tensor([float("nan"), 1.0, -2.0] * 11)
     for dtype in (torch.float32, torch.bfloat16):
         # without the kernel, the op's fallback: ATen's own GELU
@@ -152,25 +152,27 @@ def test_compiled_training_step_gives_eager_gradients(dtype):
 
 def test_build_is_cached_and_a_damaged_file_is_rebuilt(fresh_kernel):
     if not RUNS_HERE:
-        lib = native.gelu_kernel()
+        lib = native.library()
         assert lib is not None or native.why_not()
         return
     cc = native._compiler()
     first = native._build(cc, fresh_kernel)
     stamp = first.stat().st_mtime_ns
     assert native._build(cc, fresh_kernel) == first and first.stat().st_mtime_ns == stamp  # reused
-    assert not list(fresh_kernel.glob(".gelu-*"))  # no temporaries left
-    stale = fresh_kernel / "gelu-0123456789abcdef.so"
+    assert not list(fresh_kernel.glob(".native-*"))  # no temporaries left
+    stale = fresh_kernel / "native-0123456789abcdef.so"
     stale.write_bytes(b"an older build")
+    older = fresh_kernel / "gelu-0123456789abcdef.so"  # the GELU kernel's own library, before attention's
+    older.write_bytes(b"an older build")
     first.write_bytes(b"not a shared library")
-    assert native.gelu_kernel() is not None  # loaded after one rebuild
+    assert native.library() is not None  # loaded after one rebuild
     assert first.read_bytes()[:4] == b"\x7fELF"
-    assert not stale.exists()  # a build clears out older ones (another source or compiler)
+    assert not stale.exists() and not older.exists()  # a build clears out older ones (other sources, compiler)
 
 
 def test_an_unwritable_cache_builds_into_a_private_temporary_folder(fresh_kernel, tmp_path, monkeypatch):
     (tmp_path / "cache").write_text("a file where the cache folder would go")
-    lib = native.gelu_kernel()
+    lib = native.library()
     if not RUNS_HERE:
         assert lib is not None or native.why_not()
         return
@@ -182,35 +184,35 @@ def test_an_unwritable_cache_builds_into_a_private_temporary_folder(fresh_kernel
 
 def test_no_kernel_where_it_cannot_run(fresh_kernel, monkeypatch, tmp_path):
     monkeypatch.setenv("VITLAB_NATIVE", "0")
-    assert native.gelu_kernel() is None and "VITLAB_NATIVE=0" in native.why_not()
+    assert native.library() is None and "VITLAB_NATIVE=0" in native.why_not()
     monkeypatch.delenv("VITLAB_NATIVE")
     native._decide.cache_clear()
     monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
-    assert native.gelu_kernel() is None and "not Linux x86-64" in native.why_not()
+    assert native.library() is None and "not Linux x86-64" in native.why_not()
     as_if_linux_x86_with_the_flags(monkeypatch)
     monkeypatch.setattr(native, "_cpu_flags", lambda: {"fma", "avx512f"})
     native._decide.cache_clear()
-    assert native.gelu_kernel() is None and "lacks avx512_bf16" in native.why_not()
+    assert native.library() is None and "lacks avx512_bf16" in native.why_not()
     native._decide.cache_clear()
     as_if_linux_x86_with_the_flags(monkeypatch)
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    assert native.gelu_kernel() is None and "no C compiler" in native.why_not()
+    assert native.library() is None and "no C compiler" in native.why_not()
     if os.name == "posix":  # a compiler that fails: a one-line reason, no library, no temporary left
         native._decide.cache_clear()
         monkeypatch.setenv("CC", str(fake_compiler(tmp_path / "fakecc", "error: no")))
-        assert native.gelu_kernel() is None
-        assert native.why_not() == "building the GELU kernel failed (fakecc failed: error: no)"
+        assert native.library() is None
+        assert native.why_not() == "building vitlab's kernels failed (fakecc failed: error: no)"
         assert not list(fresh_kernel.glob("*")) and not list((tmp_path / "tmp").glob("*"))  # not retried elsewhere
 
 
 def test_a_second_openmp_runtime_keeps_atens_gelu(fresh_kernel, monkeypatch):
     if not RUNS_HERE:
-        assert native.gelu_kernel() is not None or native.why_not()
+        assert native.library() is not None or native.why_not()
         return
     calls = iter([{"/x/libgomp.so.1"}, {"/x/libgomp.so.1", "/y/libomp.so.5"}])
     monkeypatch.setattr(native, "_openmp_runtimes", lambda: next(calls))
-    assert native.gelu_kernel() is None
-    assert native.why_not() == "the kernel brought an OpenMP runtime torch does not use (/y/libomp.so.5)"
+    assert native.library() is None
+    assert native.why_not() == "the kernels brought an OpenMP runtime torch does not use (/y/libomp.so.5)"
 
 
 def test_processes_building_at_once_all_load_one_library(tmp_path):
@@ -219,7 +221,7 @@ def test_processes_building_at_once_all_load_one_library(tmp_path):
 
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env.pop("VITLAB_NATIVE", None)
-    code = ("from vitlab.models import native; lib = native.gelu_kernel(); "
+    code = ("from vitlab.models import native; lib = native.library(); "
             "print(lib._name if lib is not None else 'none: ' + str(native.why_not()))")
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(3)]
@@ -230,3 +232,122 @@ def test_processes_building_at_once_all_load_one_library(tmp_path):
     if RUNS_HERE:
         built = list((tmp_path / "cache" / "vitlab" / "native").iterdir())
         assert [Path(n) for n in names] == built  # one library, no temporaries left
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+
+def attention_reference(qkv, heads, dout):
+    """Attention's output, softmax weights and qkv gradient in fp64, the weights unpadded."""
+    B, N, C = qkv.shape
+    x = qkv.double().requires_grad_()
+    q, k, v = x.reshape(B, N, 3, heads, C // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    w = (q @ k.transpose(-2, -1) * (C // (3 * heads)) ** -0.5).softmax(-1)
+    out = (w @ v).transpose(1, 2).reshape(B, N, -1)
+    out.backward(dout.double())
+    return out.detach(), w.detach(), x.grad
+
+
+def relative(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("n, heads, d", [(65, 3, 64), (64, 2, 64), (17, 4, 32), (33, 1, 96), (197, 2, 64), (1, 1, 64)])
+def test_attention_matches_exact_attention(n, heads, d):
+    """vitlab::attention and its backward (the kernel where it runs, torch's ops elsewhere) against
+    fp64, every token count class (odd, even, under one vector, several), as close as bf16 allows
+    and closer than the unfused bf16 path, whose q is rounded after scaling and whose products
+    round to bf16 at every step."""
+    torch.manual_seed(n)
+    qkv = (torch.randn(3, n, 3 * heads * d) * 1.5).to(torch.bfloat16)
+    dout = torch.randn(3, n, heads * d).to(torch.bfloat16)
+    want_out, want_w, want_grad = attention_reference(qkv, heads, dout)
+    x = qkv.clone().requires_grad_()
+    out, weights = ops.attention(x, heads, d**-0.5)
+    (grad,) = torch.autograd.grad(out, x, dout)
+    assert out.dtype == weights.dtype == grad.dtype == torch.bfloat16
+    assert weights.shape == (3, heads, n, n + n % 2) and not weights[..., n:].any()  # padded with zeros
+    assert relative(out, want_out) < 5e-3 and relative(weights[..., :n], want_w) < 5e-3
+    assert relative(grad, want_grad) < 8e-3
+    x = qkv.clone().requires_grad_()  # the unfused path as autocast runs it
+    q, k, v = x.reshape(3, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    plain = (((q * d**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(3, n, -1)
+    (plain_grad,) = torch.autograd.grad(plain, x, dout)
+    assert relative(out, want_out) <= relative(plain, want_out) * 1.1 + 1e-4
+    assert relative(grad, want_grad) <= relative(plain_grad, want_grad) * 1.1 + 1e-4
+
+
+def test_attention_kernel_and_its_fallback_agree(monkeypatch):
+    """The torch fallback (CPUs without the kernel, other dtypes) computes what the kernel does."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 65, 3 * 3 * 64).to(torch.bfloat16)
+    dout = torch.randn(2, 65, 3 * 64).to(torch.bfloat16)
+    lib = native.library()
+    out, w = ops.attention(qkv, 3, 0.125)
+    grad = ops.attention_backward(dout, qkv, w, 3, 0.125)
+    try:
+        native._decide.cache_clear()
+        monkeypatch.setenv("VITLAB_NATIVE", "0")
+        ref_out, ref_w = ops.attention(qkv, 3, 0.125)
+        ref_grad = ops.attention_backward(dout, qkv, ref_w, 3, 0.125)
+    finally:
+        monkeypatch.delenv("VITLAB_NATIVE")
+        native._decide.cache_clear()
+    if lib is None:  # both were the fallback
+        assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
+        return
+    assert relative(out, ref_out.double()) < 5e-3 and relative(w, ref_w.double()) < 5e-3
+    assert relative(grad, ref_grad.double()) < 8e-3
+    # other dtypes always take the fallback, and an fp32 gradient is cast to qkv's dtype
+    out32, w32 = ops.attention(qkv.float(), 3, 0.125)
+    assert out32.dtype == torch.float32 and relative(out32, ref_out.double()) < 1e-2
+    assert torch.equal(ops.attention_backward(dout.float(), qkv, w, 3, 0.125), grad)
+
+
+def test_attention_operator_registrations():
+    """What torch.compile relies on: schema, fake kernels, autograd (torch.library.opcheck)."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 9, 3 * 2 * 32).to(torch.bfloat16)
+    torch.library.opcheck(ops.attention, (qkv.clone().requires_grad_(), 2, 32**-0.5))
+    out, w = ops.attention(qkv, 2, 32**-0.5)
+    torch.library.opcheck(ops.attention_backward, (torch.randn_like(out), qkv, w, 2, 32**-0.5))
+
+
+def test_compiled_bf16_training_graph_calls_the_attention_operator_where_it_should():
+    """In a compiled CPU training graph under bf16 autocast, attention (not the last block's,
+    which runs for [CLS] alone) is one vitlab::attention call where the kernel runs; not with
+    attention dropout, in fp32, for inference, or with Attention.use_native off."""
+    from vitlab.models.vit import Attention
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(sum(str(n.target) == "vitlab.attention.default" for n in gm.graph.nodes))
+        return gm.forward
+
+    def calls(model, dtype, train=True):
+        graphs.clear()
+        torch._dynamo.reset()
+        model.train(train)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None), \
+                torch.set_grad_enabled(train):
+            out = torch.compile(model, backend=record)(x)
+        if train:
+            out.float().sum().backward()
+        torch._dynamo.reset()
+        return sum(graphs)
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4_32", num_classes=10, depth=3)
+    want = 2 if native.library() is not None else 0  # blocks 1-2; block 3 is the [CLS]-only last block
+    assert calls(model, torch.bfloat16) == want
+    assert calls(model, None) == 0  # fp32: the kernel is bf16's
+    assert calls(model, torch.bfloat16, train=False) == 0  # inference keeps the frozen graph's path
+    Attention.use_native = False
+    try:
+        assert calls(model, torch.bfloat16) == 0
+    finally:
+        Attention.use_native = True
+    dropped = create_model("vit_tiny_patch4_32", num_classes=10, depth=3, attn_drop_rate=0.1)
+    assert calls(dropped, torch.bfloat16) == 0  # attention dropout needs the unfused path

@@ -895,8 +895,8 @@ def test_compile_failure_falls_back_to_eager_with_a_note(tmp_path, monkeypatch, 
     assert comparable(metrics(run)) == comparable(metrics(ref))
 
 
-def test_a_gelu_kernel_that_fails_to_build_is_one_note(tmp_path, monkeypatch, capsys):
-    """A compiled CPU run whose GELU kernel does not build says so once and trains on."""
+def test_native_kernels_that_fail_to_build_are_one_note(tmp_path, monkeypatch, capsys):
+    """A compiled CPU run whose native kernels do not build says so once and trains on."""
     from test_native import as_if_linux_x86_with_the_flags, fake_compiler
 
     from vitlab.models import native
@@ -912,10 +912,10 @@ def test_a_gelu_kernel_that_fails_to_build_is_one_note(tmp_path, monkeypatch, ca
         common = [*FAST, "--epochs", "1", "--data.subset", "64", "--out", str(tmp_path)]
         engine.train(build_config(None, parse_overrides([*common, "--run.name", "k", "--run.compile", "true"])))
         out = capsys.readouterr().out
-        assert out.count("note: building the GELU kernel failed") == 1
-        assert "(cc failed: error: broken); GELU runs on ATen's kernels" in out
+        assert out.count("note: building vitlab's kernels failed") == 1
+        assert "(cc failed: error: broken); GELU and attention run on ATen's kernels" in out
         engine.train(build_config(None, parse_overrides([*common, "--run.name", "e", "--run.compile", "false"])))
-        assert "GELU kernel" not in capsys.readouterr().out  # eager: nothing to say
+        assert "vitlab's kernels" not in capsys.readouterr().out  # eager: nothing to say
     finally:
         native._decide.cache_clear()
 

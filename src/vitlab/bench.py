@@ -943,8 +943,11 @@ def _print_markdown(res: dict) -> None:
     if c.get("frozen_first_call_s"):
         print(f"\nThe frozen copy's first call, which compiles it: {c['frozen_first_call_s']:.1f} s.")
     alloc = f"; allocator: {res['allocator']}" if "allocator" in res else ""
-    gelu = f"; compiled training's GELU kernel: {res['gelu_kernel']}" if "gelu_kernel" in res else ""
-    print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`{alloc}{gelu}_")
+    if "native_kernels" in res:
+        kernels = f"; compiled training's GELU and attention kernels: {res['native_kernels']}"
+    else:  # results written before 2026-11-29's attention kernel recorded the GELU kernel alone
+        kernels = f"; compiled training's GELU kernel: {res['gelu_kernel']}" if "gelu_kernel" in res else ""
+    print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`{alloc}{kernels}_")
 
 
 def run(args) -> int:
@@ -986,12 +989,12 @@ def run(args) -> int:
     # the ratios compare the models, not the allocators (benchmarks/allocator.py times the setting)
     res["allocator"] = ("glibc thresholds raised for every setup (vitlab.utils.tune_allocator)" if tune_allocator()
                         else "the platform's default")
-    if device.type == "cpu":  # which GELU the compiled vitlab rows train with (vitlab.models.native)
+    if device.type == "cpu":  # which GELU and attention the compiled vitlab rows train with (vitlab.models.native)
         from .models import native
 
-        res["gelu_kernel"] = ("vitlab's (GELU and its derivative in one pass)" if native.gelu_kernel() is not None
-                              else f"ATen's ({native.why_not()})")
-        print(f"compiled vitlab training steps use {res['gelu_kernel']} GELU kernel")
+        res["native_kernels"] = ("vitlab's (GELU with its derivative in one pass; attention in one operator, bf16)"
+                                 if native.library() is not None else f"ATen's ({native.why_not()})")
+        print(f"compiled vitlab training steps use {res['native_kernels']} GELU and attention kernels")
     try:
         _measure(args, res, out, device)
     except KeyboardInterrupt as e:  # minutes of timings are not thrown away: kept beside, not over, a whole result

@@ -14,25 +14,12 @@
  *   y   = x cdf,      d = cdf + x e / sqrt(2 pi).
  * Computed in fp32; bf16 in and out with round-to-nearest-even. AVX-512 (F, BW, VL, DQ, BF16).
  */
-#include <immintrin.h>
-#include <stdint.h>
+#include "kernel_math.h"
 
 static inline void gelu16(__m512 x, __m512 *y, __m512 *d) {
     const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-    /* e = exp(z), z = -x^2/2 clamped so that e flushes to 0 beyond |x| ~ 14.5, as erf's tail does */
-    __m512 z = _mm512_max_ps(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f)), _mm512_set1_ps(-105.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), z);  /* z - n ln2, in two parts */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.98756915e-4f);  /* exp(r) on |r| <= ln2 / 2 */
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.39819994e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33345980e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16664783e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666672e-1f));
-    p = _mm512_fmadd_ps(p, r, half);
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, one));
-    __m512 e = _mm512_scalef_ps(p, n);  /* p * 2^n; 0 below the smallest subnormal */
+    /* e = exp(-x^2/2): flushes to 0 beyond |x| ~ 14.5, as erf's tail does */
+    __m512 e = exp16(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f)));
     /* h = erfc(u) / 2, u = |x| / sqrt 2 (clamped so that t stays finite for x = +-inf) */
     __m512 u = _mm512_min_ps(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f)),
                              _mm512_set1_ps(1e6f));
@@ -51,10 +38,6 @@ static inline void gelu16(__m512 x, __m512 *y, __m512 *d) {
     *d = _mm512_fmadd_ps(_mm512_mul_ps(x, e), _mm512_set1_ps(0.39894228040143268f), cdf);
 }
 
-static inline __m512 load_bf16(const uint16_t *p) {  /* 16 bf16 -> fp32: the high half of each word */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 /* n elements of x (bf16, as uint16) -> y = gelu(x), d = gelu'(x); threads from the OpenMP runtime
  * torch itself uses (the same libgomp, found by its soname). */
 void vitlab_gelu_fwd_bf16(const uint16_t *x, uint16_t *y, uint16_t *d, int64_t n) {
@@ -62,8 +45,8 @@ void vitlab_gelu_fwd_bf16(const uint16_t *x, uint16_t *y, uint16_t *d, int64_t n
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < nv; i += 32) {
         __m512 y0, d0, y1, d1;  /* two independent chains per iteration, and one 32-wide convert */
-        gelu16(load_bf16(x + i), &y0, &d0);
-        gelu16(load_bf16(x + i + 16), &y1, &d1);
+        gelu16(load_bf16(x + i, 0xffff), &y0, &d0);
+        gelu16(load_bf16(x + i + 16, 0xffff), &y1, &d1);
         _mm512_storeu_si512((void *)(y + i), (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
         _mm512_storeu_si512((void *)(d + i), (__m512i)_mm512_cvtne2ps_pbh(d1, d0));
     }
@@ -71,8 +54,8 @@ void vitlab_gelu_fwd_bf16(const uint16_t *x, uint16_t *y, uint16_t *d, int64_t n
         uint16_t xb[32] = {0}, yb[32], db[32];
         for (int64_t i = nv; i < n; i++) xb[i - nv] = x[i];
         __m512 y0, d0, y1, d1;
-        gelu16(load_bf16(xb), &y0, &d0);
-        gelu16(load_bf16(xb + 16), &y1, &d1);
+        gelu16(load_bf16(xb, 0xffff), &y0, &d0);
+        gelu16(load_bf16(xb + 16, 0xffff), &y1, &d1);
         _mm512_storeu_si512((void *)yb, (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
         _mm512_storeu_si512((void *)db, (__m512i)_mm512_cvtne2ps_pbh(d1, d0));
         for (int64_t i = nv; i < n; i++) { y[i] = yb[i - nv]; d[i] = db[i - nv]; }

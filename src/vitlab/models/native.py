@@ -1,16 +1,18 @@
-"""vitlab's one native kernel: exact GELU with its derivative in one pass (gelu_kernel.c).
+"""vitlab's native kernels, for the compiled CPU training step: exact GELU with its derivative
+in one pass (gelu_kernel.c), and multi-head attention, forward and backward, in bf16
+(attention_kernel.c); kernel_math.h holds what they share.
 
-Built on first use with the C compiler that torch.compile needs anyway on a CPU, about a
-tenth of a second, and kept in ~/.cache/vitlab/native (or $XDG_CACHE_HOME/vitlab/native) under a
-name that hashes the source, the flags and the compiler, so that an edit or another compiler
+Built together into one library on first use with the C compiler that torch.compile needs
+anyway on a CPU, well under a second, and kept in ~/.cache/vitlab/native (or $XDG_CACHE_HOME/vitlab/native) under a
+name that hashes the sources, the flags and the compiler, so that an edit or another compiler
 builds afresh. The file appears there by an atomic rename: a process that stops mid-build leaves
 no half-written library, and several (torchrun ranks) may build at once. Where that folder
 cannot be written, each process builds into a private temporary folder of its own.
 
 Only on Linux x86-64 with AVX-512 BF16 (the CPUs where vitlab trains in bf16 by default:
 Sapphire Rapids and later Xeons, Zen 4 and later EPYCs and Ryzens). Anywhere else, with no
-compiler, or with VITLAB_NATIVE=0, `gelu_kernel()` returns None and the compiled step keeps
-ATen's GELU kernels (ops.gelu): nothing changes but the speed.
+compiler, or with VITLAB_NATIVE=0, `library()` returns None and the compiled step keeps ATen's
+GELU kernels (ops.gelu) and attention's batched matmuls: nothing changes but the speed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import NamedTuple
 
 import torch
 
-SOURCE = Path(__file__).with_name("gelu_kernel.c")
+SOURCES = [Path(__file__).with_name(n) for n in ("gelu_kernel.c", "attention_kernel.c")]
+HEADERS = [Path(__file__).with_name("kernel_math.h")]
 FLAGS = ["-O2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
          "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
@@ -75,24 +78,25 @@ def _openmp_runtimes() -> set[str]:
 
 
 def _build(cc: str, dest_dir: Path) -> Path:
-    """Compile gelu_kernel.c into dest_dir, reused when already there; older builds there (another
-    source or compiler) are removed. Raises CompileError if the compiler fails, OSError if the
+    """Compile the kernels into one library in dest_dir, reused when already there; older builds
+    there (other sources or another compiler) are removed. Raises CompileError if the compiler fails, OSError if the
     folder cannot take the file."""
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise CompileError(f"{Path(cc).name} --version failed: {e}") from None
     flags = [*FLAGS, OPENMP["clang" if "clang" in version.lower() else "gcc"]]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-    lib = dest_dir / f"gelu-{key}.so"
+    code = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
+    key = hashlib.sha256(code + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    lib = dest_dir / f"native-{key}.so"
     if lib.exists():
         return lib
     dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gelu-", suffix=".so", dir=dest_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".native-", suffix=".so", dir=dest_dir)
     os.close(fd)
     try:
         try:
-            done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
         except subprocess.SubprocessError as e:
             raise CompileError(f"{Path(cc).name}: {e}") from None
         if done.returncode != 0:
@@ -102,8 +106,8 @@ def _build(cc: str, dest_dir: Path) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for old in dest_dir.glob("gelu-*.so"):  # a process that has one loaded keeps its mapping
-        if old != lib:
+    for old in [*dest_dir.glob("native-*.so"), *dest_dir.glob("gelu-*.so")]:  # gelu-*: before attention's kernel
+        if old != lib:  # a process that has one loaded keeps its mapping
             old.unlink(missing_ok=True)
     return lib
 
@@ -114,6 +118,10 @@ def _load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         fn.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.vitlab_attention_fwd_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float]
+    lib.vitlab_attention_bwd_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float]
+    lib.vitlab_attention_fwd_bf16.restype = lib.vitlab_attention_bwd_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -139,7 +147,7 @@ class _Decision(NamedTuple):
 
 @functools.cache
 def _decide() -> _Decision:
-    """Build and load the kernel once per process, or say why not."""
+    """Build and load the kernels once per process, or say why not."""
     if os.environ.get("VITLAB_NATIVE", "1") == "0":
         return _Decision(None, "VITLAB_NATIVE=0")
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -154,21 +162,21 @@ def _decide() -> _Decision:
     try:
         lib = _build_and_load(cc)
     except (OSError, CompileError) as e:
-        return _Decision(None, f"building the GELU kernel failed ({e})", failed=True)
+        return _Decision(None, f"building vitlab's kernels failed ({e})", failed=True)
     added = _openmp_runtimes() - before
     if added:  # its threads would not be torch's (a second pool, oversubscribed cores): not used
-        return _Decision(None, f"the kernel brought an OpenMP runtime torch does not use "
+        return _Decision(None, f"the kernels brought an OpenMP runtime torch does not use "
                                f"({', '.join(sorted(added))})", failed=True)
     return _Decision(lib)
 
 
-def gelu_kernel() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None where it cannot run here (why_not() says why)."""
     return _decide().lib
 
 
 def why_not() -> str | None:
-    """Why gelu_kernel() is None here (None when it is not)."""
+    """Why library() is None here (None when it is not)."""
     return _decide().reason
 
 
@@ -185,3 +193,32 @@ def gelu_and_grad(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torc
     fn = lib.vitlab_gelu_fwd_bf16 if x.dtype == torch.bfloat16 else lib.vitlab_gelu_fwd_f32
     fn(x.data_ptr(), y.data_ptr(), d.data_ptr(), x.numel())
     return y, d
+
+
+def attention_shapes(qkv: torch.Tensor, heads: int) -> tuple[int, int, int]:
+    """(B, N, D) of a (B, N, 3 * heads * D) qkv output."""
+    B, N, C = qkv.shape
+    return B, N, C // (3 * heads)
+
+
+def attention(lib: ctypes.CDLL, qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, N, heads * D), weights (B, heads, N, N + N % 2)) of a contiguous bf16 CPU qkv output
+    (B, N, 3 * heads * D), by the kernel; D a multiple of 32. The weights are the softmax, in bf16,
+    each row padded with a zero to even length: what attention_backward reads."""
+    B, N, D = attention_shapes(qkv, heads)
+    out = qkv.new_empty(B, N, heads * D)
+    weights = qkv.new_empty(B, heads, N, N + N % 2)
+    if lib.vitlab_attention_fwd_bf16(qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), B, N, heads, D, scale):
+        raise MemoryError("vitlab's attention kernel could not allocate its scratch space")
+    return out, weights
+
+
+def attention_backward(lib: ctypes.CDLL, dout: torch.Tensor, qkv: torch.Tensor, weights: torch.Tensor,
+                       heads: int, scale: float) -> torch.Tensor:
+    """The gradient of the qkv output, (B, N, 3 * heads * D), from the output's (contiguous bf16)."""
+    B, N, D = attention_shapes(qkv, heads)
+    dqkv = torch.empty_like(qkv)
+    if lib.vitlab_attention_bwd_bf16(dout.data_ptr(), qkv.data_ptr(), weights.data_ptr(), dqkv.data_ptr(),
+                                     B, N, heads, D, scale):
+        raise MemoryError("vitlab's attention kernel could not allocate its scratch space")
+    return dqkv

@@ -65,16 +65,16 @@ gelu.register_autograd(_gelu_grad, setup_context=_save_input)
 
 
 @torch.compiler.assume_constant_result  # decided once, while tracing; the build runs outside the graph
-def native_gelu() -> bool:
-    """Whether vitlab's GELU kernel runs on this machine (built on the first call)."""
-    return native.gelu_kernel() is not None
+def native_kernels() -> bool:
+    """Whether vitlab's kernels run on this machine (built on the first call)."""
+    return native.library() is not None
 
 
 @torch.library.custom_op("vitlab::gelu_and_grad", mutates_args=())
 def gelu_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gelu(x), gelu'(x)): vitlab's kernel for bf16 and fp32 on a CPU that runs it, ATen elsewhere."""
     x = x.contiguous()  # as the fake kernel promises
-    lib = native.gelu_kernel()
+    lib = native.library()
     if lib is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
         return native.gelu_and_grad(lib, x)
     return F.gelu(x), torch.ops.aten.gelu_backward(torch.ones_like(x), x)
@@ -97,3 +97,79 @@ def _gelu_and_grad_grad(ctx, grad, _):
 
 
 gelu_and_grad.register_autograd(_gelu_and_grad_grad, setup_context=_save_derivative)
+
+
+# -- attention ---------------------------------------------------------------------------------
+# Where vitlab's kernels run, a compiled CPU training graph in bf16 hands attention, from the qkv
+# Linear's output to the projection's input, to one operator (attention_kernel.c): no head-major
+# copies of q, k, v, the output or their gradients, and the softmax in the same pass as the
+# products. Elsewhere the operator computes the same in torch (used by the tests, and wherever
+# the kernel cannot take a call).
+
+
+def _split_heads(qkv: torch.Tensor, heads: int):
+    B, N, D = native.attention_shapes(qkv, heads)
+    return qkv.reshape(B, N, 3, heads, D).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
+
+
+def _kernel_takes(lib, qkv: torch.Tensor, heads: int) -> bool:
+    return (lib is not None and qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16
+            and native.attention_shapes(qkv, heads)[2] % 32 == 0)
+
+
+@torch.library.custom_op("vitlab::attention", mutates_args=())
+def attention(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale q k^T) v for every head of a qkv Linear's output (B, N, 3 * heads * d), as
+    (out (B, N, heads * d), weights (B, heads, N, N + N % 2)): the softmax in qkv's dtype, each row
+    padded with a zero to even length, kept for the backward pass."""
+    qkv = qkv.contiguous()
+    lib = native.library()
+    if _kernel_takes(lib, qkv, heads):
+        return native.attention(lib, qkv, heads, scale)
+    q, k, v = (t.float() for t in _split_heads(qkv, heads))
+    w = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1).to(qkv.dtype)  # (B, h, N, N)
+    out = (w.float() @ v).to(qkv.dtype).transpose(1, 2).flatten(2)  # (B, N, h*d)
+    return out.contiguous(), F.pad(w, (0, w.shape[-1] % 2))
+
+
+@attention.register_fake
+def _attention_fake(qkv, heads, scale):
+    B, N, D = native.attention_shapes(qkv, heads)
+    return qkv.new_empty(B, N, heads * D), qkv.new_empty(B, heads, N, N + N % 2)
+
+
+@torch.library.custom_op("vitlab::attention_backward", mutates_args=())
+def attention_backward(dout: torch.Tensor, qkv: torch.Tensor, weights: torch.Tensor, heads: int,
+                       scale: float) -> torch.Tensor:
+    """The gradient of attention()'s qkv input from its output's; dout is cast to qkv's dtype."""
+    dout, qkv, weights = dout.to(qkv.dtype).contiguous(), qkv.contiguous(), weights.contiguous()
+    lib = native.library()
+    if _kernel_takes(lib, qkv, heads):
+        return native.attention_backward(lib, dout, qkv, weights, heads, scale)
+    B, N, D = native.attention_shapes(qkv, heads)
+    q, k, v = (t.float() for t in _split_heads(qkv, heads))
+    p = weights[..., :N].float()  # (B, h, N, N)
+    do = dout.float().reshape(B, N, heads, D).transpose(1, 2)  # (B, h, N, d)
+    dp = do @ v.transpose(-2, -1)
+    ds = (p * (dp - (p * dp).sum(-1, keepdim=True)) * scale).to(qkv.dtype).float()  # rounded as the kernel does
+    grads = (ds @ k, ds.transpose(-2, -1) @ q, p.transpose(-2, -1) @ do)  # dq, dk, dv: (B, h, N, d)
+    return torch.stack(grads, 2).transpose(1, 3).reshape(B, N, 3 * heads * D).to(qkv.dtype)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(dout, qkv, weights, heads, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _save_for_attention(ctx, inputs, output):
+    qkv, ctx.heads, ctx.scale = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(qkv, output[1])
+
+
+def _attention_grad(ctx, grad, _):
+    qkv, weights = ctx.saved_tensors
+    return attention_backward(grad, qkv, weights, ctx.heads, ctx.scale), None, None
+
+
+attention.register_autograd(_attention_grad, setup_context=_save_for_attention)

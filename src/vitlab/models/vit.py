@@ -146,6 +146,7 @@ class Attention(nn.Module):
     # "auto" (the rule in _explicit), "explicit" or "sdpa": which kernel computes attention when the
     # weights are not asked for. Set per module to compare the two (benchmarks/attention_path.py).
     path = "auto"
+    use_native = True  # False: never vitlab's attention kernel (benchmarks/step_anatomy.py)
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
@@ -177,12 +178,26 @@ class Attention(nn.Module):
         # alive beside them, about 1 GiB together), which the fused kernels never hold
         return q.dtype == torch.bfloat16 and q.shape[0] * self.num_heads * q.shape[2] * n <= 2**28
 
+    def _native(self, qkv: torch.Tensor) -> bool:
+        """Whether vitlab's attention kernel takes this call: a compiled CPU graph training in bf16
+        (as `vitlab train` runs a long job), no attention dropout, and heads of a multiple of 32."""
+        return (self.use_native and self.path == "auto" and qkv.requires_grad and qkv.device.type == "cpu"
+                and qkv.dtype == torch.bfloat16 and torch.compiler.is_compiling() and not _is_exporting()
+                and not (self.training and self.attn_drop > 0) and self.head_dim % 32 == 0
+                and ops.native_kernels())
+
     def forward(self, x: torch.Tensor, return_attn: bool = False, queries: int | None = None):
         """(B, N, D) -> (B, N, D); with `queries`, the outputs of the first `queries` tokens only,
         (B, queries, D): they attend to every token, the others' own outputs are not computed."""
         B, N, _ = x.shape
         if queries is None:
-            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
+            qkv = self.qkv(x)  # (B, N, 3*h*d)
+            if not return_attn and self._native(qkv):
+                # one operator from the qkv output to the projection's input, no head-major copies
+                # (attention_kernel.c): the ViT-Tiny bf16 step ran 1.04x faster (ops.py)
+                out = ops.attention(qkv, self.num_heads, self.scale)[0]  # (B, N, h*d)
+                return self.proj_drop(self.proj(out))
+            qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
         else:
             if return_attn:
@@ -236,7 +251,7 @@ class GELU(nn.GELU):
     def forward(self, x):
         if (self.approximate == "none" and x.requires_grad and x.device.type == "cpu"
                 and torch.compiler.is_compiling() and not _is_exporting()):
-            if self.use_native and x.dtype in (torch.bfloat16, torch.float32) and ops.native_gelu():
+            if self.use_native and x.dtype in (torch.bfloat16, torch.float32) and ops.native_kernels():
                 return ops.gelu_and_grad(x)[0]  # GELU and its derivative in one pass (native.py)
             return ops.gelu(x)
         return F.gelu(x, approximate=self.approximate)

@@ -1,0 +1,251 @@
+/* Multi-head self-attention, forward and backward, for the compiled CPU training step in bf16.
+ *
+ * Why: a compiled ViT-Tiny step spends a tenth of its time in attention outside its Linears, and
+ * most of that is not arithmetic. ATen's batched matmuls need q, k and v head-major, so inductor
+ * copies them out of the qkv Linear's output (and the result, and every gradient, back again),
+ * and its softmax loops handle a row of 65 tokens as four vectors and a masked tail. Here each
+ * (image, head) pair is one small problem done in L1/L2: q, k and v are read in place from the
+ * qkv output (B, N, 3, H, D), the output is written in place as (B, N, H, D) for the projection,
+ * and the backward pass writes straight into the (B, N, 3, H, D) gradient of the qkv output.
+ *
+ * Forward:  S = q k^T (fp32), P = softmax(scale S) (kept in bf16 for the backward pass, rows
+ *           padded with a zero to even length), O = P v.
+ * Backward: dP = dO v^T, dS = scale P (dP - rowsum(P dP)), dq = dS k, dk = dS^T q, dv = P^T dO.
+ * Every product runs on AVX-512 BF16 dot products (vdpbf16ps: pairs of bf16 along the reduced
+ * dimension, summed into fp32), so the operand that varies along the vector lanes is packed in
+ * pairs first: rows 2s and 2s+1 interleaved (rowpair), or, when the reduced dimension is the
+ * head dimension, each row's pairs transposed (pair_transpose). The products round to bf16 only
+ * where the unfused path does (P, dS, the outputs), and the softmax runs in fp32.
+ * Threads (torch's OpenMP pool) take (image, head) problems. D must be a multiple of 32.
+ */
+#include <stdlib.h>
+#include <math.h>
+#include "kernel_math.h"
+
+#define UNROLL _Pragma("GCC unroll 16")
+
+/* c[r][0 : 16V] = sum over s < S of pair a(r, s) times the 16V pairs of row s of b, for R rows: R x V
+ * accumulators in registers (6 x 4 = 24 of the 32), a's pair broadcast, b's row loaded once per s. */
+#define DEF_KERNEL(R, V)                                                                              \
+static void k_##R##_##V(const uint32_t *a, int64_t ars, int64_t aks, const uint32_t *b, int64_t ldb, \
+                        int64_t S, float *c, int64_t ldc) {                                           \
+    __m512 acc[R][V];                                                                                 \
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps(); \
+    for (int64_t s = 0; s < S; s++) {                                                                 \
+        __m512bh bv[V];                                                                               \
+        UNROLL for (int v = 0; v < V; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + s * ldb + 16 * v); \
+        UNROLL for (int r = 0; r < R; r++) {                                                          \
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[r * ars + s * aks]);                      \
+            UNROLL for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);    \
+        }                                                                                             \
+    }                                                                                                 \
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int v = 0; v < V; v++)                             \
+        _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);                                            \
+}
+DEF_KERNEL(1, 4) DEF_KERNEL(2, 4) DEF_KERNEL(3, 4) DEF_KERNEL(4, 4) DEF_KERNEL(5, 4) DEF_KERNEL(6, 4)
+DEF_KERNEL(1, 1) DEF_KERNEL(2, 1) DEF_KERNEL(3, 1) DEF_KERNEL(4, 1) DEF_KERNEL(5, 1) DEF_KERNEL(6, 1)
+
+typedef void (*kernel)(const uint32_t *, int64_t, int64_t, const uint32_t *, int64_t, int64_t, float *, int64_t);
+static const kernel K4[7] = {0, k_1_4, k_2_4, k_3_4, k_4_4, k_5_4, k_6_4};
+static const kernel K1[7] = {0, k_1_1, k_2_1, k_3_1, k_4_1, k_5_1, k_6_1};
+
+/* C (M x L, fp32, row stride ldc) = A B: A's pair (r, s) at a[r ars + s aks], B (S pairs x L) with row
+ * stride ldb; L a multiple of 16 */
+static void gemm(const uint32_t *a, int64_t ars, int64_t aks, const uint32_t *b, int64_t ldb, int64_t S,
+                 float *c, int64_t ldc, int64_t M, int64_t L) {
+    for (int64_t m = 0; m < M; m += 6) {
+        int R = (int)(M - m < 6 ? M - m : 6);
+        int64_t l = 0;
+        for (; l + 64 <= L; l += 64) K4[R](a + m * ars, ars, aks, b + l, ldb, S, c + m * ldc + l, ldc);
+        for (; l < L; l += 16) K1[R](a + m * ars, ars, aks, b + l, ldb, S, c + m * ldc + l, ldc);
+    }
+}
+
+/* xp[s][c] = (x[2s][c], x[2s+1][c]) as one 32-bit pair, s < (n + 1) / 2, c < m; a missing row 2s+1 is 0 */
+static void rowpair(const uint16_t *x, int64_t stride, int64_t n, int64_t m, uint32_t *xp, int64_t ldxp) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t s = 0; s < (n + 1) / 2; s++) {
+        const uint16_t *r0 = x + 2 * s * stride, *r1 = r0 + stride;
+        int second = 2 * s + 1 < n;
+        for (int64_t c = 0; c < m; c += 32) {
+            __mmask32 mk = mask32(m - c);
+            __m512i a = _mm512_maskz_loadu_epi16(mk, r0 + c);
+            __m512i b = second ? _mm512_maskz_loadu_epi16(mk, r1 + c) : _mm512_setzero_si512();
+            _mm512_mask_storeu_epi32(xp + s * ldxp + c, mask16(m - c), _mm512_permutex2var_epi16(a, lo, b));
+            if (m - c > 16)
+                _mm512_mask_storeu_epi32(xp + s * ldxp + c + 16, mask16(m - c - 16), _mm512_permutex2var_epi16(a, hi, b));
+        }
+    }
+}
+
+/* 16 x 16 transpose of 32-bit elements in registers */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    UNROLL for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    UNROLL for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    UNROLL for (int m = 0; m < 4; m++) {
+        t[m] = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x88);
+        t[4 + m] = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xdd);
+        t[8 + m] = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x88);
+        t[12 + m] = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xdd);
+    }
+    UNROLL for (int m = 0; m < 4; m++) {
+        r[m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0x88);
+        r[4 + m] = _mm512_shuffle_i32x4(t[4 + m], t[12 + m], 0x88);
+        r[8 + m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0xdd);
+        r[12 + m] = _mm512_shuffle_i32x4(t[4 + m], t[12 + m], 0xdd);
+    }
+}
+
+/* xt[t][j] = pair t of row j (32 bits), t < d / 2, j < nj; rows from n on are 0; d a multiple of 32 */
+static void pair_transpose(const uint16_t *x, int64_t stride, int64_t n, int64_t d, uint32_t *xt, int64_t nj) {
+    for (int64_t j = 0; j < nj; j += 16)
+        for (int64_t t = 0; t < d / 2; t += 16) {
+            __m512i r[16];
+            UNROLL for (int i = 0; i < 16; i++)
+                r[i] = j + i < n ? _mm512_loadu_si512(x + (j + i) * stride + 2 * t) : _mm512_setzero_si512();
+            transpose16(r);
+            UNROLL for (int i = 0; i < 16; i++) _mm512_storeu_si512(xt + (t + i) * nj + j, r[i]);
+        }
+}
+
+/* p's rows (bf16, stride np2, a zero past n) = softmax(scale s) of s's rows (fp32, stride lds, which
+ * are overwritten); two rows at a time, so that one row's reductions overlap the other's arithmetic */
+static void softmax_rows(float *s, int64_t lds, int64_t n, int64_t np2, float scale, uint16_t *p) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < n; i += 2) {
+        int two = i + 1 < n;
+        float *r0 = s + i * lds, *r1 = two ? r0 + lds : r0;
+        __m512 mx0 = _mm512_set1_ps(-INFINITY), mx1 = mx0;
+        for (int64_t j = 0; j < n; j += 16) {
+            __mmask16 m = mask16(n - j);
+            mx0 = _mm512_mask_max_ps(mx0, m, mx0, _mm512_loadu_ps(r0 + j));
+            mx1 = _mm512_mask_max_ps(mx1, m, mx1, _mm512_loadu_ps(r1 + j));
+        }
+        __m512 b0 = _mm512_set1_ps(_mm512_reduce_max_ps(mx0) * scale), b1 = _mm512_set1_ps(_mm512_reduce_max_ps(mx1) * scale);
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+        for (int64_t j = 0; j < n; j += 16) {
+            __mmask16 m = mask16(n - j);
+            __m512 e0 = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(r0 + j), vs, b0)));
+            __m512 e1 = _mm512_maskz_mov_ps(m, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(r1 + j), vs, b1)));
+            _mm512_storeu_ps(r0 + j, e0);
+            _mm512_storeu_ps(r1 + j, e1);
+            s0 = _mm512_add_ps(s0, e0);
+            s1 = _mm512_add_ps(s1, e1);
+        }
+        __m512 i0 = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(s0)), i1 = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(s1));
+        uint16_t *p0 = p + i * np2, *p1 = p0 + np2;
+        for (int64_t j = 0; j < np2; j += 16) {
+            __mmask16 m = mask16(n - j), ms = mask16(np2 - j);
+            store_bf16(p0 + j, ms, _mm512_maskz_mul_ps(m, _mm512_loadu_ps(r0 + j), i0));
+            if (two) store_bf16(p1 + j, ms, _mm512_maskz_mul_ps(m, _mm512_loadu_ps(r1 + j), i1));
+        }
+    }
+}
+
+/* rows x d fp32 (stride d) -> bf16 rows of dst (stride ld) */
+static void store_rows(const float *src, int64_t rows, int64_t d, uint16_t *dst, int64_t ld) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t c = 0; c < d; c += 16) store_bf16(dst + i * ld + c, 0xffff, _mm512_loadu_ps(src + i * d + c));
+}
+
+static void *scratch(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* qkv (B, N, 3, H, D) -> out (B, N, H, D) and p (B, H, N, N + N % 2), all bf16. Returns 0, or -1 if
+ * a thread could not allocate its scratch space (about 30 KiB for ViT-Tiny). */
+int vitlab_attention_fwd_bf16(const uint16_t *qkv, uint16_t *out, uint16_t *p, int64_t B, int64_t N,
+                              int64_t H, int64_t D, float scale) {
+    const int64_t RS = 3 * H * D, OS = H * D, NP2 = N + (N & 1), NJ = (N + 15) / 16 * 16, SP = NP2 / 2;
+    int failed = 0;
+    #pragma omp parallel
+    {
+        uint32_t *kt = scratch((size_t)(D / 2) * NJ * 4), *vp = scratch((size_t)SP * D * 4);
+        float *sb = scratch((size_t)N * (NJ > D ? NJ : D) * 4);
+        if (!kt || !vp || !sb) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!kt || !vp || !sb) continue;
+            int64_t b = bh / H, h = bh % H;
+            const uint16_t *q = qkv + b * N * RS + h * D, *k = q + H * D, *v = q + 2 * H * D;
+            uint16_t *pp = p + bh * N * NP2;
+            pair_transpose(k, RS, N, D, kt, NJ);
+            rowpair(v, RS, N, D, vp, D);
+            gemm((const uint32_t *)q, RS / 2, 1, kt, NJ, D / 2, sb, NJ, N, NJ);  /* S = q k^T */
+            softmax_rows(sb, NJ, N, NP2, scale, pp);
+            gemm((const uint32_t *)pp, SP, 1, vp, D, SP, sb, D, N, D);  /* O = P v */
+            store_rows(sb, N, D, out + b * N * OS + h * D, OS);
+        }
+        free(kt); free(vp); free(sb);
+    }
+    return failed ? -1 : 0;
+}
+
+/* dout (B, N, H, D), qkv and p as the forward pass wrote it -> dqkv (B, N, 3, H, D), all bf16 */
+int vitlab_attention_bwd_bf16(const uint16_t *dout, const uint16_t *qkv, const uint16_t *p, uint16_t *dqkv,
+                              int64_t B, int64_t N, int64_t H, int64_t D, float scale) {
+    const int64_t RS = 3 * H * D, OS = H * D, NP2 = N + (N & 1), NJ = (N + 15) / 16 * 16, SP = NP2 / 2;
+    int failed = 0;
+    #pragma omp parallel
+    {
+        uint32_t *vt = scratch((size_t)(D / 2) * NJ * 4), *dop = scratch((size_t)SP * D * 4);
+        uint32_t *kp = scratch((size_t)SP * D * 4), *qp = scratch((size_t)SP * D * 4);
+        uint32_t *pt = scratch((size_t)SP * NJ * 4), *dst = scratch((size_t)SP * NJ * 4);
+        uint16_t *ds = scratch((size_t)N * NP2 * 2);
+        float *sb = scratch((size_t)N * (NJ > D ? NJ : D) * 4);
+        int ok = vt && dop && kp && qp && pt && dst && ds && sb;
+        if (!ok) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!ok) continue;
+            int64_t b = bh / H, h = bh % H;
+            const uint16_t *q = qkv + b * N * RS + h * D, *k = q + H * D, *v = q + 2 * H * D;
+            const uint16_t *pp = p + bh * N * NP2, *dO = dout + b * N * OS + h * D;
+            uint16_t *dq = dqkv + b * N * RS + h * D, *dk = dq + H * D, *dv = dq + 2 * H * D;
+            pair_transpose(v, RS, N, D, vt, NJ);
+            gemm((const uint32_t *)dO, OS / 2, 1, vt, NJ, D / 2, sb, NJ, N, NJ);  /* dP = dO v^T */
+            const __m512 vs = _mm512_set1_ps(scale);
+            for (int64_t i = 0; i < N; i++) {  /* dS = scale P (dP - rowsum(P dP)), bf16, padded with 0 */
+                const float *row = sb + i * NJ;
+                const uint16_t *prow = pp + i * NP2;
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t j = 0; j < N; j += 16)
+                    acc = _mm512_fmadd_ps(load_bf16(prow + j, mask16(N - j)), _mm512_maskz_loadu_ps(mask16(N - j), row + j), acc);
+                __m512 di = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+                for (int64_t j = 0; j < NP2; j += 16) {
+                    __mmask16 m = mask16(N - j);
+                    __m512 d = _mm512_mul_ps(_mm512_mul_ps(load_bf16(prow + j, m), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), di)), vs);
+                    store_bf16(ds + i * NP2 + j, mask16(NP2 - j), _mm512_maskz_mov_ps(m, d));
+                }
+            }
+            rowpair(k, RS, N, D, kp, D);
+            gemm((const uint32_t *)ds, SP, 1, kp, D, SP, sb, D, N, D);  /* dq = dS k */
+            store_rows(sb, N, D, dq, RS);
+            rowpair(q, RS, N, D, qp, D);
+            rowpair(ds, NP2, N, N, dst, NJ);
+            gemm(dst, 1, NJ, qp, D, SP, sb, D, N, D);  /* dk = dS^T q */
+            store_rows(sb, N, D, dk, RS);
+            rowpair(dO, OS, N, D, dop, D);
+            rowpair(pp, NP2, N, N, pt, NJ);
+            gemm(pt, 1, NJ, dop, D, SP, sb, D, N, D);  /* dv = P^T dO */
+            store_rows(sb, N, D, dv, RS);
+        }
+        free(vt); free(dop); free(kp); free(qp); free(pt); free(dst); free(ds); free(sb);
+    }
+    return failed ? -1 : 0;
+}
