@@ -304,6 +304,22 @@ def test_attention_kernel_and_its_fallback_agree(monkeypatch):
     assert torch.equal(ops.attention_backward(dout.float(), qkv, w, 3, 0.125), grad)
 
 
+def test_attention_propagates_nan():
+    """A NaN in one token's q, k or v makes NaN of what it touches, never a silent zero weight."""
+    torch.manual_seed(0)
+    for part in range(3):
+        qkv = torch.randn(2, 17, 3 * 2 * 32).to(torch.bfloat16)
+        qkv[1, 5, part * 64 + 3] = float("nan")  # image 1, token 5, head 0 of q, k or v
+        out, w = ops.attention(qkv, 2, 32**-0.5)
+        grad = ops.attention_backward(torch.ones_like(out), qkv, w, 2, 32**-0.5)
+        assert out[0].isfinite().all() and out[1, :, 32:].isfinite().all()  # other images and heads
+        assert out[1, :, :32].isnan().any() and grad[1].isnan().any()
+        if part == 0:  # token 5's query: its own row of weights
+            assert w[1, 0, 5, :17].isnan().all() and w[1, 0, :5].isfinite().all()
+        if part == 1:  # token 5's key: every row's weights
+            assert w[1, 0, :, :17].isnan().all()
+
+
 def test_attention_operator_registrations():
     """What torch.compile relies on: schema, fake kernels, autograd (torch.library.opcheck)."""
     torch.manual_seed(0)

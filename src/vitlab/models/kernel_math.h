@@ -5,10 +5,11 @@
 #include <stdint.h>
 
 /* exp(z) for 16 floats: z = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, times 2^n.
- * z is clamped at -105, where the result flushes to 0 (below the smallest subnormal). */
+ * z is clamped at -105, where the result flushes to 0 (below the smallest subnormal); a NaN stays NaN
+ * (vmaxps returns its second operand when either is NaN, so z goes second). */
 static inline __m512 exp16(__m512 z) {
     const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-    z = _mm512_max_ps(z, _mm512_set1_ps(-105.0f));
+    z = _mm512_max_ps(_mm512_set1_ps(-105.0f), z);
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), z);  /* z - n ln2, in two parts */

@@ -3,11 +3,12 @@ in one pass (gelu_kernel.c), and multi-head attention, forward and backward, in 
 (attention_kernel.c); kernel_math.h holds what they share.
 
 Built together into one library on first use with the C compiler that torch.compile needs
-anyway on a CPU, well under a second, and kept in ~/.cache/vitlab/native (or $XDG_CACHE_HOME/vitlab/native) under a
-name that hashes the sources, the flags and the compiler, so that an edit or another compiler
-builds afresh. The file appears there by an atomic rename: a process that stops mid-build leaves
-no half-written library, and several (torchrun ranks) may build at once. Where that folder
-cannot be written, each process builds into a private temporary folder of its own.
+anyway on a CPU (a second or two), and kept in ~/.cache/vitlab/native (or
+$XDG_CACHE_HOME/vitlab/native) under a name that hashes the sources, the flags and the compiler,
+so that an edit or another compiler builds afresh. The file appears there by an atomic rename:
+a process that stops mid-build leaves no half-written library, and several (torchrun ranks) may
+build at once. Where that folder cannot be written, each process builds into a private
+temporary folder of its own.
 
 Only on Linux x86-64 with AVX-512 BF16 (the CPUs where vitlab trains in bf16 by default:
 Sapphire Rapids and later Xeons, Zen 4 and later EPYCs and Ryzens). Anywhere else, with no
@@ -79,8 +80,8 @@ def _openmp_runtimes() -> set[str]:
 
 def _build(cc: str, dest_dir: Path) -> Path:
     """Compile the kernels into one library in dest_dir, reused when already there; older builds
-    there (other sources or another compiler) are removed. Raises CompileError if the compiler fails, OSError if the
-    folder cannot take the file."""
+    there (other sources or another compiler) are removed. Raises CompileError if the compiler
+    fails, OSError if the folder cannot take the file."""
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -96,7 +97,8 @@ def _build(cc: str, dest_dir: Path) -> Path:
     os.close(fd)
     try:
         try:
-            done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                                  timeout=120)
         except subprocess.SubprocessError as e:
             raise CompileError(f"{Path(cc).name}: {e}") from None
         if done.returncode != 0:

@@ -103,8 +103,11 @@ gelu_and_grad.register_autograd(_gelu_and_grad_grad, setup_context=_save_derivat
 # Where vitlab's kernels run, a compiled CPU training graph in bf16 hands attention, from the qkv
 # Linear's output to the projection's input, to one operator (attention_kernel.c): no head-major
 # copies of q, k, v, the output or their gradients, and the softmax in the same pass as the
-# products. Elsewhere the operator computes the same in torch (used by the tests, and wherever
-# the kernel cannot take a call).
+# products. ViT-Tiny's attention core, forward and backward, took 3.7 ms per block this way
+# against 6.5 ms for the explicit bf16 path, and the compiled bf16 step ran 1.050x faster
+# (benchmarks/step_anatomy.py sections 2 and 8, 30 alternating pairs, on a Zen 5 EPYC).
+# Elsewhere the operator computes the same in torch (used by the tests, and wherever the kernel
+# cannot take a call).
 
 
 def _split_heads(qkv: torch.Tensor, heads: int):

@@ -194,7 +194,7 @@ class Attention(nn.Module):
             qkv = self.qkv(x)  # (B, N, 3*h*d)
             if not return_attn and self._native(qkv):
                 # one operator from the qkv output to the projection's input, no head-major copies
-                # (attention_kernel.c): the ViT-Tiny bf16 step ran 1.04x faster (ops.py)
+                # (attention_kernel.c): the ViT-Tiny bf16 step ran 1.05x faster (benchmarks/step_anatomy.py, 8)
                 out = ops.attention(qkv, self.num_heads, self.scale)[0]  # (B, N, h*d)
                 return self.proj_drop(self.proj(out))
             qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, h, d)
