@@ -252,7 +252,8 @@ def relative(got, want):
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-@pytest.mark.parametrize("n, heads, d", [(65, 3, 64), (64, 2, 64), (17, 4, 32), (33, 1, 96), (197, 2, 64), (1, 1, 64)])
+@pytest.mark.parametrize("n, heads, d", [(65, 3, 64), (64, 2, 64), (17, 4, 32), (33, 1, 96), (197, 2, 64), (1, 1, 64),
+                                         (16, 1, 128)])
 def test_attention_matches_exact_attention(n, heads, d):
     """vitlab::attention and its backward (the kernel where it runs, torch's ops elsewhere) against
     fp64, every token count class (odd, even, under one vector, several), as close as bf16 allows
@@ -320,6 +321,19 @@ def test_attention_propagates_nan():
             assert w[1, 0, :, :17].isnan().all()
 
 
+def test_attention_kernel_refuses_what_it_cannot_compute():
+    lib = native.library()
+    if lib is None:
+        return  # nothing to call: the op's fallback takes every case (test above)
+    qkv = torch.randn(1, 5, 3 * 48).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.attention(lib, qkv, 1, 48**-0.5)
+    with pytest.raises(ValueError, match="positive scale"):
+        native.attention(lib, torch.randn(1, 5, 3 * 32).to(torch.bfloat16), 1, -1.0)
+    out, _ = ops.attention(torch.randn(1, 5, 3 * 32).to(torch.bfloat16), 1, -0.5)  # the op: the fallback
+    assert out.isfinite().all()
+
+
 def test_attention_operator_registrations():
     """What torch.compile relies on: schema, fake kernels, autograd (torch.library.opcheck)."""
     torch.manual_seed(0)
@@ -367,3 +381,5 @@ def test_compiled_bf16_training_graph_calls_the_attention_operator_where_it_shou
         Attention.use_native = True
     dropped = create_model("vit_tiny_patch4_32", num_classes=10, depth=3, attn_drop_rate=0.1)
     assert calls(dropped, torch.bfloat16) == 0  # attention dropout needs the unfused path
+    narrow = create_model("vit_tiny_patch4_32", num_classes=10, depth=3, num_heads=4)  # heads of 48
+    assert calls(narrow, torch.bfloat16) == 0

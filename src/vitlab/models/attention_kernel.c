@@ -16,7 +16,8 @@
  * pairs first: rows 2s and 2s+1 interleaved (rowpair), or, when the reduced dimension is the
  * head dimension, each row's pairs transposed (pair_transpose). The products round to bf16 only
  * where the unfused path does (P, dS, the outputs), and the softmax runs in fp32.
- * Threads (torch's OpenMP pool) take (image, head) problems. D must be a multiple of 32.
+ * Threads (torch's OpenMP pool) take (image, head) problems. D must be a multiple of 32, and
+ * scale positive (the softmax subtracts the row's largest unscaled logit, times scale).
  */
 #include <stdlib.h>
 #include <math.h>
@@ -24,10 +25,14 @@
 
 #define UNROLL _Pragma("GCC unroll 16")
 
+/* a bf16 pair read as one 32-bit word: may alias the uint16_t bf16 buffers it reads, and needs
+ * only their 2-byte alignment */
+typedef uint32_t __attribute__((may_alias, aligned(2))) pair_t;
+
 /* c[r][0 : 16V] = sum over s < S of pair a(r, s) times the 16V pairs of row s of b, for R rows: R x V
  * accumulators in registers (6 x 4 = 24 of the 32), a's pair broadcast, b's row loaded once per s. */
 #define DEF_KERNEL(R, V)                                                                              \
-static void k_##R##_##V(const uint32_t *a, int64_t ars, int64_t aks, const uint32_t *b, int64_t ldb, \
+static void k_##R##_##V(const pair_t *a, int64_t ars, int64_t aks, const uint32_t *b, int64_t ldb, \
                         int64_t S, float *c, int64_t ldc) {                                           \
     __m512 acc[R][V];                                                                                 \
     UNROLL for (int r = 0; r < R; r++) UNROLL for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps(); \
@@ -45,13 +50,13 @@ static void k_##R##_##V(const uint32_t *a, int64_t ars, int64_t aks, const uint3
 DEF_KERNEL(1, 4) DEF_KERNEL(2, 4) DEF_KERNEL(3, 4) DEF_KERNEL(4, 4) DEF_KERNEL(5, 4) DEF_KERNEL(6, 4)
 DEF_KERNEL(1, 1) DEF_KERNEL(2, 1) DEF_KERNEL(3, 1) DEF_KERNEL(4, 1) DEF_KERNEL(5, 1) DEF_KERNEL(6, 1)
 
-typedef void (*kernel)(const uint32_t *, int64_t, int64_t, const uint32_t *, int64_t, int64_t, float *, int64_t);
+typedef void (*kernel)(const pair_t *, int64_t, int64_t, const uint32_t *, int64_t, int64_t, float *, int64_t);
 static const kernel K4[7] = {0, k_1_4, k_2_4, k_3_4, k_4_4, k_5_4, k_6_4};
 static const kernel K1[7] = {0, k_1_1, k_2_1, k_3_1, k_4_1, k_5_1, k_6_1};
 
 /* C (M x L, fp32, row stride ldc) = A B: A's pair (r, s) at a[r ars + s aks], B (S pairs x L) with row
  * stride ldb; L a multiple of 16 */
-static void gemm(const uint32_t *a, int64_t ars, int64_t aks, const uint32_t *b, int64_t ldb, int64_t S,
+static void gemm(const pair_t *a, int64_t ars, int64_t aks, const uint32_t *b, int64_t ldb, int64_t S,
                  float *c, int64_t ldc, int64_t M, int64_t L) {
     for (int64_t m = 0; m < M; m += 6) {
         int R = (int)(M - m < 6 ? M - m : 6);
@@ -75,7 +80,8 @@ static void rowpair(const uint16_t *x, int64_t stride, int64_t n, int64_t m, uin
             __m512i b = second ? _mm512_maskz_loadu_epi16(mk, r1 + c) : _mm512_setzero_si512();
             _mm512_mask_storeu_epi32(xp + s * ldxp + c, mask16(m - c), _mm512_permutex2var_epi16(a, lo, b));
             if (m - c > 16)
-                _mm512_mask_storeu_epi32(xp + s * ldxp + c + 16, mask16(m - c - 16), _mm512_permutex2var_epi16(a, hi, b));
+                _mm512_mask_storeu_epi32(xp + s * ldxp + c + 16, mask16(m - c - 16),
+                                         _mm512_permutex2var_epi16(a, hi, b));
         }
     }
 }
@@ -132,7 +138,8 @@ static void softmax_rows(float *s, int64_t lds, int64_t n, int64_t np2, float sc
             mx0 = _mm512_mask_max_ps(mx0, m, mx0, _mm512_loadu_ps(r0 + j));
             mx1 = _mm512_mask_max_ps(mx1, m, mx1, _mm512_loadu_ps(r1 + j));
         }
-        __m512 b0 = _mm512_set1_ps(_mm512_reduce_max_ps(mx0) * scale), b1 = _mm512_set1_ps(_mm512_reduce_max_ps(mx1) * scale);
+        __m512 b0 = _mm512_set1_ps(_mm512_reduce_max_ps(mx0) * scale);
+        __m512 b1 = _mm512_set1_ps(_mm512_reduce_max_ps(mx1) * scale);
         __m512 s0 = _mm512_setzero_ps(), s1 = s0;
         for (int64_t j = 0; j < n; j += 16) {
             __mmask16 m = mask16(n - j);
@@ -143,7 +150,8 @@ static void softmax_rows(float *s, int64_t lds, int64_t n, int64_t np2, float sc
             s0 = _mm512_add_ps(s0, e0);
             s1 = _mm512_add_ps(s1, e1);
         }
-        __m512 i0 = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(s0)), i1 = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(s1));
+        __m512 i0 = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(s0));
+        __m512 i1 = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(s1));
         uint16_t *p0 = p + i * np2, *p1 = p0 + np2;
         for (int64_t j = 0; j < np2; j += 16) {
             __mmask16 m = mask16(n - j), ms = mask16(np2 - j);
@@ -183,9 +191,9 @@ int vitlab_attention_fwd_bf16(const uint16_t *qkv, uint16_t *out, uint16_t *p, i
             uint16_t *pp = p + bh * N * NP2;
             pair_transpose(k, RS, N, D, kt, NJ);
             rowpair(v, RS, N, D, vp, D);
-            gemm((const uint32_t *)q, RS / 2, 1, kt, NJ, D / 2, sb, NJ, N, NJ);  /* S = q k^T */
+            gemm((const pair_t *)q, RS / 2, 1, kt, NJ, D / 2, sb, NJ, N, NJ);  /* S = q k^T */
             softmax_rows(sb, NJ, N, NP2, scale, pp);
-            gemm((const uint32_t *)pp, SP, 1, vp, D, SP, sb, D, N, D);  /* O = P v */
+            gemm((const pair_t *)pp, SP, 1, vp, D, SP, sb, D, N, D);  /* O = P v */
             store_rows(sb, N, D, out + b * N * OS + h * D, OS);
         }
         free(kt); free(vp); free(sb);
@@ -218,23 +226,26 @@ int vitlab_attention_bwd_bf16(const uint16_t *dout, const uint16_t *qkv, const u
             const uint16_t *pp = p + bh * N * NP2, *dO = dout + b * N * OS + h * D;
             uint16_t *dq = dqkv + b * N * RS + h * D, *dk = dq + H * D, *dv = dq + 2 * H * D;
             pair_transpose(v, RS, N, D, vt, NJ);
-            gemm((const uint32_t *)dO, OS / 2, 1, vt, NJ, D / 2, sb, NJ, N, NJ);  /* dP = dO v^T */
+            gemm((const pair_t *)dO, OS / 2, 1, vt, NJ, D / 2, sb, NJ, N, NJ);  /* dP = dO v^T */
             const __m512 vs = _mm512_set1_ps(scale);
             for (int64_t i = 0; i < N; i++) {  /* dS = scale P (dP - rowsum(P dP)), bf16, padded with 0 */
                 const float *row = sb + i * NJ;
                 const uint16_t *prow = pp + i * NP2;
                 __m512 acc = _mm512_setzero_ps();
-                for (int64_t j = 0; j < N; j += 16)
-                    acc = _mm512_fmadd_ps(load_bf16(prow + j, mask16(N - j)), _mm512_maskz_loadu_ps(mask16(N - j), row + j), acc);
+                for (int64_t j = 0; j < N; j += 16) {
+                    __mmask16 m = mask16(N - j);
+                    acc = _mm512_fmadd_ps(load_bf16(prow + j, m), _mm512_maskz_loadu_ps(m, row + j), acc);
+                }
                 __m512 di = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
                 for (int64_t j = 0; j < NP2; j += 16) {
                     __mmask16 m = mask16(N - j);
-                    __m512 d = _mm512_mul_ps(_mm512_mul_ps(load_bf16(prow + j, m), _mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), di)), vs);
+                    __m512 dp = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), di);
+                    __m512 d = _mm512_mul_ps(_mm512_mul_ps(load_bf16(prow + j, m), dp), vs);
                     store_bf16(ds + i * NP2 + j, mask16(NP2 - j), _mm512_maskz_mov_ps(m, d));
                 }
             }
             rowpair(k, RS, N, D, kp, D);
-            gemm((const uint32_t *)ds, SP, 1, kp, D, SP, sb, D, N, D);  /* dq = dS k */
+            gemm((const pair_t *)ds, SP, 1, kp, D, SP, sb, D, N, D);  /* dq = dS k */
             store_rows(sb, N, D, dq, RS);
             rowpair(q, RS, N, D, qp, D);
             rowpair(ds, NP2, N, N, dst, NJ);

@@ -208,6 +208,9 @@ def attention(lib: ctypes.CDLL, qkv: torch.Tensor, heads: int, scale: float) -> 
     (B, N, 3 * heads * D), by the kernel; D a multiple of 32. The weights are the softmax, in bf16,
     each row padded with a zero to even length: what attention_backward reads."""
     B, N, D = attention_shapes(qkv, heads)
+    if not (D % 32 == 0 and scale > 0):  # what the kernel assumes (ops.attention checks D first)
+        raise ValueError(f"vitlab's attention kernel takes heads of a multiple of 32 and a positive scale, "
+                         f"got {D} and {scale}")
     out = qkv.new_empty(B, N, heads * D)
     weights = qkv.new_empty(B, heads, N, N + N % 2)
     if lib.vitlab_attention_fwd_bf16(qkv.data_ptr(), out.data_ptr(), weights.data_ptr(), B, N, heads, D, scale):

@@ -115,9 +115,9 @@ def _split_heads(qkv: torch.Tensor, heads: int):
     return qkv.reshape(B, N, 3, heads, D).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
 
 
-def _kernel_takes(lib, qkv: torch.Tensor, heads: int) -> bool:
+def _kernel_takes(lib, qkv: torch.Tensor, heads: int, scale: float) -> bool:
     return (lib is not None and qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16
-            and native.attention_shapes(qkv, heads)[2] % 32 == 0)
+            and native.attention_shapes(qkv, heads)[2] % 32 == 0 and scale > 0)
 
 
 @torch.library.custom_op("vitlab::attention", mutates_args=())
@@ -127,7 +127,7 @@ def attention(qkv: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor
     padded with a zero to even length, kept for the backward pass."""
     qkv = qkv.contiguous()
     lib = native.library()
-    if _kernel_takes(lib, qkv, heads):
+    if _kernel_takes(lib, qkv, heads, scale):
         return native.attention(lib, qkv, heads, scale)
     q, k, v = (t.float() for t in _split_heads(qkv, heads))
     w = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1).to(qkv.dtype)  # (B, h, N, N)
@@ -147,7 +147,7 @@ def attention_backward(dout: torch.Tensor, qkv: torch.Tensor, weights: torch.Ten
     """The gradient of attention()'s qkv input from its output's; dout is cast to qkv's dtype."""
     dout, qkv, weights = dout.to(qkv.dtype).contiguous(), qkv.contiguous(), weights.contiguous()
     lib = native.library()
-    if _kernel_takes(lib, qkv, heads):
+    if _kernel_takes(lib, qkv, heads, scale):
         return native.attention_backward(lib, dout, qkv, weights, heads, scale)
     B, N, D = native.attention_shapes(qkv, heads)
     q, k, v = (t.float() for t in _split_heads(qkv, heads))
