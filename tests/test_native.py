@@ -334,6 +334,63 @@ def test_attention_kernel_refuses_what_it_cannot_compute():
     assert out.isfinite().all()
 
 
+GUARDED_RUN = r"""
+import ctypes, mmap, sys
+import torch
+from vitlab.models import native, ops
+
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PAGE, keep = mmap.PAGESIZE, []
+
+
+def guarded(shape, after):
+    # a bf16 tensor flush against an inaccessible page, after its last byte or before its first
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = 2 * numel
+    pages = (nbytes + PAGE - 1) // PAGE
+    m = mmap.mmap(-1, (pages + 1) * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    guard, offset = (base + pages * PAGE, pages * PAGE - nbytes) if after else (base, PAGE)
+    assert libc.mprotect(guard, PAGE, 0) == 0  # PROT_NONE
+    keep.append(m)
+    return torch.frombuffer(m, dtype=torch.bfloat16, count=numel, offset=offset).view(shape)
+
+
+lib = native.library()
+for B, N, H, D in [(1, 1, 1, 32), (2, 17, 2, 32), (1, 65, 3, 64), (2, 16, 1, 128), (1, 33, 1, 96), (3, 197, 2, 64)]:
+    for after in (True, False):
+        torch.manual_seed(N)
+        qkv, dout = guarded((B, N, 3 * H * D), after), guarded((B, N, H * D), after)
+        qkv.copy_(torch.randn(B, N, 3 * H * D))
+        dout.copy_(torch.randn(B, N, H * D))
+        out, p = guarded((B, N, H * D), after), guarded((B, H, N, N + N % 2), after)
+        dqkv = guarded((B, N, 3 * H * D), after)
+        scale = D ** -0.5
+        assert lib.vitlab_attention_fwd_bf16(qkv.data_ptr(), out.data_ptr(), p.data_ptr(), B, N, H, D, scale) == 0
+        assert lib.vitlab_attention_bwd_bf16(dout.data_ptr(), qkv.data_ptr(), p.data_ptr(), dqkv.data_ptr(),
+                                             B, N, H, D, scale) == 0
+        ref_out, ref_p = native.attention(lib, qkv.clone(), H, scale)  # the same kernel on torch's own memory
+        assert torch.equal(out, ref_out) and torch.equal(p, ref_p)
+        assert torch.equal(dqkv, native.attention_backward(lib, dout.clone(), qkv.clone(), ref_p, H, scale))
+print("inside")
+"""
+
+
+def test_attention_kernel_stays_inside_its_tensors():
+    """Every input and output placed flush against an inaccessible page (after its end, then before
+    its start): a read or write outside any of them would kill the process. In a subprocess, so
+    that a fault fails this test instead of the test run."""
+    import sys
+
+    if native.library() is None:
+        return  # no kernel here: nothing of vitlab's touches raw memory
+    done = subprocess.run([sys.executable, "-c", GUARDED_RUN], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "inside", (done.returncode, done.stderr[-2000:])
+
+
 def test_attention_operator_registrations():
     """What torch.compile relies on: schema, fake kernels, autograd (torch.library.opcheck)."""
     torch.manual_seed(0)
