@@ -50,15 +50,12 @@ void vitlab_gelu_fwd_bf16(const uint16_t *x, uint16_t *y, uint16_t *d, int64_t n
         _mm512_storeu_si512((void *)(y + i), (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
         _mm512_storeu_si512((void *)(d + i), (__m512i)_mm512_cvtne2ps_pbh(d1, d0));
     }
-    if (nv < n) {  /* the last n % 32 elements through a zero-padded buffer */
-        uint16_t xb[32] = {0}, yb[32], db[32];
-        for (int64_t i = nv; i < n; i++) xb[i - nv] = x[i];
-        __m512 y0, d0, y1, d1;
-        gelu16(load_bf16(xb, 0xffff), &y0, &d0);
-        gelu16(load_bf16(xb + 16, 0xffff), &y1, &d1);
-        _mm512_storeu_si512((void *)yb, (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
-        _mm512_storeu_si512((void *)db, (__m512i)_mm512_cvtne2ps_pbh(d1, d0));
-        for (int64_t i = nv; i < n; i++) { y[i] = yb[i - nv]; d[i] = db[i - nv]; }
+    for (int64_t i = nv; i < n; i += 16) {  /* the last n % 32 elements, masked */
+        __mmask16 m = mask16(n - i);
+        __m512 yy, dd;
+        gelu16(load_bf16(x + i, m), &yy, &dd);
+        store_bf16(y + i, m, yy);
+        store_bf16(d + i, m, dd);
     }
 }
 
@@ -72,7 +69,7 @@ void vitlab_gelu_fwd_f32(const float *x, float *y, float *d, int64_t n) {
         _mm512_storeu_ps(d + i, dd);
     }
     if (nv < n) {
-        __mmask16 m = (__mmask16)((1u << (n - nv)) - 1u);
+        __mmask16 m = mask16(n - nv);
         __m512 yy, dd;
         gelu16(_mm512_maskz_loadu_ps(m, x + nv), &yy, &dd);
         _mm512_mask_storeu_ps(y + nv, m, yy);

@@ -181,10 +181,9 @@ class Attention(nn.Module):
     def _native(self, qkv: torch.Tensor) -> bool:
         """Whether vitlab's attention kernel takes this call: a compiled CPU graph training in bf16
         (as `vitlab train` runs a long job), no attention dropout, and heads of a multiple of 32."""
-        return (self.use_native and self.path == "auto" and qkv.requires_grad and qkv.device.type == "cpu"
-                and qkv.dtype == torch.bfloat16 and torch.compiler.is_compiling() and not _is_exporting()
-                and not (self.training and self.attn_drop > 0) and self.head_dim % 32 == 0
-                and ops.native_kernels())
+        return (self.use_native and self.path == "auto" and _compiled_cpu_training(qkv)
+                and qkv.dtype == torch.bfloat16 and not (self.training and self.attn_drop > 0)
+                and self.head_dim % 32 == 0 and ops.native_kernels())
 
     def forward(self, x: torch.Tensor, return_attn: bool = False, queries: int | None = None):
         """(B, N, D) -> (B, N, D); with `queries`, the outputs of the first `queries` tokens only,
@@ -236,6 +235,13 @@ class Attention(nn.Module):
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch releases before it had none)
 
 
+def _compiled_cpu_training(x: torch.Tensor) -> bool:
+    """Whether x flows through a compiled CPU graph that trains through it (not torch.export's):
+    where vitlab's operators (ops.py) replace what inductor would lower itself."""
+    return (x.requires_grad and x.device.type == "cpu" and torch.compiler.is_compiling()
+            and not _is_exporting())
+
+
 class GELU(nn.GELU):
     """Exact (erf) GELU, as in the original ViT and every checkpoint.
 
@@ -249,8 +255,7 @@ class GELU(nn.GELU):
     use_native = True  # False: ATen's kernels even where vitlab's runs (benchmarks/step_anatomy.py)
 
     def forward(self, x):
-        if (self.approximate == "none" and x.requires_grad and x.device.type == "cpu"
-                and torch.compiler.is_compiling() and not _is_exporting()):
+        if self.approximate == "none" and _compiled_cpu_training(x):
             if self.use_native and x.dtype in (torch.bfloat16, torch.float32) and ops.native_kernels():
                 return ops.gelu_and_grad(x)[0]  # GELU and its derivative in one pass (native.py)
             return ops.gelu(x)

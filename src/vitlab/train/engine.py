@@ -686,10 +686,9 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list, finish: bool = Fa
         if compiled and device.type == "cpu":
             from ..models import native
 
-            # a CPU that cannot run vitlab's kernels is no news; one whose build failed is
-            if native.build_failure():
-                log(f"note: {native.build_failure()}; GELU and attention run on ATen's kernels "
-                    "(several percent slower)")
+            failure = native.build_failure()  # a CPU that cannot run vitlab's kernels is no news; a failed build is
+            if failure:
+                log(f"note: {failure}; GELU and attention run on ATen's kernels (several percent slower)")
         what = (f"{cfg.model.pretrained} ({getattr(model, 'arch', {}).get('name', 'pretrained')})"
                 if cfg.model.pretrained else cfg.model.name)  # model.name is unused when fine-tuning
         log(f"run {run_dir}: {what} ({count_params(model):,} params) on {cfg.data.name} "
