@@ -344,19 +344,19 @@ libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 PAGE, keep = mmap.PAGESIZE, []
 
 
-def guarded(shape, after):
-    # a bf16 tensor flush against an inaccessible page, after its last byte or before its first
+def guarded(shape, after, dtype=torch.bfloat16):
+    # a tensor flush against an inaccessible page, after its last byte or before its first
     numel = 1
     for n in shape:
         numel *= n
-    nbytes = 2 * numel
+    nbytes = dtype.itemsize * numel
     pages = (nbytes + PAGE - 1) // PAGE
     m = mmap.mmap(-1, (pages + 1) * PAGE)
     base = ctypes.addressof(ctypes.c_char.from_buffer(m))
     guard, offset = (base + pages * PAGE, pages * PAGE - nbytes) if after else (base, PAGE)
     assert libc.mprotect(guard, PAGE, 0) == 0  # PROT_NONE
     keep.append(m)
-    return torch.frombuffer(m, dtype=torch.bfloat16, count=numel, offset=offset).view(shape)
+    return torch.frombuffer(m, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
 lib = native.library()
@@ -375,11 +375,21 @@ for B, N, H, D in [(1, 1, 1, 32), (2, 17, 2, 32), (1, 65, 3, 64), (2, 16, 1, 128
         ref_out, ref_p = native.attention(lib, qkv.clone(), H, scale)  # the same kernel on torch's own memory
         assert torch.equal(out, ref_out) and torch.equal(p, ref_p)
         assert torch.equal(dqkv, native.attention_backward(lib, dout.clone(), qkv.clone(), ref_p, H, scale))
+for K, M, N in [(1, 1, 16), (7, 13, 48), (1100, 190, 80), (515, 576, 192)]:  # the weight-gradient kernel
+    for after in (True, False):
+        torch.manual_seed(K)
+        dy, x = guarded((K, M), after), guarded((K, N), after)
+        dy.copy_(torch.randn(K, M))
+        x.copy_(torch.randn(K, N))
+        dw, db = guarded((M, N), after, torch.float32), guarded((M,), after, torch.float32)
+        assert lib.vitlab_linear_wgrad_bf16(dy.data_ptr(), x.data_ptr(), K, M, N, dw.data_ptr(), db.data_ptr()) == 0
+        ref_dw, ref_db = native.linear_wgrad(lib, dy.clone(), x.clone(), True)
+        assert torch.equal(dw, ref_dw) and torch.equal(db, ref_db)
 print("inside")
 """
 
 
-def test_attention_kernel_stays_inside_its_tensors():
+def test_kernels_stay_inside_their_tensors():
     """Every input and output placed flush against an inaccessible page (after its end, then before
     its start): a read or write outside any of them would kill the process. In a subprocess, so
     that a fault fails this test instead of the test run."""
@@ -440,3 +450,110 @@ def test_compiled_bf16_training_graph_calls_the_attention_operator_where_it_shou
     assert calls(dropped, torch.bfloat16) == 0  # attention dropout needs the unfused path
     narrow = create_model("vit_tiny_patch4_32", num_classes=10, depth=3, num_heads=4)  # heads of 48
     assert calls(narrow, torch.bfloat16) == 0
+
+
+# -- the weight-gradient kernel (linear_kernel.c) -------------------------------------------------
+
+
+@pytest.mark.parametrize("K, M, N", [(8320, 576, 192), (1, 7, 16), (2, 6, 32), (7, 13, 48), (513, 1, 16),
+                                     (1100, 190, 80), (0, 5, 16), (1025, 768, 192)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_gradient_kernel_matches_fp64(K, M, N, bias):
+    """dy^T x and dy's column sums against fp64: bf16 products are exact in fp32, so the only error is
+    fp32 summation, bounded here by 2^-17 of the sum of magnitudes (rows chunked by 512: every
+    chunk remainder, odd row counts, dW rows not a multiple of 6 and fewer than one block a thread,
+    vector widths 16 to 192)."""
+    lib = native.library()
+    if lib is None:
+        return  # nothing to compare: test_weight_gradient_operator_agrees_with_autograd covers the fallback
+    torch.manual_seed(K + M + N)
+    dy, x = torch.randn(K, M).bfloat16(), torch.randn(K, N).bfloat16()
+    dw, db = native.linear_wgrad(lib, dy, x, bias)
+    want = dy.double().t() @ x.double()
+    bound = dy.double().abs().t() @ x.double().abs()
+    assert dw.dtype == torch.float32 and dw.shape == (M, N)
+    assert ((dw.double() - want).abs() <= bound * 2**-17 + 1e-30).all()
+    if bias:
+        sums = dy.double().sum(0)
+        assert ((db.double() - sums).abs() <= dy.double().abs().sum(0) * 2**-17 + 1e-30).all()
+    else:
+        assert db is None
+
+
+def test_weight_gradient_kernel_refuses_widths_it_cannot_take():
+    lib = native.library()
+    if lib is None:
+        return
+    with pytest.raises(ValueError, match="multiple of 16"):
+        native.linear_wgrad(lib, torch.randn(4, 8).bfloat16(), torch.randn(4, 24).bfloat16(), True)
+    dw, db = ops.linear_wgrad(torch.randn(4, 8).bfloat16(), torch.randn(4, 24).bfloat16(), True)  # the op: fallback
+    assert dw.shape == (8, 24) and db.shape == (8,)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_gradient_operator_agrees_with_autograd(monkeypatch, bias):
+    """ops.linear's gradients against F.linear's on the same bf16 inputs in fp32 (the kernel, and the
+    torch fallback with the library switched off), and its registrations (opcheck)."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 37, 64).bfloat16()
+    w, b = torch.randn(96, 64) * 0.1, (torch.randn(96) if bias else None)
+    g = torch.randn(3, 37, 96).bfloat16()
+    xr, wr = x.float().requires_grad_(), w.bfloat16().float().requires_grad_()
+    br = None if b is None else b.bfloat16().float().requires_grad_()
+    want = torch.autograd.grad(F.linear(xr, wr, br), [t for t in (xr, wr, br) if t is not None], g.float())
+    results = []
+    for lib in (native.library(), None):
+        monkeypatch.setattr(native, "library", lambda lib=lib: lib)
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bi = None if b is None else b.clone().requires_grad_()
+        y = ops.linear(xi, wi, bi)
+        assert y.dtype == torch.bfloat16
+        got = torch.autograd.grad(y, [t for t in (xi, wi, bi) if t is not None], g)
+        assert got[1].dtype == torch.float32  # the weight's own dtype
+        for a, e in zip(got, want):
+            assert relative(a.float(), e) < 1e-2  # dx is rounded to bf16; dW and db are fp32 sums
+        results.append(got)
+    for a, e in zip(*results):  # the kernel and the fallback: the same sums, apart from their order
+        assert relative(a.float(), e.float()) < 1e-5
+    torch.library.opcheck(ops.linear, (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                                       None if b is None else b.clone().requires_grad_()))
+    torch.library.opcheck(ops.linear_wgrad, (g.reshape(-1, 96), x.reshape(-1, 64), bias))
+
+
+def test_compiled_bf16_training_graph_calls_the_linear_operator_where_it_should():
+    """Under bf16 autocast in a compiled CPU training graph, every transformer Linear (qkv, proj,
+    fc1, fc2) but the [CLS]-only last block's qkv goes through vitlab::linear where the kernel runs;
+    not in fp32, for inference, with Linear.use_native off, or for widths not a multiple of 16."""
+    from vitlab.models.vit import Linear
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(sum(str(n.target) == "vitlab.linear.default" for n in gm.graph.nodes))
+        return gm.forward
+
+    def calls(model, dtype, train=True):
+        graphs.clear()
+        torch._dynamo.reset()
+        model.train(train)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None), \
+                torch.set_grad_enabled(train):
+            out = torch.compile(model, backend=record)(torch.randn(2, 3, 32, 32))
+        if train:
+            out.float().sum().backward()
+        torch._dynamo.reset()
+        return sum(graphs)
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4_32", num_classes=10, depth=3)
+    want = 3 * 4 - 1 if native.library() is not None else 0  # the last block splits its qkv Linear
+    assert calls(model, torch.bfloat16) == want
+    assert calls(model, None) == 0
+    assert calls(model, torch.bfloat16, train=False) == 0
+    Linear.use_native = False
+    try:
+        assert calls(model, torch.bfloat16) == 0
+    finally:
+        Linear.use_native = True
+    odd = create_model("vit_tiny_patch4_32", num_classes=10, depth=3, embed_dim=200, num_heads=5)  # 200 % 16 != 0
+    assert calls(odd, torch.bfloat16) == (3 if native.library() is not None else 0)  # fc2 alone: 768 inputs

@@ -21,70 +21,7 @@
  */
 #include <stdlib.h>
 #include <math.h>
-#include "kernel_math.h"
-
-#define UNROLL _Pragma("GCC unroll 16")
-
-/* a bf16 pair read as one 32-bit word: may alias the uint16_t bf16 buffers it reads, and needs
- * only their 2-byte alignment */
-typedef uint32_t __attribute__((may_alias, aligned(2))) pair_t;
-
-/* c[r][0 : 16V] = sum over s < S of pair a(r, s) times the 16V pairs of row s of b, for R rows: R x V
- * accumulators in registers (6 x 4 = 24 of the 32), a's pair broadcast, b's row loaded once per s. */
-#define DEF_KERNEL(R, V)                                                                              \
-static void k_##R##_##V(const pair_t *a, int64_t ars, int64_t aks, const uint32_t *b, int64_t ldb, \
-                        int64_t S, float *c, int64_t ldc) {                                           \
-    __m512 acc[R][V];                                                                                 \
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps(); \
-    for (int64_t s = 0; s < S; s++) {                                                                 \
-        __m512bh bv[V];                                                                               \
-        UNROLL for (int v = 0; v < V; v++) bv[v] = (__m512bh)_mm512_loadu_si512(b + s * ldb + 16 * v); \
-        UNROLL for (int r = 0; r < R; r++) {                                                          \
-            __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[r * ars + s * aks]);                      \
-            UNROLL for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);    \
-        }                                                                                             \
-    }                                                                                                 \
-    UNROLL for (int r = 0; r < R; r++) UNROLL for (int v = 0; v < V; v++)                             \
-        _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);                                            \
-}
-DEF_KERNEL(1, 4) DEF_KERNEL(2, 4) DEF_KERNEL(3, 4) DEF_KERNEL(4, 4) DEF_KERNEL(5, 4) DEF_KERNEL(6, 4)
-DEF_KERNEL(1, 1) DEF_KERNEL(2, 1) DEF_KERNEL(3, 1) DEF_KERNEL(4, 1) DEF_KERNEL(5, 1) DEF_KERNEL(6, 1)
-
-typedef void (*kernel)(const pair_t *, int64_t, int64_t, const uint32_t *, int64_t, int64_t, float *, int64_t);
-static const kernel K4[7] = {0, k_1_4, k_2_4, k_3_4, k_4_4, k_5_4, k_6_4};
-static const kernel K1[7] = {0, k_1_1, k_2_1, k_3_1, k_4_1, k_5_1, k_6_1};
-
-/* C (M x L, fp32, row stride ldc) = A B: A's pair (r, s) at a[r ars + s aks], B (S pairs x L) with row
- * stride ldb; L a multiple of 16 */
-static void gemm(const pair_t *a, int64_t ars, int64_t aks, const uint32_t *b, int64_t ldb, int64_t S,
-                 float *c, int64_t ldc, int64_t M, int64_t L) {
-    for (int64_t m = 0; m < M; m += 6) {
-        int R = (int)(M - m < 6 ? M - m : 6);
-        int64_t l = 0;
-        for (; l + 64 <= L; l += 64) K4[R](a + m * ars, ars, aks, b + l, ldb, S, c + m * ldc + l, ldc);
-        for (; l < L; l += 16) K1[R](a + m * ars, ars, aks, b + l, ldb, S, c + m * ldc + l, ldc);
-    }
-}
-
-/* xp[s][c] = (x[2s][c], x[2s+1][c]) as one 32-bit pair, s < (n + 1) / 2, c < m; a missing row 2s+1 is 0 */
-static void rowpair(const uint16_t *x, int64_t stride, int64_t n, int64_t m, uint32_t *xp, int64_t ldxp) {
-    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-    for (int64_t s = 0; s < (n + 1) / 2; s++) {
-        const uint16_t *r0 = x + 2 * s * stride, *r1 = r0 + stride;
-        int second = 2 * s + 1 < n;
-        for (int64_t c = 0; c < m; c += 32) {
-            __mmask32 mk = mask32(m - c);
-            __m512i a = _mm512_maskz_loadu_epi16(mk, r0 + c);
-            __m512i b = second ? _mm512_maskz_loadu_epi16(mk, r1 + c) : _mm512_setzero_si512();
-            _mm512_mask_storeu_epi32(xp + s * ldxp + c, mask16(m - c), _mm512_permutex2var_epi16(a, lo, b));
-            if (m - c > 16)
-                _mm512_mask_storeu_epi32(xp + s * ldxp + c + 16, mask16(m - c - 16),
-                                         _mm512_permutex2var_epi16(a, hi, b));
-        }
-    }
-}
+#include "gemm_bf16.h"
 
 /* 16 x 16 transpose of 32-bit elements in registers */
 static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
@@ -190,10 +127,10 @@ int vitlab_attention_fwd_bf16(const uint16_t *qkv, uint16_t *out, uint16_t *p, i
             const uint16_t *q = qkv + b * N * RS + h * D, *k = q + H * D, *v = q + 2 * H * D;
             uint16_t *pp = p + bh * N * NP2;
             pair_transpose(k, RS, N, D, kt, NJ);
-            rowpair(v, RS, N, D, vp, D);
-            gemm((const pair_t *)q, RS / 2, 1, kt, NJ, D / 2, sb, NJ, N, NJ);  /* S = q k^T */
+            rowpair(v, RS, N, D, vp, D, NULL);
+            gemm((const pair_t *)q, RS / 2, 1, kt, NJ, D / 2, sb, NJ, N, NJ, 0);  /* S = q k^T */
             softmax_rows(sb, NJ, N, NP2, scale, pp);
-            gemm((const pair_t *)pp, SP, 1, vp, D, SP, sb, D, N, D);  /* O = P v */
+            gemm((const pair_t *)pp, SP, 1, vp, D, SP, sb, D, N, D, 0);  /* O = P v */
             store_rows(sb, N, D, out + b * N * OS + h * D, OS);
         }
         free(kt); free(vp); free(sb);
@@ -226,7 +163,7 @@ int vitlab_attention_bwd_bf16(const uint16_t *dout, const uint16_t *qkv, const u
             const uint16_t *pp = p + bh * N * NP2, *dO = dout + b * N * OS + h * D;
             uint16_t *dq = dqkv + b * N * RS + h * D, *dk = dq + H * D, *dv = dq + 2 * H * D;
             pair_transpose(v, RS, N, D, vt, NJ);
-            gemm((const pair_t *)dO, OS / 2, 1, vt, NJ, D / 2, sb, NJ, N, NJ);  /* dP = dO v^T */
+            gemm((const pair_t *)dO, OS / 2, 1, vt, NJ, D / 2, sb, NJ, N, NJ, 0);  /* dP = dO v^T */
             const __m512 vs = _mm512_set1_ps(scale);
             for (int64_t i = 0; i < N; i++) {  /* dS = scale P (dP - rowsum(P dP)), bf16, padded with 0 */
                 const float *row = sb + i * NJ;
@@ -244,16 +181,16 @@ int vitlab_attention_bwd_bf16(const uint16_t *dout, const uint16_t *qkv, const u
                     store_bf16(ds + i * NP2 + j, mask16(NP2 - j), _mm512_maskz_mov_ps(m, d));
                 }
             }
-            rowpair(k, RS, N, D, kp, D);
-            gemm((const pair_t *)ds, SP, 1, kp, D, SP, sb, D, N, D);  /* dq = dS k */
+            rowpair(k, RS, N, D, kp, D, NULL);
+            gemm((const pair_t *)ds, SP, 1, kp, D, SP, sb, D, N, D, 0);  /* dq = dS k */
             store_rows(sb, N, D, dq, RS);
-            rowpair(q, RS, N, D, qp, D);
-            rowpair(ds, NP2, N, N, dst, NJ);
-            gemm(dst, 1, NJ, qp, D, SP, sb, D, N, D);  /* dk = dS^T q */
+            rowpair(q, RS, N, D, qp, D, NULL);
+            rowpair(ds, NP2, N, N, dst, NJ, NULL);
+            gemm(dst, 1, NJ, qp, D, SP, sb, D, N, D, 0);  /* dk = dS^T q */
             store_rows(sb, N, D, dk, RS);
-            rowpair(dO, OS, N, D, dop, D);
-            rowpair(pp, NP2, N, N, pt, NJ);
-            gemm(pt, 1, NJ, dop, D, SP, sb, D, N, D);  /* dv = P^T dO */
+            rowpair(dO, OS, N, D, dop, D, NULL);
+            rowpair(pp, NP2, N, N, pt, NJ, NULL);
+            gemm(pt, 1, NJ, dop, D, SP, sb, D, N, D, 0);  /* dv = P^T dO */
             store_rows(sb, N, D, dv, RS);
         }
         free(vt); free(dop); free(kp); free(qp); free(pt); free(dst); free(ds); free(sb);

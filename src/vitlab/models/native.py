@@ -1,6 +1,7 @@
 """vitlab's native kernels, for the compiled CPU training step: exact GELU with its derivative
-in one pass (gelu_kernel.c), and multi-head attention, forward and backward, in bf16
-(attention_kernel.c); kernel_math.h holds what they share.
+in one pass (gelu_kernel.c), multi-head attention, forward and backward, in bf16
+(attention_kernel.c), and a Linear layer's weight and bias gradients in bf16 (linear_kernel.c);
+kernel_math.h and gemm_bf16.h hold what they share.
 
 Built together into one library on first use with the C compiler that torch.compile needs
 anyway on a CPU (about 0.6 s on the dev CPU), and kept in ~/.cache/vitlab/native (or
@@ -13,7 +14,8 @@ temporary folder of its own.
 Only on Linux x86-64 with AVX-512 BF16 (the CPUs where vitlab trains in bf16 by default:
 Sapphire Rapids and later Xeons, Zen 4 and later EPYCs and Ryzens). Anywhere else, with no
 compiler, or with VITLAB_NATIVE=0, `library()` returns None and the compiled step keeps ATen's
-GELU kernels (ops.gelu) and attention's batched matmuls: nothing changes but the speed.
+GELU kernels (ops.gelu), attention's batched matmuls and ATen's weight-gradient products: nothing
+changes but the speed.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("gelu_kernel.c", "attention_kernel.c")]
-HEADERS = [Path(__file__).with_name("kernel_math.h")]
+SOURCES = [Path(__file__).with_name(n) for n in ("gelu_kernel.c", "attention_kernel.c", "linear_kernel.c")]
+HEADERS = [Path(__file__).with_name(n) for n in ("kernel_math.h", "gemm_bf16.h")]
 FLAGS = ["-O2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
          "-shared", "-fPIC"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
@@ -124,6 +126,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.vitlab_attention_fwd_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float]
     lib.vitlab_attention_bwd_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float]
     lib.vitlab_attention_fwd_bf16.restype = lib.vitlab_attention_bwd_bf16.restype = ctypes.c_int
+    lib.vitlab_linear_wgrad_bf16.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr]
+    lib.vitlab_linear_wgrad_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -227,3 +231,18 @@ def attention_backward(lib: ctypes.CDLL, dout: torch.Tensor, qkv: torch.Tensor, 
                                      B, N, heads, D, scale):
         raise MemoryError("vitlab's attention kernel could not allocate its scratch space")
     return dqkv
+
+
+def linear_wgrad(lib: ctypes.CDLL, dy: torch.Tensor, x: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dy^T x, dy's column sums or None), both fp32, for contiguous bf16 CPU matrices dy (K, M) and
+    x (K, N) with N a multiple of 16, by the kernel."""
+    (K, M), N = dy.shape, x.shape[1]
+    if not (N % 16 == 0 and x.shape[0] == K):
+        raise ValueError(f"vitlab's weight-gradient kernel takes inputs of a multiple of 16 features and as many "
+                         f"rows as the gradient, got x {tuple(x.shape)} for dy {tuple(dy.shape)}")
+    dw = torch.empty(M, N)
+    db = torch.empty(M) if bias else None
+    if lib.vitlab_linear_wgrad_bf16(dy.data_ptr(), x.data_ptr(), K, M, N, dw.data_ptr(),
+                                    None if db is None else db.data_ptr()):
+        raise MemoryError("vitlab's weight-gradient kernel could not allocate its packing buffers")
+    return dw, db

@@ -176,3 +176,64 @@ def _attention_grad(ctx, grad, _):
 
 
 attention.register_autograd(_attention_grad, setup_context=_save_for_attention)
+
+
+# -- Linear --------------------------------------------------------------------------------------
+# Where vitlab's kernels run, a compiled CPU training graph in bf16 autocast computes each
+# transformer Linear through `linear`: the forward pass and the input gradient are ATen's products
+# as before, the weight and bias gradients come from linear_kernel.c in one pass (fp32 results, no
+# separate bias reduction or casts). Elsewhere `linear_wgrad` computes the same in torch.
+
+
+def _wgrad_kernel_takes(lib, dy: torch.Tensor, x: torch.Tensor) -> bool:
+    return (lib is not None and dy.device.type == "cpu" and dy.dtype == x.dtype == torch.bfloat16
+            and x.shape[-1] % 16 == 0)
+
+
+@torch.library.custom_op("vitlab::linear_wgrad", mutates_args=())
+def linear_wgrad(dy: torch.Tensor, x: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy^T x, dy's column sums), both fp32, for dy (K, M) and x (K, N): a Linear's weight and bias
+    gradients from its output gradient and input, rows = batch x tokens. The sums are empty (0,)
+    when bias is False."""
+    dy, x = dy.contiguous(), x.contiguous()
+    lib = native.library()
+    if _wgrad_kernel_takes(lib, dy, x):
+        dw, db = native.linear_wgrad(lib, dy, x, bias)
+        return dw, db if db is not None else dw.new_empty(0)
+    dyf = dy.float()
+    return dyf.t() @ x.float(), dyf.sum(0) if bias else dyf.new_empty(0)
+
+
+@linear_wgrad.register_fake
+def _linear_wgrad_fake(dy, x, bias):
+    return (dy.new_empty(dy.shape[1], x.shape[1], dtype=torch.float32),
+            dy.new_empty(dy.shape[1] if bias else 0, dtype=torch.float32))
+
+
+@torch.library.custom_op("vitlab::linear", mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear with the weight and bias cast to x's dtype (the bf16 copies autocast would make),
+    opaque to the compiler, so that its backward pass is linear_wgrad's rather than autograd's."""
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@linear.register_fake
+def _linear_fake(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _save_for_linear(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight)
+
+
+def _linear_grad(ctx, grad):
+    x, weight = ctx.saved_tensors
+    g = grad.to(x.dtype)
+    dx = g @ weight.to(x.dtype)  # plain torch: the compiled backward calls ATen's product for it
+    dw, db = linear_wgrad(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), ctx.bias_dtype is not None)
+    return dx, dw.to(weight.dtype), None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
+
+
+linear.register_autograd(_linear_grad, setup_context=_save_for_linear)

@@ -158,9 +158,9 @@ class Attention(nn.Module):
             raise ValueError(f"embed_dim {dim} is smaller than num_heads {num_heads}")
         self.inner_dim = num_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, 3 * self.inner_dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * self.inner_dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(self.inner_dim, dim)
+        self.proj = Linear(self.inner_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _explicit(self, q: torch.Tensor, n: int) -> bool:
@@ -242,6 +242,25 @@ def _compiled_cpu_training(x: torch.Tensor) -> bool:
             and not _is_exporting())
 
 
+def _bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+class Linear(nn.Linear):
+    """nn.Linear, except inside a compiled CPU graph that trains it in bf16 autocast: there the
+    weight and bias gradients come from vitlab's kernel (ops.linear, linear_kernel.c), which reads
+    the step's cold operands faster than oneDNN does and returns them in fp32. The forward pass and
+    the input gradient are the same ATen products either way."""
+
+    use_native = True  # False: autograd's products even where vitlab's kernel runs (benchmarks/step_anatomy.py)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.use_native and _compiled_cpu_training(x) and _bf16_autocast() and self.weight.requires_grad
+                and self.weight.dtype == torch.float32 and self.in_features % 16 == 0 and ops.native_kernels()):
+            return ops.linear(x.to(torch.bfloat16), self.weight, self.bias)
+        return super().forward(x)
+
+
 class GELU(nn.GELU):
     """Exact (erf) GELU, as in the original ViT and every checkpoint.
 
@@ -267,10 +286,10 @@ class Mlp(nn.Module):
 
     def __init__(self, dim, hidden_dim, drop=0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = GELU()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x):  # (B, N, D) -> (B, N, D)
