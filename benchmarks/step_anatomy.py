@@ -2,7 +2,7 @@
 
     python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; several minutes
 
-Eight measurements, each a median over repeats (this host's speed drifts, so compare within a section):
+Nine measurements, each a median over repeats (this host's speed drifts, so compare within a section):
 
 1. matmuls: each Linear's three products at the step's shapes (rows = batch x tokens): the forward
    (addmm with bias), the input gradient (grad @ W) and the weight gradient both ways autograd
@@ -34,6 +34,9 @@ Eight measurements, each a median over repeats (this host's speed drifts, so com
    cpp_wrapper (the compiled graph's kernels called from C++ instead of Python).
 8. the compiled training step with vitlab's attention kernel (the default where it runs) against
    the same step with the explicit path (Attention.use_native off), alternating.
+9. the compiled training step with the Linears' weight and bias gradients on vitlab's kernel
+   (linear_kernel.c, the default where it runs) against the same step with autograd's products
+   (Linear.use_native off), alternating.
 
 Writes benchmarks/results/step_anatomy.json (--out); --sections runs some of them (e.g. 1,3,7).
 """
@@ -54,6 +57,7 @@ from vitlab.bench import _median_rate, alternate, arch_of, machine, speedup
 from vitlab.cli import Parser
 from vitlab.config import OptimConfig
 from vitlab.models import create_model, native, ops
+from vitlab.models.vit import Linear
 from vitlab.train.optim import build_optimizer
 from vitlab.utils import make_dir, tune_allocator, write_json
 
@@ -262,6 +266,22 @@ def attention_kernel_step(preset: str, batch: int, pairs: int) -> dict:
     return {"kernel_vs_explicit": paired(steps, "kernel", "explicit", batch, pairs, "compiled bf16 step")}
 
 
+def linear_kernel_step(preset: str, batch: int, pairs: int) -> dict:
+    """The compiled bf16 step with vitlab's weight-gradient kernel (the default where it runs) against
+    the same step on autograd's products (Linear.use_native off)."""
+    if native.library() is None:
+        print(f"  vitlab's weight-gradient kernel does not run here: {native.why_not()}")
+        return {}
+
+    def aten(model):
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.use_native = False
+
+    steps = compiled_steps(preset, batch, {"aten": aten, "kernel": None})
+    return {"kernel_vs_aten": paired(steps, "kernel", "aten", batch, pairs, "compiled bf16 step")}
+
+
 def prefix_only_last_block(preset: str, batch: int, pairs: int) -> dict:
     """The last block for the prefix tokens alone (VisionTransformer.prefix_only_last_block, the
     default) against the full last block: the default training step, and the frozen bf16 copy
@@ -414,14 +434,14 @@ def linear_kernels(preset: str, batch: int, pairs: int) -> dict:
     return res
 
 
-SECTIONS = range(1, 9)  # the measurements the docstring numbers
+SECTIONS = range(1, 10)  # the measurements the docstring numbers
 
 
 def main(argv=None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4 to 8 (inference: 3x as many)")
+    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4 to 9 (inference: 3x as many)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--sections", default=",".join(map(str, SECTIONS)), help="which sections to run, e.g. 1,3,7 (default: all)")
     args = p.parse_args(argv)
@@ -454,7 +474,9 @@ def main(argv=None) -> int:
             (7, "outside_matmuls", "what is left outside the matmuls: all four Linears packed, the forward alone, "
              "cpp_wrapper:", lambda: outside_matmuls(args.model, b, n)),
             (8, "attention_kernel_step", "the compiled step: vitlab's attention kernel, or the explicit path:",
-             lambda: attention_kernel_step(args.model, b, n))):
+             lambda: attention_kernel_step(args.model, b, n)),
+            (9, "linear_kernel_step", "the compiled step: the weight gradients on vitlab's kernel, or on ATen's "
+             "products:", lambda: linear_kernel_step(args.model, b, n))):
         if k in sections:
             print(title)
             res[key] = fn()
