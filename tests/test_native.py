@@ -1,4 +1,4 @@
-"""vitlab's native kernels (vitlab/models/native.py; gelu_kernel.c, attention_kernel.c): their
+"""vitlab's native kernels (vitlab/models/native.py; gelu_kernel.c, attention_kernel.c, linear_kernel.c): their
 values against exact references, their build and cache, and the fallback where they cannot run."""
 
 import os

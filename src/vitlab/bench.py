@@ -944,7 +944,7 @@ def _print_markdown(res: dict) -> None:
         print(f"\nThe frozen copy's first call, which compiles it: {c['frozen_first_call_s']:.1f} s.")
     alloc = f"; allocator: {res['allocator']}" if "allocator" in res else ""
     if "native_kernels" in res:
-        kernels = f"; compiled training's GELU and attention kernels: {res['native_kernels']}"
+        kernels = f"; compiled training's native kernels: {res['native_kernels']}"
     else:  # results written before 2026-11-29's attention kernel recorded the GELU kernel alone
         kernels = f"; compiled training's GELU kernel: {res['gelu_kernel']}" if "gelu_kernel" in res else ""
     print(f"\n_{res['date']}, {res['machine']}; command: `{res['command']}`{alloc}{kernels}_")
@@ -989,12 +989,14 @@ def run(args) -> int:
     # the ratios compare the models, not the allocators (benchmarks/allocator.py times the setting)
     res["allocator"] = ("glibc thresholds raised for every setup (vitlab.utils.tune_allocator)" if tune_allocator()
                         else "the platform's default")
-    if device.type == "cpu":  # which GELU and attention the compiled vitlab rows train with (vitlab.models.native)
+    if device.type == "cpu":  # which kernels the compiled vitlab rows train with (vitlab.models.native)
         from .models import native
 
-        res["native_kernels"] = ("vitlab's (GELU with its derivative in one pass; attention in one operator, bf16)"
+        res["native_kernels"] = ("vitlab's (GELU with its derivative in one pass; attention in one operator, bf16; "
+                                 "the Linears' weight and bias gradients in one pass, bf16)"
                                  if native.library() is not None else f"ATen's ({native.why_not()})")
-        print(f"compiled vitlab training steps use {res['native_kernels']} GELU and attention kernels")
+        print(f"compiled vitlab training steps use {res['native_kernels']} kernels for GELU, attention and the "
+              f"Linears' weight gradients")
     try:
         _measure(args, res, out, device)
     except KeyboardInterrupt as e:  # minutes of timings are not thrown away: kept beside, not over, a whole result

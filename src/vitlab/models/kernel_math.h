@@ -1,4 +1,4 @@
-/* Shared by vitlab's native kernels (gelu_kernel.c, attention_kernel.c): AVX-512 helpers. */
+/* Shared by vitlab's native kernels (gelu_kernel.c, attention_kernel.c, linear_kernel.c): AVX-512 helpers. */
 #ifndef VITLAB_KERNEL_MATH_H
 #define VITLAB_KERNEL_MATH_H
 #include <immintrin.h>

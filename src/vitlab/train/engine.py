@@ -688,7 +688,8 @@ def _train(cfg: TrainConfig, resume: str | None, opened: list, finish: bool = Fa
 
             failure = native.build_failure()  # a CPU that cannot run vitlab's kernels is no news; a failed build is
             if failure:
-                log(f"note: {failure}; GELU and attention run on ATen's kernels (several percent slower)")
+                log(f"note: {failure}; GELU, attention and the Linears' weight gradients run on ATen's kernels "
+                    f"(several percent slower)")
         what = (f"{cfg.model.pretrained} ({getattr(model, 'arch', {}).get('name', 'pretrained')})"
                 if cfg.model.pretrained else cfg.model.name)  # model.name is unused when fine-tuning
         log(f"run {run_dir}: {what} ({count_params(model):,} params) on {cfg.data.name} "
