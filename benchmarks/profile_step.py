@@ -32,8 +32,9 @@ from vitlab.models import create_model
 from vitlab.train.optim import build_optimizer
 from vitlab.utils import atomic_write_text, make_dir, tune_allocator, write_json
 
-# (mkldnn::_linear_pointwise: a frozen graph's Linear, its weight packed once, bias and GELU fused)
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise")
+# (mkldnn::_linear_pointwise: a frozen graph's Linear, its weight packed once, bias and GELU fused;
+# vitlab::linear_wgrad: the compiled bf16 step's weight and bias gradients, vitlab's kernel)
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "vitlab::linear_wgrad")
 CASTS = ("aten::copy_",)
 
 
