@@ -410,30 +410,34 @@ def test_attention_operator_registrations():
     torch.library.opcheck(ops.attention_backward, (torch.randn_like(out), qkv, w, 2, 32**-0.5))
 
 
+def compiled_calls(model, op: str, dtype, train=True) -> int:
+    """How many times the graphs torch.compile captures for one step of `model` (forward, and with
+    train its backward) call the operator `op` (e.g. "vitlab.attention.default")."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(sum(str(n.target) == op for n in gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    model.train(train)
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None), \
+            torch.set_grad_enabled(train):
+        out = torch.compile(model, backend=record)(torch.randn(2, 3, 32, 32))
+    if train:
+        out.float().sum().backward()
+    torch._dynamo.reset()
+    return sum(graphs)
+
+
 def test_compiled_bf16_training_graph_calls_the_attention_operator_where_it_should():
     """In a compiled CPU training graph under bf16 autocast, attention (not the last block's,
     which runs for [CLS] alone) is one vitlab::attention call where the kernel runs; not with
     attention dropout, in fp32, for inference, or with Attention.use_native off."""
     from vitlab.models.vit import Attention
 
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(sum(str(n.target) == "vitlab.attention.default" for n in gm.graph.nodes))
-        return gm.forward
-
     def calls(model, dtype, train=True):
-        graphs.clear()
-        torch._dynamo.reset()
-        model.train(train)
-        x = torch.randn(2, 3, 32, 32)
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None), \
-                torch.set_grad_enabled(train):
-            out = torch.compile(model, backend=record)(x)
-        if train:
-            out.float().sum().backward()
-        torch._dynamo.reset()
-        return sum(graphs)
+        return compiled_calls(model, "vitlab.attention.default", dtype, train)
 
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch4_32", num_classes=10, depth=3)
@@ -526,23 +530,8 @@ def test_compiled_bf16_training_graph_calls_the_linear_operator_where_it_should(
     not in fp32, for inference, with Linear.use_native off, or for widths not a multiple of 16."""
     from vitlab.models.vit import Linear
 
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(sum(str(n.target) == "vitlab.linear.default" for n in gm.graph.nodes))
-        return gm.forward
-
     def calls(model, dtype, train=True):
-        graphs.clear()
-        torch._dynamo.reset()
-        model.train(train)
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None), \
-                torch.set_grad_enabled(train):
-            out = torch.compile(model, backend=record)(torch.randn(2, 3, 32, 32))
-        if train:
-            out.float().sum().backward()
-        torch._dynamo.reset()
-        return sum(graphs)
+        return compiled_calls(model, "vitlab.linear.default", dtype, train)
 
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch4_32", num_classes=10, depth=3)
