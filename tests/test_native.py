@@ -411,28 +411,23 @@ def test_attention_operator_registrations():
 
 
 def compiled_calls(model, op: str, dtype, train=True) -> int:
-    """How many times the graphs torch.compile builds for one step of `model` (forward, and with train
-    its backward, as AOTAutograd hands them to the compiler) call the operator `op` (e.g.
-    "vitlab.attention.default")."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    counts = []
+    """How many times the graphs torch.compile captures for one step of `model` (forward, and with
+    train its backward) call the operator `op` (e.g. "vitlab.attention.default")."""
+    graphs = []
 
     def record(gm, example_inputs):
-        counts.append(sum(str(n.target) == op for n in gm.graph.nodes))
-        return make_boxed_func(gm.forward)
+        graphs.append(sum(str(n.target) == op for n in gm.graph.nodes))
+        return gm.forward
 
     torch._dynamo.reset()
     model.train(train)
     with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None), \
             torch.set_grad_enabled(train):
-        out = torch.compile(model, backend=aot_autograd(fw_compiler=record, bw_compiler=record))(
-            torch.randn(2, 3, 32, 32))
+        out = torch.compile(model, backend=record)(torch.randn(2, 3, 32, 32))
     if train:
         out.float().sum().backward()
     torch._dynamo.reset()
-    return sum(counts)
+    return sum(graphs)
 
 
 def test_compiled_bf16_training_graph_calls_the_attention_operator_where_it_should():
@@ -502,7 +497,7 @@ def test_weight_gradient_kernel_refuses_widths_it_cannot_take():
 @pytest.mark.parametrize("bias", [True, False])
 def test_weight_gradient_operator_agrees_with_autograd(monkeypatch, bias):
     """ops.linear's gradients against F.linear's on the same bf16 inputs in fp32 (the kernel, and the
-    torch fallback with the library switched off), and linear_wgrad's registrations (opcheck)."""
+    torch fallback with the library switched off), and its registrations (opcheck)."""
     torch.manual_seed(1)
     x = torch.randn(3, 37, 64).bfloat16()
     w, b = torch.randn(96, 64) * 0.1, (torch.randn(96) if bias else None)
@@ -524,18 +519,19 @@ def test_weight_gradient_operator_agrees_with_autograd(monkeypatch, bias):
         results.append(got)
     for a, e in zip(*results):  # the kernel and the fallback: the same sums, apart from their order
         assert relative(a.float(), e.float()) < 1e-5
+    torch.library.opcheck(ops.linear, (x.clone().requires_grad_(), w.clone().requires_grad_(),
+                                       None if b is None else b.clone().requires_grad_()))
     torch.library.opcheck(ops.linear_wgrad, (g.reshape(-1, 96), x.reshape(-1, 64), bias))
 
 
 def test_compiled_bf16_training_graph_calls_the_linear_operator_where_it_should():
-    """Under bf16 autocast in a compiled CPU training step, every transformer Linear (qkv, proj,
-    fc1, fc2) but the [CLS]-only last block's qkv gets its weight gradient from vitlab::linear_wgrad
-    where the kernel runs; not in fp32, for inference, with Linear.use_native off, or for widths not
-    a multiple of 16."""
+    """Under bf16 autocast in a compiled CPU training graph, every transformer Linear (qkv, proj,
+    fc1, fc2) but the [CLS]-only last block's qkv goes through vitlab::linear where the kernel runs;
+    not in fp32, for inference, with Linear.use_native off, or for widths not a multiple of 16."""
     from vitlab.models.vit import Linear
 
     def calls(model, dtype, train=True):
-        return compiled_calls(model, "vitlab.linear_wgrad.default", dtype, train)
+        return compiled_calls(model, "vitlab.linear.default", dtype, train)
 
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch4_32", num_classes=10, depth=3)
