@@ -546,3 +546,24 @@ def test_compiled_bf16_training_graph_calls_the_linear_operator_where_it_should(
         Linear.use_native = True
     odd = create_model("vit_tiny_patch4_32", num_classes=10, depth=3, embed_dim=200, num_heads=5)  # 200 % 16 != 0
     assert calls(odd, torch.bfloat16) == (3 if native.library() is not None else 0)  # fc2 alone: 768 inputs
+
+
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_weight_gradient_kernel_splits_work_over_any_thread_count(threads):
+    """Threads split dW along its rows (M >= N) or columns (N > M) in blocks of 6 or 16; with
+    counts that do not divide the blocks, and more threads than blocks, the sums stay the same."""
+    lib = native.library()
+    if lib is None:
+        return
+    before = torch.get_num_threads()
+    torch.manual_seed(threads)
+    cases = [(300, 50, 32), (300, 7, 96), (65, 190, 16)]  # split M; split N; more threads than N blocks
+    inputs = [(torch.randn(K, M).bfloat16(), torch.randn(K, N).bfloat16()) for K, M, N in cases]
+    want = [native.linear_wgrad(lib, dy, x, True) for dy, x in inputs]  # the default thread count
+    try:
+        torch.set_num_threads(threads)
+        got = [native.linear_wgrad(lib, dy, x, True) for dy, x in inputs]
+    finally:
+        torch.set_num_threads(before)
+    for (dw, db), (rw, rb) in zip(got, want):
+        assert torch.equal(dw, rw) and torch.equal(db, rb)  # each element's sum runs in the same order
