@@ -1,11 +1,10 @@
 /* A Linear layer's weight and bias gradients, dW = dy^T x and db = the sum of dy's rows, in bf16
  * with fp32 results, for the compiled CPU training step.
  *
- * Why: in a compiled ViT-Tiny bf16 step, oneDNN's weight-gradient products ran at 610-740 GFLOP/s
- * against 850-940 for the step's other products: their operands (the layer's input, saved since
- * the forward pass, and the output gradient) come from memory rather than cache, and both are read
- * along the reduced dimension, the batch x tokens rows, which oneDNN first packs at the pace of
- * memory latency. Here each thread packs chunks of rows into L2 with software prefetch ahead of
+ * Why: in a compiled ViT-Tiny bf16 step, oneDNN's weight-gradient products were the slowest for
+ * their FLOPs: their operands (the layer's input, saved since the forward pass, and the output
+ * gradient) come from memory rather than cache, and both are read along the reduced dimension,
+ * the batch x tokens rows, which oneDNN first packs at the pace of memory latency. Here each thread packs chunks of rows into L2 with software prefetch ahead of
  * the rows it reads (gemm_bf16.h), sums dy's columns for the bias gradient in the same pass, and
  * writes dW in fp32, so the step also loses the separate bias-gradient reduction and the casts of
  * bf16 gradients to the fp32 parameters' dtype.
@@ -40,7 +39,7 @@ int vitlab_linear_wgrad_bf16(const uint16_t *dy, const uint16_t *x, int64_t K, i
         int64_t lo = t * per < side ? t * per : side, hi = (t + 1) * per < side ? (t + 1) * per : side;
         int64_t mt = split_n ? M : hi - lo, ntc = split_n ? hi - lo : N;  /* this thread's block of dW */
         int64_t m0 = split_n ? 0 : lo, n0 = split_n ? lo : 0;
-        float *sums = db && (split_n ? t == 0 : 1) ? db + m0 : NULL;   /* one thread per column sum */
+        float *sums = db && (!split_n || t == 0) ? db + m0 : NULL;  /* one thread per column sum */
         uint32_t *ap = NULL, *bp = NULL;
         if (mt > 0 && ntc > 0) {
             ap = aligned_alloc(64, ((size_t)KC * mt * 4 + 63) / 64 * 64);
