@@ -449,3 +449,49 @@ def test_a_signal_to_the_whole_process_group_with_decoding_workers_is_one_line(t
         assert proc.returncode == status, err[-3000:]
         assert one_line(err) == (f"vitlab train: {word}; every finished epoch is saved; continue with "
                                  f"vitlab train --resume {tmp_path / f'r{k}'}")
+
+
+def test_a_decoding_worker_is_quiet_when_the_main_process_hangs_up_on_its_resource_sharer():
+    """The race behind a stop's stray traceback, made certain: a worker hands each batch's shared
+    memory over multiprocessing's resource-sharer thread; when the main process, stopping, hangs up
+    mid-handover the thread meets a broken pipe and reports it through sys.excepthook (not
+    threading.excepthook). A worker set up by the loader's worker_init_fn stays quiet about a
+    hang-up, and still prints any other error."""
+    script = r"""
+import sys
+import threading
+from multiprocessing import process, resource_sharer
+from multiprocessing.connection import Client
+from vitlab.data.files import _ignore_stop_signals
+
+if sys.argv[1] == "worker":
+    _ignore_stop_signals(0)
+sharer = resource_sharer._resource_sharer
+
+def handover(send):
+    address, key = sharer.register(send, lambda: None)
+    with Client(address, authkey=process.current_process().authkey) as c:
+        c.send((key, 0))
+
+def failing(error):
+    def send(conn, pid):
+        raise error
+    return send
+
+handover(failing(BrokenPipeError(32, "Broken pipe")))
+handover(failing(ConnectionResetError(104, "Connection reset by peer")))
+handover(failing(ValueError("a real bug")))
+# the thread serves one handover at a time: once it reaches this one, it has reported the others
+done = threading.Event()
+handover(lambda conn, pid: done.set())
+assert done.wait(30)
+"""
+    runs = {}
+    for mode in ("worker", "plain"):
+        proc = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[mode] = proc.stderr
+    # without the worker's hooks all three print (the test would otherwise pass for any reason)
+    assert "BrokenPipeError" in runs["plain"] and "ConnectionResetError" in runs["plain"], runs["plain"]
+    assert "BrokenPipeError" not in runs["worker"] and "ConnectionResetError" not in runs["worker"], runs["worker"]
+    assert "ValueError: a real bug" in runs["worker"], runs["worker"]

@@ -222,19 +222,27 @@ def _ignore_stop_signals(worker_id: int) -> None:
     dying by the signal, which the main process's child watcher then reports as a RuntimeError
     traceback ("DataLoader worker ... is killed by signal: Terminated") instead of one line.
     Nor does a worker print a traceback when the main process, stopping, hangs up on the thread
-    that hands it a batch's shared memory (multiprocessing's resource sharer: a broken pipe)."""
+    that hands it a batch's shared memory (multiprocessing's resource sharer: a broken pipe). That
+    thread catches its own errors and passes them to sys.excepthook, not threading.excepthook, so
+    both hooks are wrapped; any other error still prints."""
     import signal
+    import sys
     import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    default = threading.excepthook
+    hangup = (BrokenPipeError, ConnectionResetError)
+    default_sys, default_threading = sys.excepthook, threading.excepthook
 
-    def quiet_hangup(args):
-        if not issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError)):
-            default(args)
+    def quiet_sys(exc_type, exc, tb):
+        if not issubclass(exc_type, hangup):
+            default_sys(exc_type, exc, tb)
 
-    threading.excepthook = quiet_hangup
+    def quiet_threading(args):
+        if not issubclass(args.exc_type, hangup):
+            default_threading(args)
+
+    sys.excepthook, threading.excepthook = quiet_sys, quiet_threading
 
 
 class _EpochBatches:
