@@ -223,8 +223,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
     traceback ("DataLoader worker ... is killed by signal: Terminated") instead of one line.
     Nor does a worker print a traceback when the main process, stopping, hangs up on the thread
     that hands it a batch's shared memory (multiprocessing's resource sharer: a broken pipe). That
-    thread catches its own errors and passes them to sys.excepthook, not threading.excepthook, so
-    both hooks are wrapped; any other error still prints."""
+    thread catches its errors and reports them through sys.excepthook; a thread that died of a
+    hang-up uncaught would report through threading.excepthook, so both are quieted for hang-ups
+    alone: any other error still prints."""
     import signal
     import sys
     import threading

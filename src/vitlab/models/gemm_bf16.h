@@ -57,9 +57,8 @@ static void gemm(const pair_t *a, int64_t ars, int64_t aks, const uint32_t *b, i
 }
 
 /* Rows this far ahead are prefetched while packing: the rows are strided (a head's slice of the qkv
- * output, a thread's columns of a gradient), and the hardware prefetcher alone left the packing
- * waiting on memory; with it the weight-gradient product ran about 1.2x faster from cold caches
- * (linear_kernel.c). */
+ * output, a thread's columns of a gradient), and with the hardware prefetcher alone the packing
+ * waited on memory (linear_kernel.c's operands come from memory, not cache). */
 #define PREFETCH_ROWS 16
 
 /* xp[s][c] = (x[2s][c], x[2s+1][c]) as one 32-bit pair, s < (n + 1) / 2, c < m; a missing row 2s+1

@@ -4,10 +4,11 @@
  * Why: in a compiled ViT-Tiny bf16 step, oneDNN's weight-gradient products were the slowest for
  * their FLOPs: their operands (the layer's input, saved since the forward pass, and the output
  * gradient) come from memory rather than cache, and both are read along the reduced dimension,
- * the batch x tokens rows, which oneDNN first packs at the pace of memory latency. Here each thread packs chunks of rows into L2 with software prefetch ahead of
- * the rows it reads (gemm_bf16.h), sums dy's columns for the bias gradient in the same pass, and
- * writes dW in fp32, so the step also loses the separate bias-gradient reduction and the casts of
- * bf16 gradients to the fp32 parameters' dtype.
+ * the batch x tokens rows, which oneDNN first packs at the pace of memory latency. Here each
+ * thread packs chunks of rows into L2 with software prefetch ahead of the rows it reads
+ * (gemm_bf16.h), sums dy's columns for the bias gradient in the same pass, and writes dW in fp32,
+ * so the step also loses the separate bias-gradient reduction and the casts of bf16 gradients to
+ * the fp32 parameters' dtype.
  *
  * dy (K, M) and x (K, N) are row-major bf16 (uint16_t); dw (M, N) and db (M) fp32. N must be a
  * multiple of 16 (the vector lanes run along it). Threads (torch's OpenMP pool) take contiguous
