@@ -33,8 +33,10 @@ from vitlab.train.optim import build_optimizer
 from vitlab.utils import atomic_write_text, make_dir, tune_allocator, write_json
 
 # (mkldnn::_linear_pointwise: a frozen graph's Linear, its weight packed once, bias and GELU fused;
-# vitlab::linear_wgrad: the compiled bf16 step's weight and bias gradients, vitlab's kernel)
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "vitlab::linear_wgrad")
+# vitlab's operators: the compiled bf16 step's products on vitlab's kernels, with what they fuse in
+# their time too: the bias, the MLP's GELU and its derivative, attention's softmax)
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "vitlab::linear_wgrad",
+           "vitlab::linear", "vitlab::linear_dgrad", "vitlab::mlp", "vitlab::attention", "vitlab::attention_backward")
 CASTS = ("aten::copy_",)
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/step_anatomy.py                 # ViT-Tiny CIFAR, batch 128, bf16; several minutes
 
-Nine measurements, each a median over repeats (this host's speed drifts, so compare within a section):
+Ten measurements, each a median over repeats (this host's speed drifts, so compare within a section):
 
 1. matmuls: each Linear's three products at the step's shapes (rows = batch x tokens): the forward
    (addmm with bias), the input gradient (grad @ W) and the weight gradient both ways autograd
@@ -37,6 +37,11 @@ Nine measurements, each a median over repeats (this host's speed drifts, so comp
 9. the compiled training step with the Linears' weight and bias gradients on vitlab's kernel
    (linear_kernel.c, the default where it runs) against the same step with autograd's products
    (Linear.use_native off), alternating.
+10. the compiled training step with the Linears' forward products and input gradients on vitlab's
+   kernel as well (linear_kernel.c: the bias added on each tile of sums, fc1 -> GELU -> fc2 as one
+   operator with GELU and its derivative computed on fc1's tiles and the derivative applied in fc2's
+   input gradient; the default where it runs) against the same step with those products ATen's
+   (Linear.native_products off: section 9's default), alternating.
 
 Writes benchmarks/results/step_anatomy.json (--out); --sections runs some of them (e.g. 1,3,7).
 """
@@ -282,6 +287,23 @@ def linear_kernel_step(preset: str, batch: int, pairs: int) -> dict:
     return {"kernel_vs_aten": paired(steps, "kernel", "aten", batch, pairs, "compiled bf16 step")}
 
 
+def fused_products_step(preset: str, batch: int, pairs: int) -> dict:
+    """The compiled bf16 step with the forward products and input gradients on vitlab's kernel too
+    (the default where it runs) against the same step with them on ATen's products and GELU as its
+    own kernel (Linear.native_products off; the weight gradients are vitlab's either way)."""
+    if native.library() is None:
+        print(f"  vitlab's Linear kernels do not run here: {native.why_not()}")
+        return {}
+
+    def aten_products(model):
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.native_products = False
+
+    steps = compiled_steps(preset, batch, {"aten_products": aten_products, "kernel": None})
+    return {"kernel_vs_aten_products": paired(steps, "kernel", "aten_products", batch, pairs, "compiled bf16 step")}
+
+
 def prefix_only_last_block(preset: str, batch: int, pairs: int) -> dict:
     """The last block for the prefix tokens alone (VisionTransformer.prefix_only_last_block, the
     default) against the full last block: the default training step, and the frozen bf16 copy
@@ -434,14 +456,14 @@ def linear_kernels(preset: str, batch: int, pairs: int) -> dict:
     return res
 
 
-SECTIONS = range(1, 10)  # the measurements the docstring numbers
+SECTIONS = range(1, 11)  # the measurements the docstring numbers
 
 
 def main(argv=None) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_tiny_patch4_32")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4 to 9 (inference: 3x as many)")
+    p.add_argument("--pairs", type=int, default=30, help="alternating training-step pairs in sections 4 to 10 (inference: 3x as many)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--sections", default=",".join(map(str, SECTIONS)), help="which sections to run, e.g. 1,3,7 (default: all)")
     args = p.parse_args(argv)
@@ -476,7 +498,9 @@ def main(argv=None) -> int:
             (8, "attention_kernel_step", "the compiled step: vitlab's attention kernel, or the explicit path:",
              lambda: attention_kernel_step(args.model, b, n)),
             (9, "linear_kernel_step", "the compiled step: the weight gradients on vitlab's kernel, or on ATen's "
-             "products:", lambda: linear_kernel_step(args.model, b, n))):
+             "products:", lambda: linear_kernel_step(args.model, b, n)),
+            (10, "fused_products_step", "the compiled step: the forward products and input gradients on vitlab's "
+             "kernel too, or on ATen's:", lambda: fused_products_step(args.model, b, n))):
         if k in sections:
             print(title)
             res[key] = fn()

@@ -495,13 +495,15 @@ def test_weight_gradient_kernel_refuses_widths_it_cannot_take():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_weight_gradient_operator_agrees_with_autograd(monkeypatch, bias):
-    """ops.linear's gradients against F.linear's on the same bf16 inputs in fp32 (the kernel, and the
-    torch fallback with the library switched off), and its registrations (opcheck)."""
+@pytest.mark.parametrize("products", [True, False])
+@pytest.mark.parametrize("out_features", [128, 96])  # 96: the forward kernel does not take it, ATen's product does
+def test_linear_operator_agrees_with_autograd(monkeypatch, bias, products, out_features):
+    """ops.linear's output and gradients against F.linear's on the same bf16 inputs in fp32 (the
+    kernels, and the torch fallback with the library switched off), and its registrations (opcheck)."""
     torch.manual_seed(1)
     x = torch.randn(3, 37, 64).bfloat16()
-    w, b = torch.randn(96, 64) * 0.1, (torch.randn(96) if bias else None)
-    g = torch.randn(3, 37, 96).bfloat16()
+    w, b = torch.randn(out_features, 64) * 0.1, (torch.randn(out_features) if bias else None)
+    g = torch.randn(3, 37, out_features).bfloat16()
     xr, wr = x.float().requires_grad_(), w.bfloat16().float().requires_grad_()
     br = None if b is None else b.bfloat16().float().requires_grad_()
     want = torch.autograd.grad(F.linear(xr, wr, br), [t for t in (xr, wr, br) if t is not None], g.float())
@@ -510,8 +512,9 @@ def test_weight_gradient_operator_agrees_with_autograd(monkeypatch, bias):
         monkeypatch.setattr(native, "library", lambda lib=lib: lib)
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         bi = None if b is None else b.clone().requires_grad_()
-        y = ops.linear(xi, wi, bi)
+        y = ops.linear(xi, wi, bi, products)
         assert y.dtype == torch.bfloat16
+        assert relative(y.float(), F.linear(xr, wr, br)) < 1e-2  # rounded to bf16
         got = torch.autograd.grad(y, [t for t in (xi, wi, bi) if t is not None], g)
         assert got[1].dtype == torch.float32  # the weight's own dtype
         for a, e in zip(got, want):
@@ -520,14 +523,15 @@ def test_weight_gradient_operator_agrees_with_autograd(monkeypatch, bias):
     for a, e in zip(*results):  # the kernel and the fallback: the same sums, apart from their order
         assert relative(a.float(), e.float()) < 1e-5
     torch.library.opcheck(ops.linear, (x.clone().requires_grad_(), w.clone().requires_grad_(),
-                                       None if b is None else b.clone().requires_grad_()))
-    torch.library.opcheck(ops.linear_wgrad, (g.reshape(-1, 96), x.reshape(-1, 64), bias))
+                                       None if b is None else b.clone().requires_grad_(), products))
+    torch.library.opcheck(ops.linear_wgrad, (g.reshape(-1, out_features), x.reshape(-1, 64), bias))
 
 
 def test_compiled_bf16_training_graph_calls_the_linear_operator_where_it_should():
     """Under bf16 autocast in a compiled CPU training graph, every transformer Linear (qkv, proj,
-    fc1, fc2) but the [CLS]-only last block's qkv goes through vitlab::linear where the kernel runs;
-    not in fp32, for inference, with Linear.use_native off, or for widths not a multiple of 16."""
+    fc1, fc2) but the [CLS]-only last block's qkv goes through vitlab's operators where the kernels
+    run (fc1 and fc2 as one vitlab::mlp); not in fp32, for inference, with Linear.use_native off, or
+    for widths not a multiple of 16."""
     from vitlab.models.vit import Linear
 
     def calls(model, dtype, train=True):
@@ -535,8 +539,8 @@ def test_compiled_bf16_training_graph_calls_the_linear_operator_where_it_should(
 
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch4_32", num_classes=10, depth=3)
-    want = 3 * 4 - 1 if native.library() is not None else 0  # the last block splits its qkv Linear
-    assert calls(model, torch.bfloat16) == want
+    want = 3 * 2 - 1 if native.library() is not None else 0  # the last block splits its qkv Linear
+    assert calls(model, torch.bfloat16) == want  # qkv and proj: fc1 and fc2 are vitlab::mlp's (below)
     assert calls(model, None) == 0
     assert calls(model, torch.bfloat16, train=False) == 0
     Linear.use_native = False
@@ -567,3 +571,168 @@ def test_weight_gradient_kernel_splits_work_over_any_thread_count(threads):
         torch.set_num_threads(before)
     for (dw, db), (rw, rb) in zip(got, want):
         assert torch.equal(dw, rw) and torch.equal(db, rb)  # each element's sum runs in the same order
+
+
+# -- the forward product and the input gradient (linear_kernel.c) ---------------------------------
+
+
+def sum_bound(a, b):
+    """2^-17 of the sums of magnitudes a product a b^T adds: a bound on its fp32 summation error (the
+    products of bf16 pairs are exact in fp32)."""
+    return (a.double().abs() @ b.double().abs().t()) * 2**-17
+
+
+@pytest.mark.parametrize("K, n_in, n_out", [(8320, 192, 576), (8320, 768, 192), (1, 32, 64), (7, 64, 128),
+                                            (25, 96, 64), (49, 192, 768), (0, 32, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_forward_kernel_matches_fp64(K, n_in, n_out, bias, gelu):
+    """x W^T + b (and GELU with its derivative) against fp64 from the same bf16 inputs and weight:
+    the fp32 sums' error, then one rounding to bf16 (2^-8 relative with room to spare), and for GELU
+    the kernel's approximation (2e-7 max(1, |x|), as test_kernel_values_and_derivative_match_exact_gelu
+    checks it). Row counts not a multiple of 6 or of a block, fewer rows than threads, no rows."""
+    lib = native.library()
+    if lib is None:
+        return  # nothing to compare: test_linear_operator_agrees_with_autograd covers the fallback
+    torch.manual_seed(K + n_in + n_out)
+    x, w = torch.randn(K, n_in).bfloat16(), torch.randn(n_out, n_in) / n_in**0.5
+    b = torch.randn(n_out) if bias else None
+    y, d = native.linear_forward(lib, x, w, b, gelu)
+    wb = w.bfloat16()  # the kernel packs the fp32 weight in bf16, as autocast casts it
+    h = x.double() @ wb.double().t() + (0 if b is None else b.double())
+    err = sum_bound(x, wb) + (0 if b is None else b.double().abs() * 2**-24)
+    assert y.dtype == torch.bfloat16 and y.shape == (K, n_out)
+    if not gelu:
+        assert d is None
+        assert ((y.double() - h).abs() <= 2**-8 * h.abs() + 2 * err).all()
+        return
+    ry, rd = reference(h)
+    approx = 2e-7 * h.abs().clamp(min=1)
+    assert ((y.double() - ry).abs() <= 2**-8 * ry.abs() + 1.2 * err + approx).all()  # |gelu'| <= 1.13
+    assert ((d.double() - rd).abs() <= 2**-8 * rd.abs() + err + approx).all()  # |gelu''| <= 0.8
+
+
+@pytest.mark.parametrize("K, n_out, n_in", [(8320, 576, 192), (8320, 192, 768), (1, 2, 64), (7, 6, 128),
+                                            (25, 190, 64), (0, 64, 64)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_input_gradient_kernel_matches_fp64(K, n_out, n_in, scaled):
+    """g W (times m, a saved GELU derivative, where given) against fp64: the fp32 sums' error and one
+    rounding to bf16."""
+    lib = native.library()
+    if lib is None:
+        return
+    torch.manual_seed(K + n_in + n_out)
+    g, w = torch.randn(K, n_out).bfloat16(), torch.randn(n_out, n_in) / n_out**0.5
+    m = torch.rand(K, n_in).bfloat16() * 1.2 if scaled else None
+    dx = native.linear_dgrad(lib, g, w, m)
+    wb = w.bfloat16()
+    want = g.double() @ wb.double()
+    err = sum_bound(g, wb.t())
+    if m is not None:
+        want, err = want * m.double(), err * m.double()
+    assert dx.dtype == torch.bfloat16 and dx.shape == (K, n_in)
+    assert ((dx.double() - want).abs() <= 2**-8 * want.abs() + 2 * err).all()
+
+
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_forward_and_input_gradient_kernels_split_work_over_any_thread_count(threads):
+    """Threads split the packing (16 weight rows or one pair of rows at a time) and the rows of the
+    output: with counts that divide neither, and more threads than rows, every element is the same."""
+    lib = native.library()
+    if lib is None:
+        return
+    before = torch.get_num_threads()
+    torch.manual_seed(threads)
+    x, w, b = torch.randn(301, 96).bfloat16(), torch.randn(192, 96) * 0.1, torch.randn(192)
+    g, few = torch.randn(301, 192).bfloat16(), torch.randn(2, 96).bfloat16()
+    w2 = torch.randn(192, 128) * 0.1  # dgrad's n_in must be a multiple of 64
+
+    def run():
+        return (*native.linear_forward(lib, x, w, b, True), native.linear_forward(lib, few, w, None)[0],
+                native.linear_dgrad(lib, g, w2, torch.rand(301, 128, generator=torch.Generator().manual_seed(0)).bfloat16()),
+                native.linear_dgrad(lib, g[:2], w2, None))
+
+    want = run()  # the default thread count
+    try:
+        torch.set_num_threads(threads)
+        got = run()
+    finally:
+        torch.set_num_threads(before)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+
+
+def test_forward_and_input_gradient_kernels_refuse_shapes_they_cannot_take():
+    lib = native.library()
+    if lib is None:
+        return
+    with pytest.raises(ValueError, match="multiple of 64 x 32"):
+        native.linear_forward(lib, torch.randn(4, 48).bfloat16(), torch.randn(64, 48), None)  # 48 inputs
+    with pytest.raises(ValueError, match="multiple of 64 x 32"):
+        native.linear_forward(lib, torch.randn(4, 64).bfloat16(), torch.randn(96, 64), None)  # 96 outputs
+    with pytest.raises(ValueError, match="multiple of 64"):
+        native.linear_dgrad(lib, torch.randn(4, 96).bfloat16(), torch.randn(96, 48), None)  # 48 inputs
+    with pytest.raises(ValueError, match="even number"):
+        native.linear_dgrad(lib, torch.randn(4, 64).bfloat16(), torch.randn(64, 64), torch.randn(4, 32).bfloat16())
+    # the operators take them, on ATen's products
+    assert ops.linear(torch.randn(4, 48).bfloat16(), torch.randn(64, 48), None, True).shape == (4, 64)
+    assert ops.linear_dgrad(torch.randn(4, 96).bfloat16(), torch.randn(96, 48), None, True).shape == (4, 48)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("hidden", [256, 96])  # 96: fc1's forward and fc2's input gradient fall back to ATen's
+def test_mlp_operator_agrees_with_autograd(monkeypatch, bias, hidden):
+    """ops.mlp (fc1 -> GELU -> fc2 in one operator) against the same MLP in fp32 autograd from the same
+    bf16 inputs and weights: output and every gradient (the kernels, and the torch fallback with the
+    library switched off), and its registrations (opcheck)."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 29, 64).bfloat16()
+    w1, w2 = torch.randn(hidden, 64) / 8, torch.randn(64, hidden) / hidden**0.5
+    b1, b2 = (torch.randn(hidden), torch.randn(64)) if bias else (None, None)
+    g = torch.randn(2, 29, 64).bfloat16()
+    ref = [t if t is None else t.bfloat16().float().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    out = F.linear(F.gelu(F.linear(ref[0], ref[1], ref[2])), ref[3], ref[4])
+    want = torch.autograd.grad(out, [t for t in ref if t is not None], g.float())
+    results = []
+    for lib in (native.library(), None):
+        monkeypatch.setattr(native, "library", lambda lib=lib: lib)
+        mine = [t if t is None else t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+        y, hidden_out, deriv = ops.mlp(*mine, True)
+        assert y.dtype == hidden_out.dtype == deriv.dtype == torch.bfloat16
+        assert not hidden_out.requires_grad and not deriv.requires_grad
+        assert relative(y.float(), out.detach()) < 1e-2
+        got = torch.autograd.grad(y, [t for t in mine if t is not None], g)
+        assert all(a.dtype == torch.float32 for a in got[1:])  # the parameters' own dtype
+        for a, e in zip(got, want):
+            assert relative(a.float(), e) < 2e-2  # bf16 activations and gradients between the products
+        results.append(got)
+    for a, e in zip(*results):  # the kernels and the fallback (which rounds fc1's output before GELU)
+        assert relative(a.float(), e.float()) < 2e-2
+    torch.library.opcheck(ops.mlp, (*[t if t is None else t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)], True))
+    torch.library.opcheck(ops.linear_dgrad, (g, w2, torch.rand(2, 29, hidden).bfloat16(), True))
+
+
+def test_compiled_bf16_training_graph_calls_the_mlp_operator_where_it_should():
+    """Each block's MLP is one vitlab::mlp call in a compiled CPU training graph under bf16 autocast
+    where the kernels run; not with dropout inside the MLP, with Linear.native_products off (fc1 and
+    fc2 then go through vitlab::linear on ATen's products), in fp32, or for inference."""
+    from vitlab.models.vit import Linear
+
+    def calls(model, dtype, train=True, op="vitlab.mlp.default"):
+        return compiled_calls(model, op, dtype, train)
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch4_32", num_classes=10, depth=3)
+    runs = native.library() is not None
+    assert calls(model, torch.bfloat16) == (3 if runs else 0)
+    assert calls(model, None) == 0
+    assert calls(model, torch.bfloat16, train=False) == 0
+    Linear.native_products = False
+    try:
+        assert calls(model, torch.bfloat16) == 0
+        assert calls(model, torch.bfloat16, op="vitlab.linear.default") == (3 * 4 - 1 if runs else 0)
+    finally:
+        Linear.native_products = True
+    dropped = create_model("vit_tiny_patch4_32", num_classes=10, depth=3, drop_rate=0.1)
+    assert calls(dropped, torch.bfloat16) == 0
+    assert calls(dropped, torch.bfloat16, op="vitlab.linear.default") == (3 * 4 - 1 if runs else 0)

@@ -992,11 +992,12 @@ def run(args) -> int:
     if device.type == "cpu":  # which kernels the compiled vitlab rows train with (vitlab.models.native)
         from .models import native
 
-        res["native_kernels"] = ("vitlab's (GELU with its derivative in one pass; attention in one operator, bf16; "
-                                 "the Linears' weight and bias gradients in one pass, bf16)"
+        res["native_kernels"] = ("vitlab's (attention in one operator, bf16; the Linears' products, bf16: forward "
+                                 "with the bias added, and fc1's with GELU and its derivative, input gradient, "
+                                 "fc2's times GELU's derivative, weight and bias gradients in one pass)"
                                  if native.library() is not None else f"ATen's ({native.why_not()})")
-        print(f"compiled vitlab training steps use {res['native_kernels']} kernels for GELU, attention and the "
-              f"Linears' weight gradients")
+        print(f"compiled vitlab training steps use {res['native_kernels']} kernels for attention, GELU and the "
+              f"Linears' products")
     try:
         _measure(args, res, out, device)
     except KeyboardInterrupt as e:  # minutes of timings are not thrown away: kept beside, not over, a whole result

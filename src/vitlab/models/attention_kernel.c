@@ -23,33 +23,6 @@
 #include <math.h>
 #include "gemm_bf16.h"
 
-/* 16 x 16 transpose of 32-bit elements in registers */
-static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    UNROLL for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    UNROLL for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    UNROLL for (int m = 0; m < 4; m++) {
-        t[m] = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x88);
-        t[4 + m] = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xdd);
-        t[8 + m] = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x88);
-        t[12 + m] = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xdd);
-    }
-    UNROLL for (int m = 0; m < 4; m++) {
-        r[m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0x88);
-        r[4 + m] = _mm512_shuffle_i32x4(t[4 + m], t[12 + m], 0x88);
-        r[8 + m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0xdd);
-        r[12 + m] = _mm512_shuffle_i32x4(t[4 + m], t[12 + m], 0xdd);
-    }
-}
-
 /* xt[t][j] = pair t of row j (32 bits), t < d / 2, j < nj; rows from n on are 0; d a multiple of 32 */
 static void pair_transpose(const uint16_t *x, int64_t stride, int64_t n, int64_t d, uint32_t *xt, int64_t nj) {
     for (int64_t j = 0; j < nj; j += 16)

@@ -16,28 +16,6 @@
  */
 #include "kernel_math.h"
 
-static inline void gelu16(__m512 x, __m512 *y, __m512 *d) {
-    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-    /* e = exp(-x^2/2): flushes to 0 beyond |x| ~ 14.5, as erf's tail does */
-    __m512 e = exp16(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f)));
-    /* h = erfc(u) / 2, u = |x| / sqrt 2 (clamped so that t stays finite for x = +-inf) */
-    __m512 u = _mm512_min_ps(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f)),
-                             _mm512_set1_ps(1e6f));
-    __m512 den = _mm512_fmadd_ps(u, _mm512_set1_ps(0.3275911f), one);
-    __m512 t = _mm512_rcp14_ps(den);
-    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));  /* one Newton step: ~2^-28 */
-    __m512 q = _mm512_set1_ps(1.061405429f);
-    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-1.453152027f));
-    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
-    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-0.284496736f));
-    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(0.254829592f));
-    __m512 h = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(q, t), e), half);
-    __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-    __m512 cdf = _mm512_mask_mov_ps(_mm512_sub_ps(one, h), neg, h);
-    *y = _mm512_mul_ps(x, cdf);
-    *d = _mm512_fmadd_ps(_mm512_mul_ps(x, e), _mm512_set1_ps(0.39894228040143268f), cdf);
-}
-
 /* n elements of x (bf16, as uint16) -> y = gelu(x), d = gelu'(x); threads from the OpenMP runtime
  * torch itself uses (the same libgomp, found by its soname). */
 void vitlab_gelu_fwd_bf16(const uint16_t *x, uint16_t *y, uint16_t *d, int64_t n) {

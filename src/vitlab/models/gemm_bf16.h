@@ -56,6 +56,33 @@ static void gemm(const pair_t *a, int64_t ars, int64_t aks, const uint32_t *b, i
     }
 }
 
+/* 16 x 16 transpose of 32-bit elements in registers */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    UNROLL for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    UNROLL for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    UNROLL for (int m = 0; m < 4; m++) {
+        t[m] = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x88);
+        t[4 + m] = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xdd);
+        t[8 + m] = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x88);
+        t[12 + m] = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xdd);
+    }
+    UNROLL for (int m = 0; m < 4; m++) {
+        r[m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0x88);
+        r[4 + m] = _mm512_shuffle_i32x4(t[4 + m], t[12 + m], 0x88);
+        r[8 + m] = _mm512_shuffle_i32x4(t[m], t[8 + m], 0xdd);
+        r[12 + m] = _mm512_shuffle_i32x4(t[4 + m], t[12 + m], 0xdd);
+    }
+}
+
 /* Rows this far ahead are prefetched while packing: the rows are strided (a head's slice of the qkv
  * output, a thread's columns of a gradient), and with the hardware prefetcher alone the packing
  * waited on memory (linear_kernel.c's operands come from memory, not cache). */

@@ -37,4 +37,27 @@ static inline void store_bf16(uint16_t *p, __mmask16 m, __m512 v) {
 static inline __mmask16 mask16(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n > 0 ? n : 0)) - 1u); }
 static inline __mmask32 mask32(int64_t n) { return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (n > 0 ? n : 0)) - 1u); }
 
+/* y = gelu(x) (exact, erf) and d = gelu'(x) for 16 floats: gelu_kernel.c says how */
+static inline void gelu16(__m512 x, __m512 *y, __m512 *d) {
+    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    /* e = exp(-x^2/2): flushes to 0 beyond |x| ~ 14.5, as erf's tail does */
+    __m512 e = exp16(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f)));
+    /* h = erfc(u) / 2, u = |x| / sqrt 2 (clamped so that t stays finite for x = +-inf) */
+    __m512 u = _mm512_min_ps(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f)),
+                             _mm512_set1_ps(1e6f));
+    __m512 den = _mm512_fmadd_ps(u, _mm512_set1_ps(0.3275911f), one);
+    __m512 t = _mm512_rcp14_ps(den);
+    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));  /* one Newton step: ~2^-28 */
+    __m512 q = _mm512_set1_ps(1.061405429f);
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-1.453152027f));
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-0.284496736f));
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(0.254829592f));
+    __m512 h = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(q, t), e), half);
+    __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m512 cdf = _mm512_mask_mov_ps(_mm512_sub_ps(one, h), neg, h);
+    *y = _mm512_mul_ps(x, cdf);
+    *d = _mm512_fmadd_ps(_mm512_mul_ps(x, e), _mm512_set1_ps(0.39894228040143268f), cdf);
+}
+
 #endif

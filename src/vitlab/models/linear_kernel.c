@@ -1,14 +1,17 @@
-/* A Linear layer's weight and bias gradients, dW = dy^T x and db = the sum of dy's rows, in bf16
- * with fp32 results, for the compiled CPU training step.
+/* A Linear layer's products in bf16 with fp32 sums, for the compiled CPU training step: the weight and
+ * bias gradients (dW = dy^T x, db = the sum of dy's rows), the forward product (y = x W^T + b, or
+ * through GELU), and the input gradient (dx = dy W, or times GELU's derivative).
  *
- * Why: in a compiled ViT-Tiny bf16 step, oneDNN's weight-gradient products were the slowest for
- * their FLOPs: their operands (the layer's input, saved since the forward pass, and the output
- * gradient) come from memory rather than cache, and both are read along the reduced dimension,
- * the batch x tokens rows, which oneDNN first packs at the pace of memory latency. Here each
- * thread packs chunks of rows into L2 with software prefetch ahead of the rows it reads
- * (gemm_bf16.h), sums dy's columns for the bias gradient in the same pass, and writes dW in fp32,
- * so the step also loses the separate bias-gradient reduction and the casts of bf16 gradients to
- * the fp32 parameters' dtype.
+ * Why the weight gradients: in a compiled ViT-Tiny bf16 step, oneDNN's weight-gradient products
+ * were the slowest for their FLOPs: their operands (the layer's input, saved since the forward
+ * pass, and the output gradient) come from memory rather than cache, and both are read along the
+ * reduced dimension, the batch x tokens rows, which oneDNN first packs at the pace of memory
+ * latency. Here each thread packs chunks of rows into L2 with software prefetch ahead of the rows
+ * it reads (gemm_bf16.h), sums dy's columns for the bias gradient in the same pass, and writes dW
+ * in fp32, so the step also loses the separate bias-gradient reduction and the casts of bf16
+ * gradients to the fp32 parameters' dtype.
+ *
+ * Why the other two (below): what ATen runs around them as passes of their own over the output.
  *
  * dy (K, M) and x (K, N) are row-major bf16 (uint16_t); dw (M, N) and db (M) fp32. N must be a
  * multiple of 16 (the vector lanes run along it). Threads (torch's OpenMP pool) take contiguous
@@ -61,5 +64,148 @@ int vitlab_linear_wgrad_bf16(const uint16_t *dy, const uint16_t *x, int64_t K, i
         }
         free(ap); free(bp);
     }
+    return failed ? -1 : 0;
+}
+
+/* -- forward product and input gradient ----------------------------------------------------------
+ * y = x W^T + b, optionally through GELU (y = gelu(h), d = gelu'(h) from the fp32 sums h), and
+ * dx = (dy W) * d, optionally times a saved GELU derivative: the products with what ATen runs as
+ * separate passes over the output (addmm's bias copy, the GELU kernel, GELU's backward multiply)
+ * done on each 6 x 64 tile while it is still in L1. The weight is read in fp32 and packed in bf16
+ * pairs once per call (the copy autocast would cast anyway).
+ *
+ * Threads split the rows (batch x tokens) and share the packed weight; each runs its rows in blocks
+ * of RB, every 64-column panel of the packed weight through the block in turn. */
+#define RB 24
+
+static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* the rows [lo, hi) of n items in units of `unit`, for thread t of nt */
+static void share(int64_t n, int64_t unit, int64_t t, int64_t nt, int64_t *lo, int64_t *hi) {
+    int64_t per = ((n + unit - 1) / unit + nt - 1) / nt * unit;
+    *lo = t * per < n ? t * per : n;
+    *hi = (t + 1) * per < n ? (t + 1) * per : n;
+}
+
+/* rows x 64 fp32 sums (stride 64) -> bf16 out (stride ldo), plus bias (fp32, 64, or NULL); with d,
+ * out = gelu and d = gelu' of the sum; with m (bf16, stride ldo), out = sum * m */
+static void epilogue(const float *c, int64_t rows, const float *bias, uint16_t *out, uint16_t *d, const uint16_t *m,
+                     int64_t ldo) {
+    __m512 bv[4];
+    UNROLL for (int v = 0; v < 4; v++) bv[v] = bias ? _mm512_loadu_ps(bias + 16 * v) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; r++) {
+        UNROLL for (int v = 0; v < 4; v += 2) {
+            __m512 h0 = _mm512_add_ps(_mm512_loadu_ps(c + r * 64 + 16 * v), bv[v]);
+            __m512 h1 = _mm512_add_ps(_mm512_loadu_ps(c + r * 64 + 16 * v + 16), bv[v + 1]);
+            uint16_t *o = out + r * ldo + 16 * v;
+            if (d) {
+                __m512 y0, d0, y1, d1;
+                gelu16(h0, &y0, &d0);
+                gelu16(h1, &y1, &d1);
+                _mm512_storeu_si512((void *)o, (__m512i)_mm512_cvtne2ps_pbh(y1, y0));
+                _mm512_storeu_si512((void *)(d + r * ldo + 16 * v), (__m512i)_mm512_cvtne2ps_pbh(d1, d0));
+            } else {
+                if (m) {
+                    h0 = _mm512_mul_ps(h0, load_bf16(m + r * ldo + 16 * v, 0xffff));
+                    h1 = _mm512_mul_ps(h1, load_bf16(m + r * ldo + 16 * v + 16, 0xffff));
+                }
+                _mm512_storeu_si512((void *)o, (__m512i)_mm512_cvtne2ps_pbh(h1, h0));
+            }
+        }
+    }
+}
+
+/* out (K, L) bf16 = a (K rows of S pairs, bf16) times the packed bp (S pairs x L), through epilogue;
+ * rows [lo, hi) */
+static void rows_times_packed(const uint16_t *a, int64_t S, const uint32_t *bp, int64_t L, int64_t lo, int64_t hi,
+                              const float *bias, uint16_t *out, uint16_t *d, const uint16_t *m, float *c) {
+    for (int64_t r0 = lo; r0 < hi; r0 += RB) {
+        int64_t rows = hi - r0 < RB ? hi - r0 : RB;
+        for (int64_t l = 0; l < L; l += 64) {
+            gemm((const pair_t *)(a + r0 * 2 * S), S, 1, bp + l, L, S, c, 64, rows, 64, 0);
+            epilogue(c, rows, bias ? bias + l : NULL, out + r0 * L + l, d ? d + r0 * L + l : NULL,
+                     m ? m + r0 * L + l : NULL, L);
+        }
+    }
+}
+
+/* y (K, n_out) = x (K, n_in) W^T + b, W (n_out, n_in) and b fp32, x and y bf16; with d non-NULL,
+ * y = gelu and d = gelu' of that. n_in a multiple of 32, n_out of 64. Returns 0, or -1 if the
+ * buffers could not be allocated. */
+int vitlab_linear_fwd_bf16(const uint16_t *x, int64_t K, int64_t n_in, const float *w, const float *b,
+                           int64_t n_out, uint16_t *y, uint16_t *d) {
+    const int64_t S = n_in / 2;
+    uint32_t *bp = alloc64((size_t)S * n_out * 4);  /* bp[s][l] = (W[l][2s], W[l][2s+1]) */
+    int failed = !bp;
+    #pragma omp parallel if (!failed)
+    {
+        int64_t nt = omp_get_num_threads(), t = omp_get_thread_num(), lo, hi;
+        float *c = alloc64(RB * 64 * 4);
+        if (!c) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        if (bp) {
+            share(n_out, 16, t, nt, &lo, &hi);
+            for (int64_t l = lo; l < hi; l += 16)  /* 16 rows of W at a time, 16 pairs each, transposed */
+                for (int64_t s = 0; s < S; s += 16) {
+                    __m512i r[16];
+                    UNROLL for (int i = 0; i < 16; i++) {
+                        const float *row = w + (l + i) * n_in + 2 * s;
+                        r[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row));
+                    }
+                    transpose16(r);
+                    UNROLL for (int i = 0; i < 16; i++) _mm512_storeu_si512(bp + (s + i) * n_out + l, r[i]);
+                }
+        }
+        #pragma omp barrier
+        if (!failed) {
+            share(K, 6, t, nt, &lo, &hi);
+            rows_times_packed(x, S, bp, n_out, lo, hi, b, y, d, NULL, c);
+        }
+        free(c);
+    }
+    free(bp);
+    return failed ? -1 : 0;
+}
+
+/* dx (K, n_in) = dy (K, n_out) W, times m (K, n_in) where m is not NULL; W (n_out, n_in) fp32, the
+ * rest bf16. n_out even, n_in a multiple of 64. Returns 0, or -1 if the buffers could not be
+ * allocated. */
+int vitlab_linear_dgrad_bf16(const uint16_t *dy, int64_t K, int64_t n_out, const float *w, int64_t n_in,
+                             const uint16_t *m, uint16_t *dx) {
+    const int64_t S = n_out / 2;
+    uint32_t *bp = alloc64((size_t)S * n_in * 4);  /* bp[s][l] = (W[2s][l], W[2s+1][l]) */
+    int failed = !bp;
+    const __m512i lo16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi16 = _mm512_add_epi16(lo16, _mm512_set1_epi16(16));
+    #pragma omp parallel if (!failed)
+    {
+        int64_t nt = omp_get_num_threads(), t = omp_get_thread_num(), lo, hi;
+        float *c = alloc64(RB * 64 * 4);
+        if (!c) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        if (bp) {
+            share(S, 1, t, nt, &lo, &hi);
+            for (int64_t s = lo; s < hi; s++)  /* rows 2s and 2s+1 of W, interleaved in bf16 */
+                for (int64_t l = 0; l < n_in; l += 32) {
+                    const float *r0 = w + 2 * s * n_in + l, *r1 = r0 + n_in;
+                    __m512i a = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r0 + 16), _mm512_loadu_ps(r0));
+                    __m512i bb = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r1 + 16), _mm512_loadu_ps(r1));
+                    _mm512_storeu_si512(bp + s * n_in + l, _mm512_permutex2var_epi16(a, lo16, bb));
+                    _mm512_storeu_si512(bp + s * n_in + l + 16, _mm512_permutex2var_epi16(a, hi16, bb));
+                }
+        }
+        #pragma omp barrier
+        if (!failed) {
+            share(K, 6, t, nt, &lo, &hi);
+            rows_times_packed(dy, S, bp, n_in, lo, hi, NULL, dx, NULL, m, c);
+        }
+        free(c);
+    }
+    free(bp);
     return failed ? -1 : 0;
 }

@@ -1,7 +1,8 @@
 """vitlab's native kernels, for the compiled CPU training step: exact GELU with its derivative
 in one pass (gelu_kernel.c), multi-head attention, forward and backward, in bf16
-(attention_kernel.c), and a Linear layer's weight and bias gradients in bf16 (linear_kernel.c);
-kernel_math.h and gemm_bf16.h hold what they share.
+(attention_kernel.c), and a Linear layer's products in bf16 (linear_kernel.c: the forward product
+with its bias, or with GELU and its derivative, the input gradient, or times GELU's derivative, the
+weight and bias gradients); kernel_math.h and gemm_bf16.h hold what they share.
 
 Built together into one library on first use with the C compiler that torch.compile needs
 anyway on a CPU (about 0.6 s on the dev CPU), and kept in ~/.cache/vitlab/native (or
@@ -14,7 +15,7 @@ temporary folder of its own.
 Only on Linux x86-64 with AVX-512 BF16 (the CPUs where vitlab trains in bf16 by default:
 Sapphire Rapids and later Xeons, Zen 4 and later EPYCs and Ryzens). Anywhere else, with no
 compiler, or with VITLAB_NATIVE=0, `library()` returns None and the compiled step keeps ATen's
-GELU kernels (ops.gelu), attention's batched matmuls and ATen's weight-gradient products: nothing
+GELU kernels (ops.gelu), attention's batched matmuls and ATen's products for the Linears: nothing
 changes but the speed.
 """
 
@@ -128,6 +129,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.vitlab_attention_fwd_bf16.restype = lib.vitlab_attention_bwd_bf16.restype = ctypes.c_int
     lib.vitlab_linear_wgrad_bf16.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr]
     lib.vitlab_linear_wgrad_bf16.restype = ctypes.c_int
+    lib.vitlab_linear_fwd_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr]
+    lib.vitlab_linear_dgrad_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr]
+    lib.vitlab_linear_fwd_bf16.restype = lib.vitlab_linear_dgrad_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -246,3 +250,36 @@ def linear_wgrad(lib: ctypes.CDLL, dy: torch.Tensor, x: torch.Tensor, bias: bool
                                     None if db is None else db.data_ptr()):
         raise MemoryError("vitlab's weight-gradient kernel could not allocate its packing buffers")
     return dw, db
+
+
+def linear_forward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x W^T + b, None), or with gelu (gelu(x W^T + b), its derivative), all bf16, for a contiguous
+    bf16 CPU x (..., n_in) and the contiguous fp32 weight (n_out, n_in) and bias, by the kernel;
+    n_in a multiple of 32, n_out of 64."""
+    n_out, n_in = weight.shape
+    if not (n_in % 32 == 0 and n_out % 64 == 0 and x.shape[-1] == n_in):
+        raise ValueError(f"vitlab's Linear kernel takes a weight of a multiple of 64 x 32 for inputs of its width, "
+                         f"got {tuple(weight.shape)} for x {tuple(x.shape)}")
+    y = x.new_empty(*x.shape[:-1], n_out)
+    d = torch.empty_like(y) if gelu else None
+    if lib.vitlab_linear_fwd_bf16(x.data_ptr(), x.numel() // n_in, n_in, weight.data_ptr(),
+                                  None if bias is None else bias.data_ptr(), n_out, y.data_ptr(),
+                                  None if d is None else d.data_ptr()):
+        raise MemoryError("vitlab's Linear kernel could not allocate its packing buffers")
+    return y, d
+
+
+def linear_dgrad(lib: ctypes.CDLL, g: torch.Tensor, weight: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """(g W) * m (or g W), bf16, for a contiguous bf16 CPU g (..., n_out), the contiguous fp32 weight
+    (n_out, n_in) and m (..., n_in) bf16, by the kernel; n_out even, n_in a multiple of 64."""
+    n_out, n_in = weight.shape
+    if not (n_out % 2 == 0 and n_in % 64 == 0 and g.shape[-1] == n_out
+            and (m is None or m.shape == (*g.shape[:-1], n_in))):
+        raise ValueError(f"vitlab's input-gradient kernel takes a weight of an even number of rows x a multiple of 64, "
+                         f"and a gradient of its width, got {tuple(weight.shape)} for {tuple(g.shape)}")
+    dx = g.new_empty(*g.shape[:-1], n_in)
+    if lib.vitlab_linear_dgrad_bf16(g.data_ptr(), g.numel() // n_out, n_out, weight.data_ptr(), n_in,
+                                    None if m is None else m.data_ptr(), dx.data_ptr()):
+        raise MemoryError("vitlab's input-gradient kernel could not allocate its packing buffer")
+    return dx

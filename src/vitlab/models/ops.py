@@ -19,7 +19,8 @@ graph calls `gelu_and_grad` instead: one pass writes GELU and its derivative, an
 pass is grad * derivative in inductor's own loops (one of them also sums the bias gradient),
 in place of ATen's gelu_backward evaluating erf and exp again. The ViT-Tiny bf16 step ran
 1.028-1.039x faster than with `gelu` (three runs of benchmarks/step_anatomy.py, section 4, on a
-Zen 5 EPYC).
+Zen 5 EPYC). An MLP without dropout inside goes further where the kernels run: `mlp` computes
+GELU and its derivative inside fc1's product (the MLP section below).
 """
 
 from __future__ import annotations
@@ -180,13 +181,15 @@ attention.register_autograd(_attention_grad, setup_context=_save_for_attention)
 
 # -- Linear --------------------------------------------------------------------------------------
 # Where vitlab's kernels run, a compiled CPU training graph in bf16 autocast computes each
-# transformer Linear through `linear`: the forward pass and the input gradient are ATen's products
-# as before, the weight and bias gradients come from linear_kernel.c in one pass (fp32 results, no
-# separate bias reduction or casts). oneDNN's weight-gradient products were the step's slowest (their
-# operands come from memory, not cache); with the kernel the ViT-Tiny bf16 step ran 1.059x faster
-# (benchmarks/step_anatomy.py section 9, 30 alternating pairs, on a Zen 5 EPYC). The forward product
-# and the input gradient on the same kernel were no faster in the step, so they stay ATen's.
-# Elsewhere `linear_wgrad` computes the same in torch.
+# transformer Linear through `linear` (and each MLP through `mlp`, below), all three products on
+# linear_kernel.c: the weight and bias gradients in one pass (fp32 results, no separate bias
+# reduction or casts): oneDNN's weight-gradient products were the step's slowest, their operands
+# coming from memory, not cache; with that kernel the ViT-Tiny bf16 step ran 1.059x faster
+# (benchmarks/step_anatomy.py section 9, 30 alternating pairs, on a Zen 5 EPYC). Then the forward
+# product, with the bias added to each tile of sums on the way out (no bias copy before the
+# product), and the input gradient, both from the fp32 weight packed in bf16 once per call (no
+# separate cast): with the MLP's fusions below, 1.068x (section 10). `products=False` keeps those
+# two on ATen's products (section 10's comparison). Elsewhere the operators compute the same in torch.
 
 
 def _wgrad_kernel_takes(lib, dy: torch.Tensor, x: torch.Tensor) -> bool:
@@ -214,30 +217,121 @@ def _linear_wgrad_fake(dy, x, bias):
             dy.new_empty(dy.shape[1] if bias else 0, dtype=torch.float32))
 
 
+def _products_take(lib, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether linear_kernel.c's forward product takes x (..., n_in) W^T + b: bf16 activations, the
+    fp32 parameters, n_in a multiple of 32 and n_out of 64 (ViT widths are)."""
+    return (lib is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and weight.shape[1] % 32 == 0 and weight.shape[0] % 64 == 0)
+
+
+def _dgrad_takes(lib, g: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (lib is not None and g.device.type == "cpu" and g.dtype == torch.bfloat16
+            and weight.dtype == torch.float32 and weight.shape[0] % 2 == 0 and weight.shape[1] % 64 == 0)
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, products: bool,
+             gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x W^T + b, None), or with gelu (gelu(x W^T + b), its derivative): vitlab's kernel where it
+    takes the call and `products` asks for it, ATen's product (and GELU kernel) otherwise."""
+    lib = native.library()
+    if products and _products_take(lib, x, weight, bias):
+        return native.linear_forward(lib, x.contiguous(), weight.contiguous(), bias, gelu)
+    h = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if not gelu:
+        return h, None
+    if h.dtype in (torch.bfloat16, torch.float32) and lib is not None:
+        return native.gelu_and_grad(lib, h.contiguous())
+    return F.gelu(h), torch.ops.aten.gelu_backward(torch.ones_like(h), h)
+
+
+@torch.library.custom_op("vitlab::linear_dgrad", mutates_args=())
+def linear_dgrad(g: torch.Tensor, weight: torch.Tensor, m: torch.Tensor | None, products: bool) -> torch.Tensor:
+    """(g W) * m (m None: g W) in g's dtype, for g (..., n_out), the fp32 weight (n_out, n_in) and m
+    (..., n_in): a Linear's input gradient, times GELU's derivative where the Linear reads GELU."""
+    lib = native.library()
+    if products and _dgrad_takes(lib, g, weight):
+        return native.linear_dgrad(lib, g.contiguous(), weight.contiguous(), None if m is None else m.contiguous())
+    dx = g @ weight.to(g.dtype)
+    return dx if m is None else dx * m
+
+
+@linear_dgrad.register_fake
+def _linear_dgrad_fake(g, weight, m, products):
+    return g.new_empty(*g.shape[:-1], weight.shape[1])
+
+
 @torch.library.custom_op("vitlab::linear", mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with the weight and bias cast to x's dtype (the bf16 copies autocast would make),
-    opaque to the compiler, so that its backward pass is linear_wgrad's rather than autograd's."""
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, products: bool) -> torch.Tensor:
+    """F.linear in x's dtype (bf16) from the fp32 weight and bias, opaque to the compiler, so that its
+    backward pass is vitlab's: with `products`, the forward product and the input gradient on
+    linear_kernel.c as well (the bias added on the way out, the weight cast while it is packed)."""
+    return _forward(x, weight, bias, products)[0]
 
 
 @linear.register_fake
-def _linear_fake(x, weight, bias):
+def _linear_fake(x, weight, bias, products):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _save_for_linear(ctx, inputs, output):
-    x, weight, bias = inputs
+    x, weight, bias, ctx.products = inputs
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(x, weight)
+
+
+def _weight_grads(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias_dtype):
+    dw, db = linear_wgrad(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), bias_dtype is not None)
+    return dw.to(weight.dtype), None if bias_dtype is None else db.to(bias_dtype)
 
 
 def _linear_grad(ctx, grad):
     x, weight = ctx.saved_tensors
     g = grad.to(x.dtype)
-    dx = g @ weight.to(x.dtype)  # plain torch: the compiled backward calls ATen's product for it
-    dw, db = linear_wgrad(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), ctx.bias_dtype is not None)
-    return dx, dw.to(weight.dtype), None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
+    return (linear_dgrad(g, weight, None, ctx.products), *_weight_grads(g, x, weight, ctx.bias_dtype), None)
 
 
 linear.register_autograd(_linear_grad, setup_context=_save_for_linear)
+
+
+# -- the MLP ------------------------------------------------------------------------------------
+# fc1 -> GELU -> fc2 as one operator, so that GELU runs in fc1's product (on each tile of fp32 sums,
+# writing GELU and its derivative, as gelu_and_grad does from a bf16 copy) and, in the backward
+# pass, its derivative multiplies fc2's input gradient in that product: the passes over the MLP's
+# widest activation that the GELU kernel and its backward multiply made are gone, and GELU reads
+# fc1's sums before they are rounded to bf16. Together with the Linears' products above, the
+# ViT-Tiny bf16 step ran 1.068x faster (benchmarks/step_anatomy.py section 10).
+
+
+@torch.library.custom_op("vitlab::mlp", mutates_args=())
+def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+        products: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fc2(gelu(fc1(x))), gelu(fc1(x)), gelu'(fc1(x))) in x's dtype (bf16) from fp32 parameters; the
+    last two are kept for the backward pass."""
+    y, d = _forward(x, w1, b1, products, gelu=True)
+    return _forward(y, w2, b2, products)[0], y, d
+
+
+@mlp.register_fake
+def _mlp_fake(x, w1, b1, w2, b2, products):
+    hidden = x.new_empty(*x.shape[:-1], w1.shape[0])
+    return x.new_empty(*x.shape[:-1], w2.shape[0]), hidden, torch.empty_like(hidden)
+
+
+def _save_for_mlp(ctx, inputs, output):
+    x, w1, b1, w2, b2, ctx.products = inputs
+    ctx.bias_dtypes = tuple(None if b is None else b.dtype for b in (b1, b2))
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, w1, w2, output[1], output[2])
+
+
+def _mlp_grad(ctx, grad, _, __):
+    x, w1, w2, y, d = ctx.saved_tensors
+    g = grad.to(x.dtype)
+    dw2, db2 = _weight_grads(g, y, w2, ctx.bias_dtypes[1])
+    gh = linear_dgrad(g, w2, d, ctx.products)  # the gradient of fc1's output: GELU's derivative applied
+    dw1, db1 = _weight_grads(gh, x, w1, ctx.bias_dtypes[0])
+    return linear_dgrad(gh, w1, None, ctx.products), dw1, db1, dw2, db2, None
+
+
+mlp.register_autograd(_mlp_grad, setup_context=_save_for_mlp)

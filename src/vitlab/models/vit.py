@@ -247,17 +247,23 @@ def _bf16_autocast() -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear, except inside a compiled CPU graph that trains it in bf16 autocast: there the
-    weight and bias gradients come from vitlab's kernel (ops.linear, linear_kernel.c), which reads
-    the step's cold operands faster than oneDNN does and returns them in fp32. The forward pass and
-    the input gradient are the same ATen products either way."""
+    """nn.Linear, except inside a compiled CPU graph that trains it in bf16 autocast: there its
+    products run on vitlab's kernel (ops.linear, linear_kernel.c): the forward product with the bias
+    added on the way out, the input gradient, and the weight and bias gradients in one pass, which
+    reads the step's cold operands faster than oneDNN does and returns them in fp32. The values are
+    autocast's, within rounding."""
 
     use_native = True  # False: autograd's products even where vitlab's kernel runs (benchmarks/step_anatomy.py)
+    native_products = True  # False: the forward product and input gradient stay ATen's (benchmarks/step_anatomy.py)
+
+    def native(self, x: torch.Tensor) -> bool:
+        """Whether this call takes vitlab's operator (ops.linear)."""
+        return (self.use_native and _compiled_cpu_training(x) and _bf16_autocast() and self.weight.requires_grad
+                and self.weight.dtype == torch.float32 and self.in_features % 16 == 0 and ops.native_kernels())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.use_native and _compiled_cpu_training(x) and _bf16_autocast() and self.weight.requires_grad
-                and self.weight.dtype == torch.float32 and self.in_features % 16 == 0 and ops.native_kernels()):
-            return ops.linear(x.to(torch.bfloat16), self.weight, self.bias)
+        if self.native(x):
+            return ops.linear(x.to(torch.bfloat16), self.weight, self.bias, self.native_products)
         return super().forward(x)
 
 
@@ -282,7 +288,11 @@ class GELU(nn.GELU):
 
 
 class Mlp(nn.Module):
-    """Linear -> exact GELU -> dropout -> Linear -> dropout, applied per token."""
+    """Linear -> exact GELU -> dropout -> Linear -> dropout, applied per token.
+
+    In a compiled CPU graph that trains it in bf16 (where its Linears take vitlab's operator, and
+    without dropout between them), the three run as one operator, ops.mlp: GELU computed on fc1's
+    products, its derivative applied in fc2's input gradient."""
 
     def __init__(self, dim, hidden_dim, drop=0.0):
         super().__init__()
@@ -293,6 +303,11 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x):  # (B, N, D) -> (B, N, D)
+        if (self.fc1.native(x) and self.fc1.native_products and self.fc2.native(x) and self.act.use_native
+                and self.act.approximate == "none" and not (self.training and self.drop1.p > 0)):
+            # one operator (ops.mlp): GELU in fc1's product, its derivative in fc2's input gradient
+            return self.drop2(ops.mlp(x.to(torch.bfloat16), self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                      self.fc2.bias, True)[0])
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
