@@ -34,9 +34,10 @@ Ten measurements, each a median over repeats (this host's speed drifts, so compa
    cpp_wrapper (the compiled graph's kernels called from C++ instead of Python).
 8. the compiled training step with vitlab's attention kernel (the default where it runs) against
    the same step with the explicit path (Attention.use_native off), alternating.
-9. the compiled training step with the Linears' weight and bias gradients on vitlab's kernel
-   (linear_kernel.c, the default where it runs) against the same step with autograd's products
-   (Linear.use_native off), alternating.
+9. the compiled training step with the Linears on vitlab's kernel (linear_kernel.c, the default
+   where it runs) against the same step with autograd's products (Linear.use_native off),
+   alternating. When it was added, only the weight and bias gradients were vitlab's; since section
+   10's change it times every product of the Linears together.
 10. the compiled training step with the Linears' forward products and input gradients on vitlab's
    kernel as well (linear_kernel.c: the bias added on each tile of sums, fc1 -> GELU -> fc2 as one
    operator with GELU and its derivative computed on fc1's tiles and the derivative applied in fc2's
@@ -271,37 +272,34 @@ def attention_kernel_step(preset: str, batch: int, pairs: int) -> dict:
     return {"kernel_vs_explicit": paired(steps, "kernel", "explicit", batch, pairs, "compiled bf16 step")}
 
 
-def linear_kernel_step(preset: str, batch: int, pairs: int) -> dict:
-    """The compiled bf16 step with vitlab's weight-gradient kernel (the default where it runs) against
-    the same step on autograd's products (Linear.use_native off)."""
+def _linears_off(flag: str, slow: str, preset: str, batch: int, pairs: int) -> dict:
+    """The default compiled bf16 step (kernel) against the same step with Linear.<flag> off (slow)."""
     if native.library() is None:
-        print(f"  vitlab's weight-gradient kernel does not run here: {native.why_not()}")
+        print(f"  vitlab's Linear kernels do not run here: {native.why_not()}")
         return {}
 
-    def aten(model):
+    def off(model):
         for m in model.modules():
             if isinstance(m, Linear):
-                m.use_native = False
+                setattr(m, flag, False)
 
-    steps = compiled_steps(preset, batch, {"aten": aten, "kernel": None})
-    return {"kernel_vs_aten": paired(steps, "kernel", "aten", batch, pairs, "compiled bf16 step")}
+    steps = compiled_steps(preset, batch, {slow: off, "kernel": None})
+    return {f"kernel_vs_{slow}": paired(steps, "kernel", slow, batch, pairs, "compiled bf16 step")}
+
+
+def linear_kernel_step(preset: str, batch: int, pairs: int) -> dict:
+    """The compiled bf16 step with the Linears on vitlab's kernels (the default where they run)
+    against the same step on autograd's products (Linear.use_native off). Section 9 measured the
+    weight-gradient kernel alone this way, before the other products moved onto vitlab's kernel:
+    run now, it times all of them together."""
+    return _linears_off("use_native", "aten", preset, batch, pairs)
 
 
 def fused_products_step(preset: str, batch: int, pairs: int) -> dict:
     """The compiled bf16 step with the forward products and input gradients on vitlab's kernel too
     (the default where it runs) against the same step with them on ATen's products and GELU as its
     own kernel (Linear.native_products off; the weight gradients are vitlab's either way)."""
-    if native.library() is None:
-        print(f"  vitlab's Linear kernels do not run here: {native.why_not()}")
-        return {}
-
-    def aten_products(model):
-        for m in model.modules():
-            if isinstance(m, Linear):
-                m.native_products = False
-
-    steps = compiled_steps(preset, batch, {"aten_products": aten_products, "kernel": None})
-    return {"kernel_vs_aten_products": paired(steps, "kernel", "aten_products", batch, pairs, "compiled bf16 step")}
+    return _linears_off("native_products", "aten_products", preset, batch, pairs)
 
 
 def prefix_only_last_block(preset: str, batch: int, pairs: int) -> dict:
@@ -497,7 +495,7 @@ def main(argv=None) -> int:
              "cpp_wrapper:", lambda: outside_matmuls(args.model, b, n)),
             (8, "attention_kernel_step", "the compiled step: vitlab's attention kernel, or the explicit path:",
              lambda: attention_kernel_step(args.model, b, n)),
-            (9, "linear_kernel_step", "the compiled step: the weight gradients on vitlab's kernel, or on ATen's "
+            (9, "linear_kernel_step", "the compiled step: the Linears on vitlab's kernel, or on ATen's "
              "products:", lambda: linear_kernel_step(args.model, b, n)),
             (10, "fused_products_step", "the compiled step: the forward products and input gradients on vitlab's "
              "kernel too, or on ATen's:", lambda: fused_products_step(args.model, b, n))):

@@ -736,3 +736,8 @@ def test_compiled_bf16_training_graph_calls_the_mlp_operator_where_it_should():
     dropped = create_model("vit_tiny_patch4_32", num_classes=10, depth=3, drop_rate=0.1)
     assert calls(dropped, torch.bfloat16) == 0
     assert calls(dropped, torch.bfloat16, op="vitlab.linear.default") == (3 * 4 - 1 if runs else 0)
+    swapped = create_model("vit_tiny_patch4_32", num_classes=10, depth=3)
+    for blk in swapped.blocks:  # a Linear replaced by another class (as benchmarks/step_anatomy.py does)
+        blk.mlp.fc1.__class__ = torch.nn.Linear
+    assert calls(swapped, torch.bfloat16) == 0  # runs, each module as it is
+    assert calls(swapped, torch.bfloat16, op="vitlab.linear.default") == (3 * 3 - 1 if runs else 0)

@@ -129,13 +129,51 @@ static void rows_times_packed(const uint16_t *a, int64_t S, const uint32_t *bp, 
     }
 }
 
-/* y (K, n_out) = x (K, n_in) W^T + b, W (n_out, n_in) and b fp32, x and y bf16; with d non-NULL,
- * y = gelu and d = gelu' of that. n_in a multiple of 32, n_out of 64. Returns 0, or -1 if the
- * buffers could not be allocated. */
-int vitlab_linear_fwd_bf16(const uint16_t *x, int64_t K, int64_t n_in, const float *w, const float *b,
-                           int64_t n_out, uint16_t *y, uint16_t *d) {
-    const int64_t S = n_in / 2;
-    uint32_t *bp = alloc64((size_t)S * n_out * 4);  /* bp[s][l] = (W[l][2s], W[l][2s+1]) */
+/* bp[s][l] = (W[l][2s], W[l][2s+1]) in bf16 for W (n_out, n_in) fp32, the pairs along the inputs
+ * (the forward product): thread t of nt packs its share of W's rows, 16 at a time, 16 pairs of
+ * each, transposed in registers. n_in a multiple of 32, n_out of 16. */
+static void pack_transposed(const float *w, int64_t n_out, int64_t n_in, uint32_t *bp, int64_t t, int64_t nt) {
+    int64_t lo, hi;
+    share(n_out, 16, t, nt, &lo, &hi);
+    for (int64_t l = lo; l < hi; l += 16)
+        for (int64_t s = 0; s < n_in / 2; s += 16) {
+            __m512i r[16];
+            UNROLL for (int i = 0; i < 16; i++) {
+                const float *row = w + (l + i) * n_in + 2 * s;
+                r[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row));
+            }
+            transpose16(r);
+            UNROLL for (int i = 0; i < 16; i++) _mm512_storeu_si512(bp + (s + i) * n_out + l, r[i]);
+        }
+}
+
+/* bp[s][l] = (W[2s][l], W[2s+1][l]) in bf16 for W (n_out, n_in) fp32, the pairs along the outputs
+ * (the input gradient): thread t of nt packs its share of W's row pairs. n_out even, n_in a
+ * multiple of 32. */
+static void pack_rowpairs(const float *w, int64_t n_out, int64_t n_in, uint32_t *bp, int64_t t, int64_t nt) {
+    const __m512i lo16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi16 = _mm512_add_epi16(lo16, _mm512_set1_epi16(16));
+    int64_t lo, hi;
+    share(n_out / 2, 1, t, nt, &lo, &hi);
+    for (int64_t s = lo; s < hi; s++)
+        for (int64_t l = 0; l < n_in; l += 32) {
+            const float *r0 = w + 2 * s * n_in + l, *r1 = r0 + n_in;
+            __m512i a = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r0 + 16), _mm512_loadu_ps(r0));
+            __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r1 + 16), _mm512_loadu_ps(r1));
+            _mm512_storeu_si512(bp + s * n_in + l, _mm512_permutex2var_epi16(a, lo16, b));
+            _mm512_storeu_si512(bp + s * n_in + l + 16, _mm512_permutex2var_epi16(a, hi16, b));
+        }
+}
+
+typedef void (*packer)(const float *, int64_t, int64_t, uint32_t *, int64_t, int64_t);
+
+/* out (K, L) = a (K rows of S pairs) times W packed by `pack` (S pairs x L), through epilogue: the
+ * threads pack W together, then each takes its share of the rows. Returns 0, or -1 if the buffers
+ * could not be allocated. */
+static int packed_product(const uint16_t *a, int64_t K, int64_t S, const float *w, int64_t n_out, int64_t n_in,
+                          packer pack, int64_t L, const float *bias, uint16_t *out, uint16_t *d, const uint16_t *m) {
+    uint32_t *bp = alloc64((size_t)S * L * 4);
     int failed = !bp;
     #pragma omp parallel if (!failed)
     {
@@ -145,23 +183,11 @@ int vitlab_linear_fwd_bf16(const uint16_t *x, int64_t K, int64_t n_in, const flo
             #pragma omp atomic write
             failed = 1;
         }
-        if (bp) {
-            share(n_out, 16, t, nt, &lo, &hi);
-            for (int64_t l = lo; l < hi; l += 16)  /* 16 rows of W at a time, 16 pairs each, transposed */
-                for (int64_t s = 0; s < S; s += 16) {
-                    __m512i r[16];
-                    UNROLL for (int i = 0; i < 16; i++) {
-                        const float *row = w + (l + i) * n_in + 2 * s;
-                        r[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row));
-                    }
-                    transpose16(r);
-                    UNROLL for (int i = 0; i < 16; i++) _mm512_storeu_si512(bp + (s + i) * n_out + l, r[i]);
-                }
-        }
+        if (bp) pack(w, n_out, n_in, bp, t, nt);
         #pragma omp barrier
         if (!failed) {
             share(K, 6, t, nt, &lo, &hi);
-            rows_times_packed(x, S, bp, n_out, lo, hi, b, y, d, NULL, c);
+            rows_times_packed(a, S, bp, L, lo, hi, bias, out, d, m, c);
         }
         free(c);
     }
@@ -169,43 +195,18 @@ int vitlab_linear_fwd_bf16(const uint16_t *x, int64_t K, int64_t n_in, const flo
     return failed ? -1 : 0;
 }
 
+/* y (K, n_out) = x (K, n_in) W^T + b, W (n_out, n_in) and b fp32, x and y bf16; with d non-NULL,
+ * y = gelu and d = gelu' of that. n_in a multiple of 32, n_out of 64. Returns 0, or -1 if the
+ * buffers could not be allocated. */
+int vitlab_linear_fwd_bf16(const uint16_t *x, int64_t K, int64_t n_in, const float *w, const float *b,
+                           int64_t n_out, uint16_t *y, uint16_t *d) {
+    return packed_product(x, K, n_in / 2, w, n_out, n_in, pack_transposed, n_out, b, y, d, NULL);
+}
+
 /* dx (K, n_in) = dy (K, n_out) W, times m (K, n_in) where m is not NULL; W (n_out, n_in) fp32, the
  * rest bf16. n_out even, n_in a multiple of 64. Returns 0, or -1 if the buffers could not be
  * allocated. */
 int vitlab_linear_dgrad_bf16(const uint16_t *dy, int64_t K, int64_t n_out, const float *w, int64_t n_in,
                              const uint16_t *m, uint16_t *dx) {
-    const int64_t S = n_out / 2;
-    uint32_t *bp = alloc64((size_t)S * n_in * 4);  /* bp[s][l] = (W[2s][l], W[2s+1][l]) */
-    int failed = !bp;
-    const __m512i lo16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i hi16 = _mm512_add_epi16(lo16, _mm512_set1_epi16(16));
-    #pragma omp parallel if (!failed)
-    {
-        int64_t nt = omp_get_num_threads(), t = omp_get_thread_num(), lo, hi;
-        float *c = alloc64(RB * 64 * 4);
-        if (!c) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        if (bp) {
-            share(S, 1, t, nt, &lo, &hi);
-            for (int64_t s = lo; s < hi; s++)  /* rows 2s and 2s+1 of W, interleaved in bf16 */
-                for (int64_t l = 0; l < n_in; l += 32) {
-                    const float *r0 = w + 2 * s * n_in + l, *r1 = r0 + n_in;
-                    __m512i a = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r0 + 16), _mm512_loadu_ps(r0));
-                    __m512i bb = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r1 + 16), _mm512_loadu_ps(r1));
-                    _mm512_storeu_si512(bp + s * n_in + l, _mm512_permutex2var_epi16(a, lo16, bb));
-                    _mm512_storeu_si512(bp + s * n_in + l + 16, _mm512_permutex2var_epi16(a, hi16, bb));
-                }
-        }
-        #pragma omp barrier
-        if (!failed) {
-            share(K, 6, t, nt, &lo, &hi);
-            rows_times_packed(dy, S, bp, n_in, lo, hi, NULL, dx, NULL, m, c);
-        }
-        free(c);
-    }
-    free(bp);
-    return failed ? -1 : 0;
+    return packed_product(dy, K, n_out / 2, w, n_out, n_in, pack_rowpairs, n_in, NULL, dx, NULL, m);
 }

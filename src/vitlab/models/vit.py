@@ -303,7 +303,8 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x):  # (B, N, D) -> (B, N, D)
-        if (self.fc1.native(x) and self.fc1.native_products and self.fc2.native(x) and self.act.use_native
+        if (type(self.fc1) is Linear and type(self.fc2) is Linear and type(self.act) is GELU  # not replaced
+                and self.fc1.native(x) and self.fc1.native_products and self.fc2.native(x) and self.act.use_native
                 and self.act.approximate == "none" and not (self.training and self.drop1.p > 0)):
             # one operator (ops.mlp): GELU in fc1's product, its derivative in fc2's input gradient
             return self.drop2(ops.mlp(x.to(torch.bfloat16), self.fc1.weight, self.fc1.bias, self.fc2.weight,
