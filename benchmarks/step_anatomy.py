@@ -9,7 +9,10 @@ Ten measurements, each a median over repeats (this host's speed drifts, so compa
    issues it (grad^T @ x for qkv, x^T @ grad for the other three: a transposed operand either
    way), and grad^T @ x with its transposed operand made contiguous first (the copy included);
    where torch has oneDNN, also the forward and the input gradient through oneDNN's Linear with
-   the weight packed into its blocked layout (as frozen inference runs them), and the packing's cost.
+   the weight packed into its blocked layout (as frozen inference runs them), and the packing's cost;
+   where vitlab's kernels run, its three products as the compiled step calls them (from the fp32
+   weight, packed per call; the weight gradient with the bias gradient), and for fc1 the forward
+   with GELU and its derivative, for fc2 the input gradient times GELU's derivative.
 2. attention: the core (q, k, v -> softmax(q k^T / sqrt(d)) v) forward and backward, per block: the
    explicit bf16 path (two batched matmuls and a softmax), the same in fp32, torch's
    scaled_dot_product_attention (flash kernel, and the math fallback), and vitlab's attention
@@ -94,6 +97,18 @@ def matmuls(a: dict, batch: int, dtype) -> list[dict]:
             t["forward_packed"] = ms(lambda: mk._linear_pointwise(x, pw, b, "none", [], ""))
             t["input_grad_packed"] = ms(lambda: mk._linear_pointwise(g, pwt, None, "none", [], ""))
             pack_ms = ms(lambda: mk._reorder_linear_weight(w, rows))
+        lib = native.library()
+        if lib is not None and dtype == torch.bfloat16 and k % 64 == 0 and n % 64 == 0:
+            # vitlab's kernel as the compiled step runs it: from the fp32 weight and bias, packed per
+            # call (linear_kernel.c), and with what it fuses for fc1 (GELU) and fc2 (GELU's derivative)
+            wf, bf, deriv = w.float(), b.float(), torch.rand(rows, k, dtype=dtype)
+            t["forward_vitlab"] = ms(lambda: native.linear_forward(lib, x, wf, bf))
+            t["input_grad_vitlab"] = ms(lambda: native.linear_dgrad(lib, g, wf, None))
+            t["weight_grad_vitlab"] = ms(lambda: native.linear_wgrad(lib, g, x, True))
+            if name == "fc1":
+                t["forward_gelu_vitlab"] = ms(lambda: native.linear_forward(lib, x, wf, bf, gelu=True))
+            if name == "fc2":
+                t["input_grad_times_gelu_derivative_vitlab"] = ms(lambda: native.linear_dgrad(lib, g, wf, deriv))
         out.append(dict(linear=name, shape=[rows, k, n], ms=t, gflops={key: gflop / v * 1e3 for key, v in t.items()},
                         pack_weight_ms=pack_ms))
         print(f"  {name:4s} ({rows}x{k} -> {n}): " + ", ".join(f"{key} {gflop / v * 1e3:.0f}" for key, v in t.items())

@@ -56,6 +56,27 @@ static void gemm(const pair_t *a, int64_t ars, int64_t aks, const uint32_t *b, i
     }
 }
 
+/* gemm() with B packed in panels of 64 columns: the S x 64 pairs of the panel at column l (a multiple
+ * of 64) start at b + l S, row stride 64, so that a tile's product streams through memory in order
+ * rather than striding across B's whole width. Columns go in blocks of 256: each 6-row slice of A
+ * is read from L1 by the block's four panels. L a multiple of 16. */
+static void gemm_panels(const pair_t *a, int64_t ars, int64_t aks, const uint32_t *b, int64_t S, float *c,
+                        int64_t ldc, int64_t M, int64_t L, int accumulate) {
+    for (int64_t nb = 0; nb < L; nb += 256)
+        for (int64_t m = 0; m < M; m += 6) {
+            int R = (int)(M - m < 6 ? M - m : 6);
+            for (int64_t l = nb; l < L && l < nb + 256; l += 64) {
+                const uint32_t *bl = b + l * S;
+                if (L - l >= 64) {
+                    K4[R](a + m * ars, ars, aks, bl, 64, S, c + m * ldc + l, ldc, accumulate);
+                } else {
+                    for (int64_t j = 0; j < L - l; j += 16)
+                        K1[R](a + m * ars, ars, aks, bl + j, 64, S, c + m * ldc + l + j, ldc, accumulate);
+                }
+            }
+        }
+}
+
 /* 16 x 16 transpose of 32-bit elements in registers */
 static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
     __m512i t[16];

@@ -47,7 +47,7 @@ int vitlab_linear_wgrad_bf16(const uint16_t *dy, const uint16_t *x, int64_t K, i
         uint32_t *ap = NULL, *bp = NULL;
         if (mt > 0 && ntc > 0) {
             ap = aligned_alloc(64, ((size_t)KC * mt * 4 + 63) / 64 * 64);
-            bp = aligned_alloc(64, ((size_t)KC * ntc * 4 + 63) / 64 * 64);
+            bp = aligned_alloc(64, ((size_t)KC * (ntc + 63) / 64 * 64 * 4 + 63) / 64 * 64);  /* whole panels */
             if (!ap || !bp) {
                 #pragma omp atomic write
                 failed = 1;
@@ -57,9 +57,10 @@ int vitlab_linear_wgrad_bf16(const uint16_t *dy, const uint16_t *x, int64_t K, i
             for (int64_t k0 = 0; k0 < K; k0 += 2 * KC) {
                 int64_t rows = K - k0 < 2 * KC ? K - k0 : 2 * KC, S = (rows + 1) / 2;
                 rowpair(dy + k0 * M + m0, M, rows, mt, ap, mt, sums);   /* ap[s][m] */
-                rowpair(x + k0 * N + n0, N, rows, ntc, bp, ntc, NULL);  /* bp[s][n] */
+                for (int64_t p = 0; p < ntc; p += 64)  /* bp[s][n], in panels of 64 columns */
+                    rowpair(x + k0 * N + n0 + p, N, rows, ntc - p < 64 ? ntc - p : 64, bp + p * S, 64, NULL);
                 /* dW[m0 + m][n0 + n] (+)= sum over s of ap[s][m] bp[s][n], the first chunk overwriting */
-                gemm((const pair_t *)ap, 1, mt, bp, ntc, S, dw + m0 * N + n0, N, mt, ntc, k0 > 0);
+                gemm_panels((const pair_t *)ap, 1, mt, bp, S, dw + m0 * N + n0, N, mt, ntc, k0 > 0);
             }
         }
         free(ap); free(bp);
@@ -115,19 +116,25 @@ static void epilogue(const float *c, int64_t rows, const float *bias, uint16_t *
     }
 }
 
-/* out (K, L) bf16 = a (K rows of S pairs, bf16) times the packed bp (S pairs x L), through epilogue;
+/* out (K, L) bf16 = a (K rows of S pairs, bf16) times the packed bp (S pairs x L, in panels of 64
+ * columns: PANEL(l, s) below), through epilogue;
  * rows [lo, hi) */
 static void rows_times_packed(const uint16_t *a, int64_t S, const uint32_t *bp, int64_t L, int64_t lo, int64_t hi,
                               const float *bias, uint16_t *out, uint16_t *d, const uint16_t *m, float *c) {
     for (int64_t r0 = lo; r0 < hi; r0 += RB) {
         int64_t rows = hi - r0 < RB ? hi - r0 : RB;
         for (int64_t l = 0; l < L; l += 64) {
-            gemm((const pair_t *)(a + r0 * 2 * S), S, 1, bp + l, L, S, c, 64, rows, 64, 0);
+            gemm((const pair_t *)(a + r0 * 2 * S), S, 1, bp + l * S, 64, S, c, 64, rows, 64, 0);
             epilogue(c, rows, bias ? bias + l : NULL, out + r0 * L + l, d ? d + r0 * L + l : NULL,
                      m ? m + r0 * L + l : NULL, L);
         }
     }
 }
+
+/* Where pair s of column l sits in a packed weight of S pairs: each 64 columns' S x 64 pairs are
+ * contiguous, so that a tile's product streams through memory in order instead of striding a whole
+ * row of the weight per pair (a new page every pair or two for ViT-B's widths). */
+#define PANEL(l, s, S) ((l) / 64 * 64 * (S) + (s) * 64 + (l) % 64)
 
 /* bp[s][l] = (W[l][2s], W[l][2s+1]) in bf16 for W (n_out, n_in) fp32, the pairs along the inputs
  * (the forward product): thread t of nt packs its share of W's rows, 16 at a time, 16 pairs of
@@ -143,7 +150,7 @@ static void pack_transposed(const float *w, int64_t n_out, int64_t n_in, uint32_
                 r[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row));
             }
             transpose16(r);
-            UNROLL for (int i = 0; i < 16; i++) _mm512_storeu_si512(bp + (s + i) * n_out + l, r[i]);
+            UNROLL for (int i = 0; i < 16; i++) _mm512_storeu_si512(bp + PANEL(l, s + i, n_in / 2), r[i]);
         }
 }
 
@@ -161,8 +168,8 @@ static void pack_rowpairs(const float *w, int64_t n_out, int64_t n_in, uint32_t 
             const float *r0 = w + 2 * s * n_in + l, *r1 = r0 + n_in;
             __m512i a = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r0 + 16), _mm512_loadu_ps(r0));
             __m512i b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r1 + 16), _mm512_loadu_ps(r1));
-            _mm512_storeu_si512(bp + s * n_in + l, _mm512_permutex2var_epi16(a, lo16, b));
-            _mm512_storeu_si512(bp + s * n_in + l + 16, _mm512_permutex2var_epi16(a, hi16, b));
+            _mm512_storeu_si512(bp + PANEL(l, s, n_out / 2), _mm512_permutex2var_epi16(a, lo16, b));
+            _mm512_storeu_si512(bp + PANEL(l + 16, s, n_out / 2), _mm512_permutex2var_epi16(a, hi16, b));
         }
 }
 
