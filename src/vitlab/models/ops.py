@@ -188,8 +188,9 @@ attention.register_autograd(_attention_grad, setup_context=_save_for_attention)
 # (benchmarks/step_anatomy.py section 9, 30 alternating pairs, on a Zen 5 EPYC). Then the forward
 # product, with the bias added to each tile of sums on the way out (no bias copy before the
 # product), and the input gradient, both from the fp32 weight packed in bf16 once per call (no
-# separate cast): with the MLP's fusions below, 1.068x (section 10). `products=False` keeps those
-# two on ATen's products (section 10's comparison). Elsewhere the operators compute the same in torch.
+# separate cast): with the MLP's fusions below, 1.068x and 1.131x in two runs of section 10.
+# `products=False` keeps those two on ATen's products (section 10's comparison). Elsewhere the
+# operators compute the same in torch.
 
 
 def _wgrad_kernel_takes(lib, dy: torch.Tensor, x: torch.Tensor) -> bool:
@@ -300,7 +301,8 @@ linear.register_autograd(_linear_grad, setup_context=_save_for_linear)
 # pass, its derivative multiplies fc2's input gradient in that product: the passes over the MLP's
 # widest activation that the GELU kernel and its backward multiply made are gone, and GELU reads
 # fc1's sums before they are rounded to bf16. Together with the Linears' products above, the
-# ViT-Tiny bf16 step ran 1.068x faster (benchmarks/step_anatomy.py section 10).
+# ViT-Tiny bf16 step ran 1.068x and 1.131x faster in two runs of benchmarks/step_anatomy.py
+# section 10.
 
 
 @torch.library.custom_op("vitlab::mlp", mutates_args=())
