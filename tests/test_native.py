@@ -385,6 +385,25 @@ for K, M, N in [(1, 1, 16), (7, 13, 48), (1100, 190, 80), (515, 576, 192)]:  # t
         assert lib.vitlab_linear_wgrad_bf16(dy.data_ptr(), x.data_ptr(), K, M, N, dw.data_ptr(), db.data_ptr()) == 0
         ref_dw, ref_db = native.linear_wgrad(lib, dy.clone(), x.clone(), True)
         assert torch.equal(dw, ref_dw) and torch.equal(db, ref_db)
+for K, n_in, n_out in [(1, 32, 64), (7, 64, 128), (25, 192, 576), (301, 768, 192)]:  # forward and input gradient
+    for after in (True, False):
+        torch.manual_seed(K)
+        x, w, b = guarded((K, n_in), after), guarded((n_out, n_in), after, torch.float32), guarded((n_out,), after, torch.float32)
+        x.copy_(torch.randn(K, n_in))
+        w.copy_(torch.randn(n_out, n_in) * 0.1)
+        b.copy_(torch.randn(n_out))
+        y, d = guarded((K, n_out), after), guarded((K, n_out), after)
+        assert lib.vitlab_linear_fwd_bf16(x.data_ptr(), K, n_in, w.data_ptr(), b.data_ptr(), n_out, y.data_ptr(),
+                                          d.data_ptr()) == 0
+        ref_y, ref_d = native.linear_forward(lib, x.clone(), w.clone(), b.clone(), gelu=True)
+        assert torch.equal(y, ref_y) and torch.equal(d, ref_d)
+        if n_in % 64 == 0:
+            g, m, dx = guarded((K, n_out), after), guarded((K, n_in), after), guarded((K, n_in), after)
+            g.copy_(torch.randn(K, n_out))
+            m.copy_(torch.rand(K, n_in))
+            assert lib.vitlab_linear_dgrad_bf16(g.data_ptr(), K, n_out, w.data_ptr(), n_in, m.data_ptr(),
+                                                dx.data_ptr()) == 0
+            assert torch.equal(dx, native.linear_dgrad(lib, g.clone(), w.clone(), m.clone()))
 print("inside")
 """
 
@@ -741,3 +760,46 @@ def test_compiled_bf16_training_graph_calls_the_mlp_operator_where_it_should():
         blk.mlp.fc1.__class__ = torch.nn.Linear
     assert calls(swapped, torch.bfloat16) == 0  # runs, each module as it is
     assert calls(swapped, torch.bfloat16, op="vitlab.linear.default") == (3 * 3 - 1 if runs else 0)
+
+
+def test_the_mlp_is_one_operator_only_where_that_gives_what_its_modules_give(monkeypatch):
+    """Mlp._fused, with the Linears' own gate taken as passed: not with active dropout between the
+    Linears (however the module is switched into training), a replaced submodule, or a hook the
+    operator would skip (e.g. pruning's pre-hook, which recomputes the weight)."""
+    from vitlab.models.vit import Linear, Mlp
+
+    monkeypatch.setattr(Linear, "native", lambda self, x: True)
+    x = torch.randn(2, 5, 64)
+    mlp = Mlp(64, 256)
+    assert mlp._fused(x)
+    mlp.fc2.native_products = False
+    assert not mlp._fused(x)
+    mlp.fc2.native_products = True
+    dropped = Mlp(64, 256, drop=0.1)
+    assert not dropped.train()._fused(x)
+    assert dropped.eval()._fused(x)
+    dropped.drop1.train()  # Monte Carlo dropout: the model in eval mode, its dropout sampling
+    assert not dropped._fused(x)
+    replaced = Mlp(64, 256)
+    replaced.drop1 = torch.nn.Identity()
+    assert not replaced._fused(x)  # and no AttributeError for an Identity's missing p
+    hooked = Mlp(64, 256)
+    handle = hooked.fc1.register_forward_pre_hook(lambda m, args: None)
+    assert not hooked._fused(x)
+    handle.remove()
+    assert hooked._fused(x)
+
+
+def test_linear_operators_take_any_bias_layout_and_empty_widths():
+    """A strided bias reaches the kernel contiguous, and a bias F.linear would broadcast, or a width of
+    0, goes to ATen's product instead of the kernel (which would read past it or divide by 0)."""
+    torch.manual_seed(3)
+    x, w = torch.randn(4, 64).bfloat16(), torch.randn(128, 64) * 0.1
+    strided = torch.randn(256)[::2]
+    want = F.linear(x.float(), w.bfloat16().float(), strided)
+    assert relative(ops.linear(x, w, strided, True).float(), want) < 1e-2
+    one = torch.randn(1)
+    assert relative(ops.linear(x, w, one, True).float(), F.linear(x.float(), w.bfloat16().float(), one)) < 1e-2
+    assert ops.linear(torch.randn(4, 0).bfloat16(), torch.randn(64, 0), torch.randn(64), True).shape == (4, 64)
+    assert torch.equal(ops.linear_dgrad(torch.randn(4, 0).bfloat16(), torch.randn(0, 64), None, True),
+                       torch.zeros(4, 64, dtype=torch.bfloat16))

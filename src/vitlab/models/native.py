@@ -258,9 +258,10 @@ def linear_forward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias
     bf16 CPU x (..., n_in) and the contiguous fp32 weight (n_out, n_in) and bias, by the kernel;
     n_in a multiple of 32, n_out of 64."""
     n_out, n_in = weight.shape
-    if not (n_in % 32 == 0 and n_out % 64 == 0 and x.shape[-1] == n_in):
-        raise ValueError(f"vitlab's Linear kernel takes a weight of a multiple of 64 x 32 for inputs of its width, "
-                         f"got {tuple(weight.shape)} for x {tuple(x.shape)}")
+    if not (n_in > 0 and n_in % 32 == 0 and n_out > 0 and n_out % 64 == 0 and x.shape[-1] == n_in
+            and (bias is None or (bias.shape == (n_out,) and bias.is_contiguous()))):
+        raise ValueError(f"vitlab's Linear kernel takes a weight of a multiple of 64 x 32 for inputs of its width "
+                         f"(and a contiguous bias of its rows), got {tuple(weight.shape)} for x {tuple(x.shape)}")
     y = x.new_empty(*x.shape[:-1], n_out)
     d = torch.empty_like(y) if gelu else None
     if lib.vitlab_linear_fwd_bf16(x.data_ptr(), x.numel() // n_in, n_in, weight.data_ptr(),
@@ -274,7 +275,7 @@ def linear_dgrad(lib: ctypes.CDLL, g: torch.Tensor, weight: torch.Tensor, m: tor
     """(g W) * m (or g W), bf16, for a contiguous bf16 CPU g (..., n_out), the contiguous fp32 weight
     (n_out, n_in) and m (..., n_in) bf16, by the kernel; n_out even, n_in a multiple of 64."""
     n_out, n_in = weight.shape
-    if not (n_out % 2 == 0 and n_in % 64 == 0 and g.shape[-1] == n_out
+    if not (n_out > 0 and n_out % 2 == 0 and n_in > 0 and n_in % 64 == 0 and g.shape[-1] == n_out
             and (m is None or m.shape == (*g.shape[:-1], n_in))):
         raise ValueError(f"vitlab's input-gradient kernel takes a weight of an even number of rows x a multiple of 64, "
                          f"and a gradient of its width, got {tuple(weight.shape)} for {tuple(g.shape)}")

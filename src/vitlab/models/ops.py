@@ -195,7 +195,7 @@ attention.register_autograd(_attention_grad, setup_context=_save_for_attention)
 
 def _wgrad_kernel_takes(lib, dy: torch.Tensor, x: torch.Tensor) -> bool:
     return (lib is not None and dy.device.type == "cpu" and dy.dtype == x.dtype == torch.bfloat16
-            and x.shape[-1] % 16 == 0)
+            and x.shape[-1] > 0 and x.shape[-1] % 16 == 0 and dy.shape[-1] > 0)
 
 
 @torch.library.custom_op("vitlab::linear_wgrad", mutates_args=())
@@ -221,14 +221,16 @@ def _linear_wgrad_fake(dy, x, bias):
 def _products_take(lib, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether linear_kernel.c's forward product takes x (..., n_in) W^T + b: bf16 activations, the
     fp32 parameters, n_in a multiple of 32 and n_out of 64 (ViT widths are)."""
+    n_out, n_in = weight.shape
     return (lib is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16
-            and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-            and weight.shape[1] % 32 == 0 and weight.shape[0] % 64 == 0)
+            and weight.dtype == torch.float32 and n_in > 0 and n_in % 32 == 0 and n_out > 0 and n_out % 64 == 0
+            and (bias is None or (bias.dtype == torch.float32 and bias.shape == (n_out,))))
 
 
 def _dgrad_takes(lib, g: torch.Tensor, weight: torch.Tensor) -> bool:
+    n_out, n_in = weight.shape
     return (lib is not None and g.device.type == "cpu" and g.dtype == torch.bfloat16
-            and weight.dtype == torch.float32 and weight.shape[0] % 2 == 0 and weight.shape[1] % 64 == 0)
+            and weight.dtype == torch.float32 and n_out > 0 and n_out % 2 == 0 and n_in > 0 and n_in % 64 == 0)
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, products: bool,
@@ -237,11 +239,12 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     takes the call and `products` asks for it, ATen's product (and GELU kernel) otherwise."""
     lib = native.library()
     if products and _products_take(lib, x, weight, bias):
-        return native.linear_forward(lib, x.contiguous(), weight.contiguous(), bias, gelu)
+        return native.linear_forward(lib, x.contiguous(), weight.contiguous(),
+                                     None if bias is None else bias.contiguous(), gelu)
     h = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     if not gelu:
         return h, None
-    if h.dtype in (torch.bfloat16, torch.float32) and lib is not None:
+    if lib is not None and h.device.type == "cpu" and h.dtype in (torch.bfloat16, torch.float32):
         return native.gelu_and_grad(lib, h.contiguous())
     return F.gelu(h), torch.ops.aten.gelu_backward(torch.ones_like(h), h)
 
