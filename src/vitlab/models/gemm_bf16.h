@@ -109,13 +109,20 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
  * waited on memory (linear_kernel.c's operands come from memory, not cache). */
 #define PREFETCH_ROWS 16
 
+/* The index vector that interleaves two rows of 32 bf16, a and b, into 32-bit pairs (a[c], b[c]):
+ * _mm512_permutex2var_epi16(a, pair_index(0), b) gives the pairs of c = 0-15, pair_index(16) those of
+ * c = 16-31. */
+static inline __m512i pair_index(short first) {
+    return _mm512_add_epi16(_mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                             39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0),
+                            _mm512_set1_epi16(first));
+}
+
 /* xp[s][c] = (x[2s][c], x[2s+1][c]) as one 32-bit pair, s < (n + 1) / 2, c < m; a missing row 2s+1
  * is 0. With `sums`, also sums[c] += x[i][c] over the n rows, in fp32. */
 static void rowpair(const uint16_t *x, int64_t stride, int64_t n, int64_t m, uint32_t *xp, int64_t ldxp,
                     float *sums) {
-    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    const __m512i lo = pair_index(0), hi = pair_index(16);
     for (int64_t s = 0; s < (n + 1) / 2; s++) {
         const uint16_t *r0 = x + 2 * s * stride, *r1 = r0 + stride;
         int second = 2 * s + 1 < n, ahead = 2 * s + 1 + PREFETCH_ROWS < n;

@@ -47,7 +47,7 @@ int vitlab_linear_wgrad_bf16(const uint16_t *dy, const uint16_t *x, int64_t K, i
         uint32_t *ap = NULL, *bp = NULL;
         if (mt > 0 && ntc > 0) {
             ap = aligned_alloc(64, ((size_t)KC * mt * 4 + 63) / 64 * 64);
-            bp = aligned_alloc(64, ((size_t)KC * (ntc + 63) / 64 * 64 * 4 + 63) / 64 * 64);  /* whole panels */
+            bp = aligned_alloc(64, (size_t)KC * ((ntc + 63) / 64 * 64) * 4);  /* whole panels of 64 columns */
             if (!ap || !bp) {
                 #pragma omp atomic write
                 failed = 1;
@@ -158,9 +158,7 @@ static void pack_transposed(const float *w, int64_t n_out, int64_t n_in, uint32_
  * (the input gradient): thread t of nt packs its share of W's row pairs. n_out even, n_in a
  * multiple of 32. */
 static void pack_rowpairs(const float *w, int64_t n_out, int64_t n_in, uint32_t *bp, int64_t t, int64_t nt) {
-    const __m512i lo16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i hi16 = _mm512_add_epi16(lo16, _mm512_set1_epi16(16));
+    const __m512i lo16 = pair_index(0), hi16 = pair_index(16);
     int64_t lo, hi;
     share(n_out / 2, 1, t, nt, &lo, &hi);
     for (int64_t s = lo; s < hi; s++)

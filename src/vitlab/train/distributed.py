@@ -64,15 +64,15 @@ def barrier(info: DistInfo) -> None:
 DESTROY_TIMEOUT_S = 60.0
 
 
-def shutdown(info: DistInfo, timeout_s: float | None = None) -> None:
+def shutdown(info: DistInfo, timeout_s: float = DESTROY_TIMEOUT_S) -> None:
     """Leave the group together: every process waits for the main one to finish its files (the last
     checkpoint, the test score) first. A process tearing its gloo connections down while the main one
     was still writing last.ckpt was once seen to abort (1 run in 9 of two CPU processes).
 
     Tearing the group down is then bounded: destroy_process_group() is known to hang now and then
     (pytorch/pytorch#75097), and a two-process CPU run of the test suite once stayed up for 10 minutes
-    after its last line. Past the barrier nothing is left to write, so after DESTROY_TIMEOUT_S this
-    process says so in one line and goes on to exit instead of waiting."""
+    after its last line. Past the barrier nothing is left to write, so after timeout_s (by default
+    DESTROY_TIMEOUT_S) this process says so in one line and goes on to exit instead of waiting."""
     if info.enabled and dist.is_initialized():
         dist.barrier()
         done = threading.Event()
@@ -82,7 +82,6 @@ def shutdown(info: DistInfo, timeout_s: float | None = None) -> None:
             done.set()
 
         threading.Thread(target=destroy, name="vitlab-leave-group", daemon=True).start()
-        limit = DESTROY_TIMEOUT_S if timeout_s is None else timeout_s
-        if not done.wait(limit):
-            print(f"note: rank {info.rank}: leaving the process group took over {limit:.0f} s; every file of the "
+        if not done.wait(timeout_s):
+            print(f"note: rank {info.rank}: leaving the process group took over {timeout_s:.0f} s; every file of the "
                   f"run is written, so this process exits without waiting", file=sys.stderr, flush=True)
